@@ -1,0 +1,244 @@
+/*
+ * dropmuon.h - the one public C API of dropmuon.
+ *
+ * Drop-Muon (Gruntkowska, Maziane, Qu, Richtarik, arXiv 2510.02239): Muon-style per-layer
+ * non-Euclidean updates where each step only the layers from a random cutoff up to the output
+ * are updated. This header holds the torch-free kernels behind the torch operators:
+ *
+ *   - sharp operators (spectral via Newton-Schulz, sign, column-, row-, Frobenius-normalised)
+ *     on a batch of same-shape matrices, each also returning the dual-norm value <M, sharp(M)>;
+ *   - the fused Muon update (momentum EMA, Nesterov, sharp, lr scale, weight decay, step);
+ *   - the layer sampler (counter-based, keyed by (seed, step)).
+ *
+ * Conventions (see STYLE.md):
+ *   - every function returns dm_status; nothing prints, exits or aborts;
+ *   - no hidden allocation: dm_<op>_workspace_size() tells the bytes, the caller passes them;
+ *   - matrices are row-major; sizes are int64_t; hyperparameters travel in POD structs;
+ *   - bfloat16 is a storage type only: arithmetic runs in float32 (float64 for float64 data).
+ */
+#ifndef DROPMUON_DROPMUON_H
+#define DROPMUON_DROPMUON_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define DM_VERSION_MAJOR 0
+#define DM_VERSION_MINOR 1
+#define DM_VERSION_PATCH 0
+
+/* ---------------------------------------------------------------------------------------------
+ * Status codes. Values are stable: never renumber, only append.
+ * ------------------------------------------------------------------------------------------- */
+typedef enum dm_status {
+    DM_OK = 0,
+    DM_ERR_INVALID_ARG = 1, /* a NULL pointer, a hyperparameter out of range, an unknown enum */
+    DM_ERR_SHAPE = 2,       /* negative sizes, a leading dimension too small, size overflow */
+    DM_ERR_DTYPE = 3,       /* a dtype the operation does not support */
+    DM_ERR_WORKSPACE = 4,   /* workspace missing or smaller than dm_*_workspace_size() said */
+    DM_ERR_NONFINITE = 5,   /* NaN or Inf in the input; nothing was written */
+    DM_ERR_PROBABILITY = 6, /* probabilities negative, NaN, or not summing to 1 */
+    DM_ERR_GEMM = 7,        /* the matrix-product provider reported a failure */
+    DM_ERR_CUDA = 8         /* a CUDA launch or runtime call failed (CUDA entry points only) */
+} dm_status;
+
+/* A static, human-readable name for a status ("DM_ERR_SHAPE: ..."); never NULL. */
+const char *dm_status_string(dm_status status);
+
+/* The library's version as MAJOR*10000 + MINOR*100 + PATCH (compare with the macros). */
+int dm_version(void);
+
+/* Element types of user memory. Compute precision: float32 for FLOAT32 and BFLOAT16,
+ * float64 for FLOAT64. */
+typedef enum dm_dtype { DM_FLOAT32 = 0, DM_FLOAT64 = 1, DM_BFLOAT16 = 2 } dm_dtype;
+
+/* ---------------------------------------------------------------------------------------------
+ * Matrix products. The kernels do their O(m^2 n) work through a provider so that the core stays
+ * torch-free while running at the speed of the BLAS torch uses: the torch shim passes one that
+ * calls ATen; NULL selects dm_gemm_reference (plain C, for standalone use and tests).
+ *
+ * Row-major strided-batched GEMM, for b in [0, batch):
+ *   C_b = alpha * op(A_b) * op(B_b) + beta * C_b,   op(X) = X or X^T,
+ * op(A_b) is m x k, op(B_b) is k x n, C_b is m x n; X_b starts at X + b * stride_x elements.
+ * dtype is the compute type (DM_FLOAT32 or DM_FLOAT64). When beta == 0, C is not read.
+ * ------------------------------------------------------------------------------------------- */
+typedef dm_status (*dm_gemm_fn)(void *ctx, dm_dtype dtype, int trans_a, int trans_b, int64_t batch,
+                                int64_t m, int64_t n, int64_t k, double alpha, const void *a,
+                                int64_t lda, int64_t stride_a, const void *b, int64_t ldb,
+                                int64_t stride_b, double beta, void *c, int64_t ldc,
+                                int64_t stride_c);
+
+typedef struct dm_gemm_provider {
+    dm_gemm_fn gemm;
+    void *ctx; /* passed back unchanged as the first argument */
+} dm_gemm_provider;
+
+/* The plain C product (ctx unused). Same contract as dm_gemm_fn. */
+dm_status dm_gemm_reference(void *ctx, dm_dtype dtype, int trans_a, int trans_b, int64_t batch,
+                            int64_t m, int64_t n, int64_t k, double alpha, const void *a,
+                            int64_t lda, int64_t stride_a, const void *b, int64_t ldb,
+                            int64_t stride_b, double beta, void *c, int64_t ldc, int64_t stride_c);
+
+/* ---------------------------------------------------------------------------------------------
+ * Sharp operators (notes section 4). For a matrix M (rows x cols):
+ *   SPECTRAL   U V^T of M by Newton-Schulz: transpose so rows <= cols, X = M / d with
+ *              d = max(norm_scale * ||M||_F + norm_offset, eps), then for each step j
+ *              A = X X^T;  X = (a_j I + b_j A + c_j A^2) X.       (torch.optim.Muon's NS)
+ *   SIGN       sign(M) (sign(0) = 0)                               (l_inf geometry)
+ *   COLUMN     each column divided by max(||column||_2, eps)       (input embedding)
+ *   ROW        each row divided by max(||row||_2, eps)             (output head)
+ *   FROBENIUS  M / max(||M||_F, eps)                               (Euclidean)
+ * The dual-norm value <M, sharp(M)> (sum of elementwise products; the nuclear norm for SPECTRAL,
+ * up to Newton-Schulz accuracy) is returned per matrix. A zero matrix gives a zero result.
+ * ------------------------------------------------------------------------------------------- */
+typedef enum dm_norm {
+    DM_NORM_SPECTRAL = 0,
+    DM_NORM_SIGN = 1,
+    DM_NORM_COLUMN = 2,
+    DM_NORM_ROW = 3,
+    DM_NORM_FROBENIUS = 4
+} dm_norm;
+
+/* Newton-Schulz coefficient schedules (notes section 4). Each is ns_steps * 3 doubles. */
+#define DM_MUON_NS_A 3.4445
+#define DM_MUON_NS_B -4.7750
+#define DM_MUON_NS_C 2.0315
+#define DM_POLAR_EXPRESS_STEPS 5
+/* Polar Express (Amsel et al. 2025): pair with norm_scale = 1.02, norm_offset = 1e-6. */
+extern const double dm_polar_express_coefficients[DM_POLAR_EXPRESS_STEPS * 3];
+
+typedef struct dm_sharp_config {
+    dm_norm norm;
+    int64_t ns_steps;              /* SPECTRAL: number of iterations, >= 0 */
+    const double *ns_coefficients; /* SPECTRAL: ns_steps triples (a_j, b_j, c_j), finite */
+    double norm_scale;             /* SPECTRAL: > 0; 1.0 for Muon, 1.02 for Polar Express */
+    double norm_offset;            /* SPECTRAL: >= 0; 0.0 for Muon, 1e-6 for Polar Express */
+    double eps;                    /* every norm: lower bound of a divisor, >= 0 (Muon: 1e-7) */
+} dm_sharp_config;
+
+/* A config for Muon's defaults: spectral, 5 steps of (3.4445, -4.7750, 2.0315), eps 1e-7.
+ * coefficients must point to 15 doubles owned by the caller; they are filled in. */
+dm_status dm_sharp_config_muon(dm_sharp_config *config, double coefficients[15]);
+
+/* Workspace bytes for dm_sharp on batch matrices of rows x cols in dtype. */
+dm_status dm_sharp_workspace_size(const dm_sharp_config *config, dm_dtype dtype, int64_t batch,
+                                  int64_t rows, int64_t cols, size_t *bytes);
+
+/* outputs[b] = sharp(inputs[b]) for b in [0, batch). Each matrix is rows x cols, row-major with
+ * leading dimension in_ld / out_ld (>= cols; elements between rows are neither read nor
+ * written). duals (may be NULL) receives batch values <M_b, sharp(M_b)>. outputs may alias
+ * inputs (same ld). On any error status nothing has been written to outputs or duals. */
+dm_status dm_sharp(const dm_sharp_config *config, dm_dtype dtype, int64_t batch, int64_t rows,
+                   int64_t cols, const void *const *inputs, int64_t in_ld, void *const *outputs,
+                   int64_t out_ld, double *duals, void *workspace, size_t workspace_bytes,
+                   const dm_gemm_provider *gemm);
+
+/* ---------------------------------------------------------------------------------------------
+ * Fused update (torch.optim.Muon's step, plus the theory-driven radius). For each same-shape
+ * parameter X with gradient G and momentum buffer M (all rows x cols, contiguous, one dtype):
+ *   M <- lerp(M, G, 1 - momentum)                  (= momentum*M + (1-momentum)*G)
+ *   D <- nesterov ? lerp(G, M, momentum) : M
+ *   O <- sharp(D)
+ *   X <- X * (1 - lr * weight_decay)               (decoupled decay, unadjusted lr, as torch)
+ *   X <- X - t * O, with t =
+ *        lr * ratio(rows, cols)                    radius DM_RADIUS_FIXED, where ratio is
+ *                                                  1 (NONE), sqrt(max(1, rows/cols)) (ORIGINAL)
+ *                                                  or 0.2 * sqrt(max(rows, cols)) (MATCH_RMS_ADAMW)
+ *        lr * <D,O> / (L0 + L1 * <D,O>)            radius DM_RADIUS_ADAPTIVE ((L0,L1)-smoothness)
+ * Before anything is written, every direction D is checked: a NaN or Inf anywhere returns
+ * DM_ERR_NONFINITE with all parameters and buffers untouched.
+ * ------------------------------------------------------------------------------------------- */
+typedef enum dm_lr_adjust {
+    DM_LR_ADJUST_NONE = 0,
+    DM_LR_ADJUST_ORIGINAL = 1,       /* torch.optim.Muon's default ("original") */
+    DM_LR_ADJUST_MATCH_RMS_ADAMW = 2 /* torch.optim.Muon's "match_rms_adamw" */
+} dm_lr_adjust;
+
+typedef enum dm_radius { DM_RADIUS_FIXED = 0, DM_RADIUS_ADAPTIVE = 1 } dm_radius;
+
+typedef struct dm_update_config {
+    dm_sharp_config sharp;
+    double lr;           /* >= 0 */
+    double weight_decay; /* >= 0 */
+    double momentum;     /* in [0, 1] */
+    int nesterov;        /* 0 or 1 */
+    dm_lr_adjust lr_adjust;
+    dm_radius radius;
+    double radius_l0; /* ADAPTIVE: L0 >= 0 */
+    double radius_l1; /* ADAPTIVE: L1 >= 0, L0 + L1 > 0 */
+} dm_update_config;
+
+dm_status dm_update_workspace_size(const dm_update_config *config, dm_dtype dtype, int64_t batch,
+                                   int64_t rows, int64_t cols, size_t *bytes);
+
+/* Applies the update to batch parameters in place. params, grads and momentum_buffers are
+ * arrays of batch pointers to contiguous rows x cols matrices; duals (may be NULL) receives
+ * <D_b, O_b>. */
+dm_status dm_update(const dm_update_config *config, dm_dtype dtype, int64_t batch, int64_t rows,
+                    int64_t cols, void *const *params, const void *const *grads,
+                    void *const *momentum_buffers, double *duals, void *workspace,
+                    size_t workspace_bytes, const dm_gemm_provider *gemm);
+
+/* ---------------------------------------------------------------------------------------------
+ * Layer sampler (notes section 2). Layers are 0-based, input (0) to output (num_layers - 1).
+ * A draw is a function of (seed, step) only (Philox4x32-10, key = seed, counter = step), so a
+ * resumed run and every data-parallel rank draw the same layers with no state or communication.
+ *
+ *   FULL          cutoff 0 always (Muon).
+ *   UNIFORM       P(cutoff = i) = 1 / num_layers.
+ *   CUSTOM        P(cutoff = i) = probabilities[i]; each finite and >= 0, summing to 1 within
+ *                 1e-6; anything else is DM_ERR_PROBABILITY (never renormalised).
+ *   TAU_NICE      tau distinct layers uniformly at random (Floyd's algorithm); the cutoff is the
+ *                 lowest of them, and only they are active.
+ *   EPOCH_SHIFT   P(cutoff = i) proportional to exp(shift_strength * (2 * progress - 1) * x_i),
+ *                 x_i = i / (num_layers - 1): at progress 0 shallow cutoffs dominate (nearly
+ *                 full updates), at 0.5 it is uniform, at 1 deep cutoffs dominate. progress is
+ *                 the fraction of training done, in [0, 1]. (Our definition; see README.)
+ *   COST_OPTIMAL  from smoothness estimates L_i >= 0 (notes section 3): with the running maximum
+ *                 R_i = max(L_0..L_i), P(cutoff = i) = (R_i - R_{i-1}) / R_last, R_{-1} = 0, so
+ *                 layer i is active with probability R_i / R_last.
+ * For all kinds but TAU_NICE the active layers are {cutoff, .., num_layers - 1}.
+ * ------------------------------------------------------------------------------------------- */
+typedef enum dm_sampling {
+    DM_SAMPLING_FULL = 0,
+    DM_SAMPLING_UNIFORM = 1,
+    DM_SAMPLING_CUSTOM = 2,
+    DM_SAMPLING_TAU_NICE = 3,
+    DM_SAMPLING_EPOCH_SHIFT = 4,
+    DM_SAMPLING_COST_OPTIMAL = 5
+} dm_sampling;
+
+typedef struct dm_sampler_config {
+    dm_sampling kind;
+    int64_t num_layers;          /* >= 1 */
+    uint64_t seed;               /* any value */
+    const double *probabilities; /* CUSTOM: num_layers values */
+    int64_t tau;                 /* TAU_NICE: 1 <= tau <= num_layers */
+    double progress;             /* EPOCH_SHIFT: in [0, 1] */
+    double shift_strength;       /* EPOCH_SHIFT: finite, >= 0 (the package's default is 4) */
+    const double *smoothness;    /* COST_OPTIMAL: num_layers finite values >= 0, max > 0 */
+} dm_sampler_config;
+
+/* P(cutoff = i) for i in [0, num_layers): the distribution of the lowest active layer (for
+ * TAU_NICE: C(num_layers - 1 - i, tau - 1) / C(num_layers, tau)). */
+dm_status dm_sampler_distribution(const dm_sampler_config *config, double *cutoff_probabilities);
+
+/* Draws the layers for optimizer step `step`: active_mask[i] = 1 if layer i is updated, else 0
+ * (num_layers bytes, may be NULL), *cutoff = the lowest active layer (may be NULL). */
+dm_status dm_sample_layers(const dm_sampler_config *config, uint64_t step, uint8_t *active_mask,
+                           int64_t *cutoff);
+
+/* The sampler's random numbers, exposed so that other implementations can match them:
+ * uniform in [0, 1) with 53 random bits, from Philox4x32-10 with key (seed low 32 bits, seed
+ * high 32 bits) and counter (step low, step high, index low, index high); with the first two
+ * output words as w = (word0 << 32) | word1, the value is (w >> 11) * 2^-53. */
+double dm_random_uniform(uint64_t seed, uint64_t step, uint64_t index);
+
+#ifdef __cplusplus
+} /* extern "C" */
+#endif
+
+#endif /* DROPMUON_DROPMUON_H */

@@ -1,0 +1,33 @@
+"""dropmuon: Drop-Muon and Muon optimizers with randomized backprop truncation.
+
+Drop-Muon (Gruntkowska et al., arXiv 2510.02239) updates, each step, only the layers from a
+randomly sampled cutoff up to the output, with Muon-style per-layer non-Euclidean updates, and
+stops backpropagation at that cutoff.
+"""
+
+import torch  # noqa: F401  (loads libtorch before the extension)
+
+from . import ops, reference
+from .ops import (
+    MUON_COEFFICIENTS,
+    POLAR_EXPRESS_COEFFICIENTS,
+    NewtonSchulzSchedule,
+    ns_schedule,
+    sample_layers,
+    sampler_distribution,
+    sharp,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "MUON_COEFFICIENTS",
+    "POLAR_EXPRESS_COEFFICIENTS",
+    "NewtonSchulzSchedule",
+    "ns_schedule",
+    "ops",
+    "reference",
+    "sample_layers",
+    "sampler_distribution",
+    "sharp",
+]

@@ -1,0 +1,288 @@
+"""Typed wrappers over the ``torch.ops.dropmuon.*`` operators, with their fake (meta)
+implementations for ``torch.compile``, and the fallback to :mod:`dropmuon.reference` when the
+compiled extension is missing or has no kernel for a tensor's device (warned once per reason).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from . import reference
+
+try:
+    from . import _C  # noqa: F401  (registers torch.ops.dropmuon.*)
+
+    EXTENSION_ERROR: Exception | None = None
+except ImportError as error:  # not built: the references stand in
+    EXTENSION_ERROR = error
+
+MUON_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
+POLAR_EXPRESS_COEFFICIENTS = (
+    (8.1566, -22.4833, 15.8788),
+    (4.0429, -2.8089, 0.5000),
+    (3.8917, -2.7725, 0.5061),
+    (3.2858, -2.3681, 0.4645),
+    (2.3465, -1.7098, 0.4232),
+)
+# Polar Express divides by ||M||_F * 1.02 + 1e-6 (notes section 4); Muon by ||M||_F.
+POLAR_EXPRESS_NORM = (1.02, 1e-6)
+
+
+@dataclass(frozen=True)
+class NewtonSchulzSchedule:
+    """A resolved Newton-Schulz schedule: flat (a, b, c) triples and the input normalisation."""
+
+    coefficients: tuple[float, ...]
+    norm_scale: float = 1.0
+    norm_offset: float = 0.0
+
+    @property
+    def steps(self) -> int:
+        return len(self.coefficients) // 3
+
+
+def ns_schedule(ns_coefficients="muon", ns_steps: int | None = 5) -> NewtonSchulzSchedule:
+    """Resolves the user's ``ns_coefficients`` / ``ns_steps`` into a schedule.
+
+    ``ns_coefficients`` is ``"muon"`` or one (a, b, c) triple (repeated ``ns_steps`` times),
+    ``"polar_express"`` (its 5 tuned triples; more steps repeat the last one, fewer take the
+    first ``ns_steps``), or a sequence of triples, one per step (``ns_steps`` must then be None
+    or match its length).
+    """
+    if ns_steps is not None and (not isinstance(ns_steps, int) or ns_steps < 0):
+        raise ValueError(f"ns_steps must be a non-negative int, got {ns_steps!r}")
+    if isinstance(ns_coefficients, str):
+        if ns_coefficients == "muon":
+            return ns_schedule(MUON_COEFFICIENTS, ns_steps)
+        if ns_coefficients == "polar_express":
+            steps = len(POLAR_EXPRESS_COEFFICIENTS) if ns_steps is None else ns_steps
+            triples = [POLAR_EXPRESS_COEFFICIENTS[min(j, 4)] for j in range(steps)]
+            return NewtonSchulzSchedule(_flatten(triples), *POLAR_EXPRESS_NORM)
+        raise ValueError(
+            f"ns_coefficients must be 'muon', 'polar_express', a triple or a list of triples, "
+            f"got {ns_coefficients!r}"
+        )
+    values = list(ns_coefficients)
+    if len(values) == 3 and all(isinstance(v, (int, float)) for v in values):
+        return NewtonSchulzSchedule(_flatten([values] * (5 if ns_steps is None else ns_steps)))
+    if not values or any(len(t) != 3 for t in values):
+        raise ValueError(f"ns_coefficients must be a triple or a list of triples, got {values!r}")
+    if ns_steps is not None and ns_steps != len(values):
+        raise ValueError(
+            f"ns_steps={ns_steps} does not match the {len(values)} triples in ns_coefficients"
+        )
+    return NewtonSchulzSchedule(_flatten(values))
+
+
+def _flatten(triples) -> tuple[float, ...]:
+    flat = tuple(float(v) for t in triples for v in t)
+    if any(v != v or v in (float("inf"), float("-inf")) for v in flat):
+        raise ValueError(f"ns_coefficients must be finite, got {flat}")
+    return flat
+
+
+# --------------------------------------------------------------------------------------------
+# Routing: compiled kernel when there is one, else the reference (warned once per reason)
+# --------------------------------------------------------------------------------------------
+
+_warned: set[str] = set()
+
+
+def _warn_once(reason: str) -> None:
+    if reason not in _warned:
+        _warned.add(reason)
+        warnings.warn(
+            f"dropmuon: {reason}; using the pure-PyTorch reference (slower)", stacklevel=3
+        )
+
+
+def has_kernel(device_type: str) -> bool:
+    """Whether the compiled extension has kernels for tensors on ``device_type``."""
+    if EXTENSION_ERROR is not None:
+        return False
+    key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type)
+    return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key(
+        "dropmuon::sharp", key
+    )
+
+
+def _use_kernel(device_type: str) -> bool:
+    if has_kernel(device_type):
+        return True
+    if EXTENSION_ERROR is not None:
+        _warn_once(f"the compiled extension is not available ({EXTENSION_ERROR})")
+    else:
+        _warn_once(f"the compiled extension has no kernels for '{device_type}' tensors")
+    return False
+
+
+# --------------------------------------------------------------------------------------------
+# Wrappers
+# --------------------------------------------------------------------------------------------
+
+
+def sharp(
+    m: Tensor,
+    norm: str = "spectral",
+    ns_coefficients="muon",
+    ns_steps: int | None = 5,
+    eps: float = 1e-7,
+) -> tuple[Tensor, Tensor]:
+    """sharp(M) for a matrix [rows, cols] or a batch [B, rows, cols] (notes section 4).
+
+    Returns ``(out, duals)``: ``out`` has M's shape and dtype, ``duals`` (float64, one per
+    matrix) is <M, sharp(M)>, e.g. the nuclear norm for ``norm="spectral"``. Norms:
+    ``"spectral"`` (Newton-Schulz), ``"sign"``, ``"column"``, ``"row"``, ``"frobenius"``.
+    """
+    single = m.dim() == 2
+    batch = m.unsqueeze(0) if single else m
+    schedule = ns_schedule(ns_coefficients, ns_steps)
+    args = (
+        batch,
+        norm,
+        list(schedule.coefficients),
+        schedule.norm_scale,
+        schedule.norm_offset,
+        eps,
+    )
+    if _use_kernel(m.device.type):
+        out, duals = torch.ops.dropmuon.sharp(*args)
+    else:
+        out, duals = reference.sharp(*args)
+    return (out[0], duals[0]) if single else (out, duals)
+
+
+def muon_update_(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    momentum_buffers: Sequence[Tensor],
+    *,
+    lr: float,
+    weight_decay: float,
+    momentum: float,
+    nesterov: bool,
+    norm: str,
+    schedule: NewtonSchulzSchedule,
+    eps: float,
+    adjust_lr_fn: str,
+    radius: str = "fixed",
+    L0: float = 1.0,
+    L1: float = 0.0,
+) -> Tensor:
+    """One fused update of same-shape tensors in place (dm_update in dropmuon.h).
+
+    Returns the float64 duals <D, sharp(D)> of the update directions.
+    """
+    kwargs = dict(
+        lr=float(lr),
+        weight_decay=float(weight_decay),
+        momentum=float(momentum),
+        nesterov=bool(nesterov),
+        norm=norm,
+        ns_coefficients=list(schedule.coefficients),
+        norm_scale=schedule.norm_scale,
+        norm_offset=schedule.norm_offset,
+        eps=float(eps),
+        adjust_lr_fn=adjust_lr_fn,
+        radius=radius,
+        L0=float(L0),
+        L1=float(L1),
+    )
+    device = params[0].device.type if params else "cpu"
+    if _use_kernel(device):
+        return torch.ops.dropmuon.muon_update_(
+            list(params), list(grads), list(momentum_buffers), **kwargs
+        )
+    return reference.muon_update_(list(params), list(grads), list(momentum_buffers), **kwargs)
+
+
+def _sampler_args(kind, probabilities, tau, progress, shift_strength, smoothness):
+    return (
+        kind,
+        [float(v) for v in (probabilities or ())],
+        int(tau or 0),
+        float(progress),
+        float(shift_strength),
+        [float(v) for v in (smoothness or ())],
+    )
+
+
+def sampler_distribution(
+    num_layers: int,
+    kind: str,
+    *,
+    probabilities: Sequence[float] | None = None,
+    tau: int | None = None,
+    progress: float = 0.0,
+    shift_strength: float = 4.0,
+    smoothness: Sequence[float] | None = None,
+) -> Tensor:
+    """P(cutoff = i) for each layer i (float64), for a sampling kind (dm_sampler_distribution)."""
+    args = (
+        num_layers,
+        *_sampler_args(kind, probabilities, tau, progress, shift_strength, smoothness),
+    )
+    if EXTENSION_ERROR is None:
+        return torch.ops.dropmuon.sampler_distribution(*args)
+    _use_kernel("cpu")
+    return reference.sampler_distribution(*args)
+
+
+def sample_layers(
+    num_layers: int,
+    seed: int,
+    step: int,
+    kind: str,
+    *,
+    probabilities: Sequence[float] | None = None,
+    tau: int | None = None,
+    progress: float = 0.0,
+    shift_strength: float = 4.0,
+    smoothness: Sequence[float] | None = None,
+) -> Tensor:
+    """The bool mask of layers active at optimizer step ``step`` (dm_sample_layers).
+
+    A pure function of its arguments: the same (seed, step) gives the same mask on every
+    process, before and after a resume.
+    """
+    args = (
+        num_layers,
+        int(seed),
+        int(step),
+        *_sampler_args(kind, probabilities, tau, progress, shift_strength, smoothness),
+    )
+    if EXTENSION_ERROR is None:
+        return torch.ops.dropmuon.sample_layers(*args)
+    _use_kernel("cpu")
+    return reference.sample_layers(*args)
+
+
+# --------------------------------------------------------------------------------------------
+# Fake implementations (shapes only) so that torch.compile and opcheck can trace the ops
+# --------------------------------------------------------------------------------------------
+
+if EXTENSION_ERROR is None:
+
+    @torch.library.register_fake("dropmuon::sharp")
+    def _sharp_fake(input, norm, ns_coefficients, norm_scale, norm_offset, eps):
+        torch._check(input.dim() == 3, lambda: "dropmuon.sharp: input must be 3-D")
+        return torch.empty_like(input), input.new_empty((input.shape[0],), dtype=torch.float64)
+
+    @torch.library.register_fake("dropmuon::muon_update_")
+    def _muon_update_fake(params, grads, momentum_buffers, **kwargs):
+        if not params:
+            return torch.empty((0,), dtype=torch.float64)
+        return params[0].new_empty((len(params),), dtype=torch.float64)
+
+    @torch.library.register_fake("dropmuon::sampler_distribution")
+    def _sampler_distribution_fake(num_layers, *args):
+        return torch.empty((num_layers,), dtype=torch.float64)
+
+    @torch.library.register_fake("dropmuon::sample_layers")
+    def _sample_layers_fake(num_layers, *args):
+        return torch.empty((num_layers,), dtype=torch.bool)

@@ -1,0 +1,51 @@
+"""Builds the dropmuon package and its torch extension `dropmuon._C`.
+
+The C core (csrc/core/*.c) is compiled as C11 into a static library of its own, so that none
+of the C++ flags torch adds reach it, then linked into the extension with the ATen shim
+(csrc/torch/*.cpp). Install with `pip install -e . --no-build-isolation` (the extension must
+be built against the torch that is installed, not a fresh one in an isolated environment).
+"""
+
+import glob
+import os
+
+from setuptools import find_packages, setup
+from torch.utils.cpp_extension import BuildExtension, CppExtension
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def sources(pattern):
+    return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
+
+
+core_library = (
+    "dropmuon_core",
+    {
+        "sources": sources("csrc/core/*.c"),
+        "include_dirs": ["csrc/include", "csrc/core"],
+        "cflags": ["-std=c11", "-O3", "-fPIC", "-ffp-contract=off", "-Wall", "-Wextra"],
+    },
+)
+
+extension = CppExtension(
+    name="dropmuon._C",
+    sources=sources("csrc/torch/*.cpp"),
+    include_dirs=[os.path.join(ROOT, "csrc/include")],
+    extra_compile_args={"cxx": ["-O3", "-Wall"]},
+    libraries=["dropmuon_core"],
+)
+
+setup(
+    name="dropmuon",
+    version="0.1.0",
+    description="Drop-Muon: Muon-style layer-wise updates with randomized backprop truncation",
+    package_dir={"": "python"},
+    packages=find_packages("python"),
+    libraries=[core_library],
+    ext_modules=[extension],
+    cmdclass={"build_ext": BuildExtension},
+    python_requires=">=3.10",
+    install_requires=["torch>=2.9", "numpy", "tqdm", "matplotlib"],
+    entry_points={"console_scripts": ["dropmuon-compare=dropmuon.compare:main"]},
+)
