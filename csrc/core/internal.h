@@ -105,43 +105,85 @@ static inline dm_status dm_check_sizes(int64_t batch, int64_t rows, int64_t cols
 /* Validates the NS-specific fields of a spectral config. */
 dm_status dm_ns_check_config(const dm_sharp_config *config);
 
-/* Runs the iterations on batch matrices p x q (p <= q), contiguous in compute precision at x,
- * which holds X0 / d already. scratch must hold batch * (p*q + 2*p*p) elements. On return
- * *result points at the final iterate (x or inside scratch). */
-dm_status dm_ns_iterate(const dm_sharp_config *config, dm_dtype compute, int64_t batch, int64_t p,
-                        int64_t q, void *x, void *scratch, void **result,
+/* The dtype the Newton-Schulz iterates are kept in, for data of dtype. */
+static inline dm_dtype dm_ns_iteration_dtype(const dm_sharp_config *config, dm_dtype dtype) {
+    return config->ns_precision == DM_NS_BFLOAT16 ? DM_BFLOAT16 : dm_compute_dtype(dtype);
+}
+
+/* Runs the iterations on batch matrices p x q (p <= q). The scratch is laid out as
+ * [X (batch*p*q) | X' (batch*p*q) | A (batch*p*p) | P (batch*p*p)] in the iteration dtype, each
+ * region 64-byte aligned, and X holds X0 / d on entry. *result points at the final iterate. */
+dm_status dm_ns_iterate(const dm_sharp_config *config, dm_dtype iteration, int64_t batch,
+                        int64_t p, int64_t q, void *scratch, void **result,
                         const dm_gemm_provider *gemm);
 
-/* Elements of NS scratch for a batch of p x q problems. */
-static inline dm_status dm_ns_scratch_elems(int64_t batch, int64_t p, int64_t q, size_t *elems) {
-    size_t pq, pp, per;
-    if (dm_mul_overflows((size_t)p, (size_t)q, &pq)) return DM_ERR_SHAPE;
-    if (dm_mul_overflows((size_t)p, (size_t)p, &pp)) return DM_ERR_SHAPE;
-    if (dm_mul_overflows(pp, 2, &per) || per > SIZE_MAX - pq) return DM_ERR_SHAPE;
-    per += pq;
-    if (dm_mul_overflows(per, (size_t)batch, elems)) return DM_ERR_SHAPE;
-    return DM_OK;
+/* Bytes of that scratch. */
+static inline dm_status dm_ns_scratch_bytes(int64_t batch, int64_t p, int64_t q, size_t elem,
+                                            size_t *bytes) {
+    size_t pq, pp;
+    *bytes = 0;
+    if (dm_mul_overflows((size_t)p, (size_t)q, &pq) || dm_mul_overflows(pq, (size_t)batch, &pq))
+        return DM_ERR_SHAPE;
+    if (dm_mul_overflows((size_t)p, (size_t)p, &pp) || dm_mul_overflows(pp, (size_t)batch, &pp))
+        return DM_ERR_SHAPE;
+    DM_RETURN_IF_ERROR(dm_ws_add(bytes, pq, elem));
+    DM_RETURN_IF_ERROR(dm_ws_add(bytes, pq, elem));
+    DM_RETURN_IF_ERROR(dm_ws_add(bytes, pp, elem));
+    return dm_ws_add(bytes, pp, elem);
 }
+
+/* Typed element access for code instantiated per dtype (suffixes f32, f64, bf16). */
+#define LOAD_f32(p, k) (((const float *)(p))[k])
+#define LOAD_f64(p, k) (((const double *)(p))[k])
+#define LOAD_bf16(p, k) dm_bf16_to_f32(((const uint16_t *)(p))[k])
+#define STORE_f32(p, k, v) (((float *)(p))[k] = (float)(v))
+#define STORE_f64(p, k, v) (((double *)(p))[k] = (double)(v))
+#define STORE_bf16(p, k, v) (((uint16_t *)(p))[k] = dm_f32_to_bf16((float)(v)))
+/* v rounded as STORE_x would store it. */
+#define ROUND_f32(v) ((float)(v))
+#define ROUND_f64(v) ((double)(v))
+#define ROUND_bf16(v) dm_bf16_to_f32(dm_f32_to_bf16((float)(v)))
+
+/* ---- typed O(mn) passes, in elementwise.c --------------------------------------------------- */
+
+/* dst[k] = src[k] * scale for k < n, converting dtypes (float32 arithmetic unless float64). */
+void dm_convert(const void *src, dm_dtype src_dtype, void *dst, dm_dtype dst_dtype, size_t n,
+                double scale);
+/* dst[j * dst_ld + i] = src[i * src_ld + j] * scale over rows x cols, in cache tiles. */
+void dm_convert_transposed(const void *src, dm_dtype src_dtype, int64_t src_ld, void *dst,
+                           dm_dtype dst_dtype, int64_t dst_ld, int64_t rows, int64_t cols,
+                           double scale);
+/* sum_k x[k] * y[k], accumulated in double. */
+double dm_dot(const void *x, dm_dtype x_dtype, const void *y, dm_dtype y_dtype, size_t n);
+/* Sums over n contiguous elements of a compute type (float32 or float64), in double. */
+double dm_sum_squares(const void *x, dm_dtype dtype, size_t n);
+double dm_sum_abs(const void *x, dm_dtype dtype, size_t n);
+/* acc[j] = sum_i x[i][j]^2 for a contiguous rows x cols matrix of a compute type. */
+void dm_column_sum_squares(const void *x, dm_dtype dtype, int64_t rows, int64_t cols, double *acc);
 
 /* ---- the shared sharp machinery, in sharp.c ----------------------------------------------------
  * A "panel" is the workspace copy of a batch of matrices in compute precision that a sharp
- * operator transforms in place: rows x cols as stored, or its transpose (cols x rows) when the
- * spectral operator meets a tall matrix. */
+ * operator transforms: rows x cols as stored, or its transpose (cols x rows) when the spectral
+ * operator meets a tall matrix (Newton-Schulz runs on the wide orientation). */
 typedef struct dm_panel {
     dm_norm norm;
-    dm_dtype compute;
+    dm_dtype compute;          /* dtype of data: float32, or float64 for float64 input */
+    dm_dtype iteration;        /* SPECTRAL: dtype of the Newton-Schulz iterates */
     int64_t batch, rows, cols; /* of the user's matrices */
     int transposed;            /* the panel holds M^T */
     int64_t p, q;              /* the panel's own rows x cols */
-    void *data;                /* batch * p * q compute elements */
-    double *scale;             /* per-matrix (FROBENIUS, SPECTRAL) or per row/column divisors */
-    void *ns_scratch;          /* SPECTRAL only */
+    void *data;                /* batch * p * q compute elements: M, as loaded */
+    void *result;              /* batch * p * q compute elements: sharp(M), after dm_panel_apply
+                                  (data itself, or the NS scratch when it already holds it) */
+    double *scale;             /* inverse divisors, per matrix or per row / column */
+    double *duals;             /* batch values <M, sharp(M)> after dm_panel_apply */
+    void *ns_scratch;          /* SPECTRAL only: see dm_ns_iterate */
 } dm_panel;
 
 /* Validates a sharp config (not its dtype or sizes). */
 dm_status dm_sharp_check_config(const dm_sharp_config *config);
 
-/* Workspace bytes of a panel (data, divisors, NS scratch). */
+/* Workspace bytes of a panel (data, divisors, duals, NS scratch); validates everything. */
 dm_status dm_panel_workspace_size(const dm_sharp_config *config, dm_dtype dtype, int64_t batch,
                                   int64_t rows, int64_t cols, size_t *bytes);
 
@@ -149,27 +191,20 @@ dm_status dm_panel_workspace_size(const dm_sharp_config *config, dm_dtype dtype,
 void dm_panel_init(dm_panel *panel, const dm_sharp_config *config, dm_dtype dtype, int64_t batch,
                    int64_t rows, int64_t cols, void *workspace);
 
-/* Index of user element (i, j) of matrix b inside the panel's data. */
-static inline size_t dm_panel_index(const dm_panel *panel, int64_t b, int64_t i, int64_t j) {
-    size_t base = (size_t)b * (size_t)panel->p * (size_t)panel->q;
-    return panel->transposed ? base + (size_t)j * (size_t)panel->q + (size_t)i
-                             : base + (size_t)i * (size_t)panel->q + (size_t)j;
+/* Matrix b of a batch of panel-shaped compute matrices starting at base (data or result). */
+static inline void *dm_panel_matrix(const dm_panel *panel, void *base, int64_t b) {
+    return (unsigned char *)base +
+           (size_t)b * (size_t)panel->p * (size_t)panel->q * dm_dtype_size(panel->compute);
 }
 
 /* Computes the divisors of the loaded panel (norms clamped by the config) and rejects NaN/Inf:
  * DM_ERR_NONFINITE if any matrix holds one. Nothing outside the workspace is touched. */
 dm_status dm_panel_measure(dm_panel *panel, const dm_sharp_config *config);
 
-/* Replaces the panel's contents by sharp(M) (after dm_panel_measure). */
+/* Puts sharp(M) in compute precision at panel->result and fills panel->duals (after
+ * dm_panel_measure). */
 dm_status dm_panel_apply(dm_panel *panel, const dm_sharp_config *config,
                          const dm_gemm_provider *gemm);
-
-/* Element (i, j) of matrix b of the panel's result, widened to double. */
-static inline double dm_panel_get(const dm_panel *panel, int64_t b, int64_t i, int64_t j) {
-    size_t k = dm_panel_index(panel, b, i, j);
-    return panel->compute == DM_FLOAT64 ? ((const double *)panel->data)[k]
-                                        : (double)((const float *)panel->data)[k];
-}
 
 /* ---- typed element access of user memory ------------------------------------------------------ */
 static inline double dm_load(const void *base, dm_dtype dtype, size_t k) {

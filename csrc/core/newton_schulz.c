@@ -1,13 +1,14 @@
 /* newton_schulz.c - the spectral sharp operator's iteration (notes section 4).
  *
  * Each step j maps X (p x q, p <= q, already divided by its norm) to
- *     X <- (a_j I + b_j A + c_j A^2) X,   A = X X^T,
- * which is torch.optim.Muon's quintic written with one p x p polynomial matrix, so a step is
- * exactly three products (4 p^2 q + 2 p^3 flops) and no elementwise pass over X:
- *     A  = X X^T                         gemm, beta 0
- *     P  = b A + a I                     p^2 pass
- *     P += c A A                         gemm, beta 1
- *     X' = P X                           gemm, beta 0 (ping-pong buffers)
+ *     X <- a_j X + (b_j A + c_j A^2) X,   A = X X^T,
+ * as three products (4 p^2 q + 2 p^3 flops). Two orders of operations:
+ *   - bfloat16 iterates: exactly torch.optim.Muon's, so that we round where torch rounds:
+ *       A = X X^T;  P = A, P = c A A + b P;  X' = X, X' = P X + a X'
+ *   - float32/float64 iterates: a_j folded into P's diagonal, which saves the copy of X (the
+ *     largest pass outside the products; it matters for small CNN layers):
+ *       A = X X^T;  P = b A + a I;  P = c A A + P;  X' = P X
+ * The iterates live in the scratch in the iteration dtype, in ping-pong buffers.
  */
 #include "internal.h"
 
@@ -29,55 +30,56 @@ dm_status dm_ns_check_config(const dm_sharp_config *config) {
     return DM_OK;
 }
 
-/* P = b A + a I over a batch of p x p matrices. */
-static void polynomial_base(dm_dtype compute, int64_t batch, int64_t p, const void *a_mat,
+/* P = b A + a I for rows consecutive rows of p x p matrices (float32 or float64). */
+static void polynomial_base(dm_dtype dtype, int64_t rows, int64_t p, const void *a_mat,
                             void *p_mat, double a, double b) {
-    size_t n = (size_t)batch * (size_t)p * (size_t)p;
-    if (compute == DM_FLOAT64) {
-        const double *src = a_mat;
-        double *dst = p_mat;
-        for (size_t k = 0; k < n; ++k) dst[k] = b * src[k];
-        for (int64_t m = 0; m < batch; ++m)
-            for (int64_t i = 0; i < p; ++i) dst[((size_t)m * p + i) * p + i] += a;
-    } else {
-        const float *src = a_mat;
-        float *dst = p_mat;
-        const float bf = (float)b, af = (float)a;
-        for (size_t k = 0; k < n; ++k) dst[k] = bf * src[k];
-        for (int64_t m = 0; m < batch; ++m)
-            for (int64_t i = 0; i < p; ++i) dst[((size_t)m * p + i) * p + i] += af;
+    for (int64_t r = 0; r < rows; ++r) {
+        const int64_t diagonal = r % p;
+        if (dtype == DM_FLOAT64) {
+            const double *src = (const double *)a_mat + r * p;
+            double *dst = (double *)p_mat + r * p;
+            for (int64_t k = 0; k < p; ++k) dst[k] = b * src[k];
+            dst[diagonal] += a;
+        } else {
+            const float *src = (const float *)a_mat + r * p;
+            float *dst = (float *)p_mat + r * p;
+            const float bf = (float)b;
+            for (int64_t k = 0; k < p; ++k) dst[k] = bf * src[k];
+            dst[diagonal] += (float)a;
+        }
     }
 }
 
-dm_status dm_ns_iterate(const dm_sharp_config *config, dm_dtype compute, int64_t batch, int64_t p,
-                        int64_t q, void *x, void *scratch, void **result,
+dm_status dm_ns_iterate(const dm_sharp_config *config, dm_dtype iteration, int64_t batch,
+                        int64_t p, int64_t q, void *scratch, void **result,
                         const dm_gemm_provider *gemm) {
-    const size_t elem = compute == DM_FLOAT64 ? sizeof(double) : sizeof(float);
+    const size_t elem = dm_dtype_size(iteration);
     const int64_t pq = p * q, pp = p * p;
-    unsigned char *base = scratch;
-    void *x_next = base;
-    void *a_mat = base + (size_t)batch * (size_t)pq * elem;
-    void *p_mat = (unsigned char *)a_mat + (size_t)batch * (size_t)pp * elem;
+    const size_t x_bytes = (size_t)batch * (size_t)pq * elem, a_bytes = (size_t)batch * pp * elem;
+    unsigned char *x = scratch, *x_next = x + dm_align_up(x_bytes);
+    unsigned char *a_mat = x_next + dm_align_up(x_bytes), *p_mat = a_mat + dm_align_up(a_bytes);
     dm_gemm_fn fn = gemm && gemm->gemm ? gemm->gemm : dm_gemm_reference;
     void *ctx = gemm ? gemm->ctx : NULL;
 
-    *result = x;
-    if (batch == 0 || p == 0) return DM_OK;
-    for (int64_t j = 0; j < config->ns_steps; ++j) {
+    const int torch_order = iteration == DM_BFLOAT16;
+    for (int64_t j = 0; j < config->ns_steps && batch > 0 && p > 0; ++j) {
         const double a = config->ns_coefficients[3 * j];
         const double b = config->ns_coefficients[3 * j + 1];
         const double c = config->ns_coefficients[3 * j + 2];
-        dm_status st = fn(ctx, compute, 0, 1, batch, p, p, q, 1.0, x, q, pq, x, q, pq, 0.0, a_mat,
-                          p, pp);
-        if (st != DM_OK) return DM_ERR_GEMM;
-        polynomial_base(compute, batch, p, a_mat, p_mat, a, b);
-        st = fn(ctx, compute, 0, 0, batch, p, p, p, c, a_mat, p, pp, a_mat, p, pp, 1.0, p_mat, p,
-                pp);
-        if (st != DM_OK) return DM_ERR_GEMM;
-        st = fn(ctx, compute, 0, 0, batch, p, q, p, 1.0, p_mat, p, pp, x, q, pq, 0.0, x_next, q,
-                pq);
-        if (st != DM_OK) return DM_ERR_GEMM;
-        void *t = x;
+        if (fn(ctx, iteration, 0, 1, batch, p, p, q, 1.0, x, q, pq, x, q, pq, 0.0, a_mat, p, pp))
+            return DM_ERR_GEMM;
+        if (torch_order)
+            memcpy(p_mat, a_mat, a_bytes);
+        else
+            polynomial_base(iteration, batch * p, p, a_mat, p_mat, a, b);
+        if (fn(ctx, iteration, 0, 0, batch, p, p, p, c, a_mat, p, pp, a_mat, p, pp,
+               torch_order ? b : 1.0, p_mat, p, pp))
+            return DM_ERR_GEMM;
+        if (torch_order) memcpy(x_next, x, x_bytes);
+        if (fn(ctx, iteration, 0, 0, batch, p, q, p, 1.0, p_mat, p, pp, x, q, pq,
+               torch_order ? a : 0.0, x_next, q, pq))
+            return DM_ERR_GEMM;
+        unsigned char *t = x;
         x = x_next;
         x_next = t;
     }

@@ -9,7 +9,10 @@ dm_status dm_sharp_check_config(const dm_sharp_config *config) {
     if (!config) return DM_ERR_INVALID_ARG;
     if (!isfinite(config->eps) || config->eps < 0.0) return DM_ERR_INVALID_ARG;
     switch (config->norm) {
-    case DM_NORM_SPECTRAL: return dm_ns_check_config(config);
+    case DM_NORM_SPECTRAL:
+        if (config->ns_precision != DM_NS_NATIVE && config->ns_precision != DM_NS_BFLOAT16)
+            return DM_ERR_INVALID_ARG;
+        return dm_ns_check_config(config);
     case DM_NORM_SIGN:
     case DM_NORM_COLUMN:
     case DM_NORM_ROW:
@@ -31,6 +34,7 @@ dm_status dm_sharp_config_muon(dm_sharp_config *config, double coefficients[15])
     config->norm_scale = 1.0;
     config->norm_offset = 0.0;
     config->eps = 1e-7;
+    config->ns_precision = DM_NS_NATIVE;
     return DM_OK;
 }
 
@@ -54,23 +58,27 @@ static void panel_shape(dm_norm norm, int64_t rows, int64_t cols, int *transpose
 
 dm_status dm_panel_workspace_size(const dm_sharp_config *config, dm_dtype dtype, int64_t batch,
                                   int64_t rows, int64_t cols, size_t *bytes) {
-    size_t elems, divisors, scratch = 0, total = 0;
+    size_t elems, divisors, total = 0;
     int transposed;
     int64_t p, q;
     if (!bytes) return DM_ERR_INVALID_ARG;
     DM_RETURN_IF_ERROR(dm_sharp_check_config(config));
     if (!dm_dtype_valid(dtype)) return DM_ERR_DTYPE;
     DM_RETURN_IF_ERROR(dm_check_sizes(batch, rows, cols, &elems));
-    const size_t elem = dm_dtype_size(dm_compute_dtype(dtype));
     panel_shape(config->norm, rows, cols, &transposed, &p, &q);
     if (dm_mul_overflows((size_t)batch,
                          (size_t)divisors_per_matrix(config->norm, rows, cols), &divisors))
         return DM_ERR_SHAPE;
-    if (config->norm == DM_NORM_SPECTRAL) DM_RETURN_IF_ERROR(dm_ns_scratch_elems(batch, p, q,
-                                                                                 &scratch));
-    DM_RETURN_IF_ERROR(dm_ws_add(&total, elems, elem));
+    DM_RETURN_IF_ERROR(dm_ws_add(&total, elems, dm_dtype_size(dm_compute_dtype(dtype))));
     DM_RETURN_IF_ERROR(dm_ws_add(&total, divisors, sizeof(double)));
-    DM_RETURN_IF_ERROR(dm_ws_add(&total, scratch, elem));
+    DM_RETURN_IF_ERROR(dm_ws_add(&total, (size_t)batch, sizeof(double)));
+    if (config->norm == DM_NORM_SPECTRAL) {
+        size_t scratch;
+        DM_RETURN_IF_ERROR(dm_ns_scratch_bytes(
+            batch, p, q, dm_dtype_size(dm_ns_iteration_dtype(config, dtype)), &scratch));
+        if (total > SIZE_MAX - scratch) return DM_ERR_SHAPE;
+        total += scratch;
+    }
     *bytes = total;
     return DM_OK;
 }
@@ -80,53 +88,38 @@ void dm_panel_init(dm_panel *panel, const dm_sharp_config *config, dm_dtype dtyp
     unsigned char *cursor = workspace;
     panel->norm = config->norm;
     panel->compute = dm_compute_dtype(dtype);
+    panel->iteration = dm_ns_iteration_dtype(config, dtype);
     panel->batch = batch;
     panel->rows = rows;
     panel->cols = cols;
     panel_shape(config->norm, rows, cols, &panel->transposed, &panel->p, &panel->q);
-    const size_t elem = dm_dtype_size(panel->compute);
-    panel->data = dm_ws_take(&cursor, (size_t)batch * (size_t)rows * (size_t)cols, elem);
+    panel->data = dm_ws_take(&cursor, (size_t)batch * (size_t)rows * (size_t)cols,
+                             dm_dtype_size(panel->compute));
     panel->scale = dm_ws_take(
         &cursor, (size_t)batch * (size_t)divisors_per_matrix(config->norm, rows, cols),
         sizeof(double));
+    panel->result = panel->data;
+    panel->duals = dm_ws_take(&cursor, (size_t)batch, sizeof(double));
     panel->ns_scratch = cursor;
 }
 
-static inline double panel_at(const dm_panel *panel, size_t k) {
-    return panel->compute == DM_FLOAT64 ? ((const double *)panel->data)[k]
-                                        : (double)((const float *)panel->data)[k];
-}
-
-/* Sum of squares of count panel elements from start with a stride. */
-static double panel_sumsq(const dm_panel *panel, size_t start, size_t count, size_t stride) {
-    double acc = 0.0;
-    if (panel->compute == DM_FLOAT64) {
-        const double *x = (const double *)panel->data + start;
-        for (size_t k = 0; k < count; ++k) acc += x[k * stride] * x[k * stride];
-    } else {
-        const float *x = (const float *)panel->data + start;
-        for (size_t k = 0; k < count; ++k) acc += (double)x[k * stride] * (double)x[k * stride];
-    }
-    return acc;
-}
-
 /* The l2 norm from a sum of squares, telling a NaN/Inf element from an overflowing sum (only
- * float64 data can overflow a double sum; then the norm is recomputed with max-abs scaling). */
-static dm_status finish_norm(const dm_panel *panel, double sumsq, size_t start, size_t count,
+ * float64 data can overflow a double sum; then the norm is recomputed with max-abs scaling).
+ * The elements are x[k * stride], k < count, of a compute type. */
+static dm_status finish_norm(double sumsq, const void *x, dm_dtype dtype, size_t count,
                              size_t stride, double *norm) {
     if (isfinite(sumsq)) {
         *norm = sqrt(sumsq);
         return DM_OK;
     }
-    double max_abs = 0.0;
+    double max_abs = 0.0, acc = 0.0;
     for (size_t k = 0; k < count; ++k) {
-        double v = panel_at(panel, start + k * stride);
+        const double v = dm_load(x, dtype, k * stride);
         if (!isfinite(v)) return DM_ERR_NONFINITE;
         if (fabs(v) > max_abs) max_abs = fabs(v);
     }
-    double acc = 0.0;
     for (size_t k = 0; k < count; ++k) {
-        double v = panel_at(panel, start + k * stride) / max_abs;
+        const double v = dm_load(x, dtype, k * stride) / max_abs;
         acc += v * v;
     }
     *norm = max_abs * sqrt(acc);
@@ -141,45 +134,53 @@ static double inverse_divisor(double norm, double scale, double offset, double e
 }
 
 dm_status dm_panel_measure(dm_panel *panel, const dm_sharp_config *config) {
-    const size_t p = (size_t)panel->p, q = (size_t)panel->q, per = p * q;
+    const size_t p = (size_t)panel->p, q = (size_t)panel->q, elem = dm_dtype_size(panel->compute);
+    const dm_dtype t = panel->compute;
     for (int64_t b = 0; b < panel->batch; ++b) {
-        const size_t base = (size_t)b * per;
-        double norm;
+        const unsigned char *m = dm_panel_matrix(panel, panel->data, b);
+        double norm, dual = 0.0;
         switch (panel->norm) {
         case DM_NORM_SPECTRAL:
         case DM_NORM_FROBENIUS: {
-            DM_RETURN_IF_ERROR(finish_norm(panel, panel_sumsq(panel, base, per, 1), base, per, 1,
-                                           &norm));
+            DM_RETURN_IF_ERROR(finish_norm(dm_sum_squares(m, t, p * q), m, t, p * q, 1, &norm));
             const int spectral = panel->norm == DM_NORM_SPECTRAL;
-            panel->scale[b] = inverse_divisor(norm, spectral ? config->norm_scale : 1.0,
-                                              spectral ? config->norm_offset : 0.0, config->eps);
+            const double inverse = inverse_divisor(norm, spectral ? config->norm_scale : 1.0,
+                                                   spectral ? config->norm_offset : 0.0,
+                                                   config->eps);
+            panel->scale[b] = inverse;
+            dual = norm * norm * inverse; /* FROBENIUS; SPECTRAL's comes from the iterates */
             break;
         }
-        case DM_NORM_COLUMN:
+        case DM_NORM_COLUMN: {
+            double *inverse = panel->scale + (size_t)b * q;
+            dm_column_sum_squares(m, t, (int64_t)p, (int64_t)q, inverse);
             for (size_t j = 0; j < q; ++j) {
-                DM_RETURN_IF_ERROR(finish_norm(panel, panel_sumsq(panel, base + j, p, q),
-                                               base + j, p, q, &norm));
-                panel->scale[(size_t)b * q + j] = inverse_divisor(norm, 1.0, 0.0, config->eps);
+                DM_RETURN_IF_ERROR(finish_norm(inverse[j], m + j * elem, t, p, q, &norm));
+                inverse[j] = inverse_divisor(norm, 1.0, 0.0, config->eps);
+                dual += norm * norm * inverse[j];
             }
             break;
+        }
         case DM_NORM_ROW:
             for (size_t i = 0; i < p; ++i) {
-                DM_RETURN_IF_ERROR(finish_norm(panel, panel_sumsq(panel, base + i * q, q, 1),
-                                               base + i * q, q, 1, &norm));
+                const unsigned char *row = m + i * q * elem;
+                DM_RETURN_IF_ERROR(finish_norm(dm_sum_squares(row, t, q), row, t, q, 1, &norm));
                 panel->scale[(size_t)b * p + i] = inverse_divisor(norm, 1.0, 0.0, config->eps);
+                dual += norm * norm * panel->scale[(size_t)b * p + i];
             }
             break;
         case DM_NORM_SIGN:
-            /* No divisor, but NaN/Inf must still be rejected before anything is written. */
-            DM_RETURN_IF_ERROR(finish_norm(panel, panel_sumsq(panel, base, per, 1), base, per, 1,
-                                           &norm));
+            /* <M, sign(M)> = sum |M|, which also reveals NaN/Inf before anything is written. */
+            dual = dm_sum_abs(m, t, p * q);
+            if (!isfinite(dual)) DM_RETURN_IF_ERROR(finish_norm(dual, m, t, p * q, 1, &norm));
             break;
         }
+        panel->duals[b] = dual;
     }
     return DM_OK;
 }
 
-/* Multiplies element (b, i, j) by the divisor selected by (b, i, j) for each norm kind. */
+/* In place: sign, or multiplication by the divisor selected by (b, i, j) for the norm kind. */
 #define DEFINE_APPLY(T, SUFFIX)                                                                    \
     static void apply_##SUFFIX(dm_panel *panel) {                                                  \
         T *x = panel->data;                                                                        \
@@ -201,12 +202,12 @@ dm_status dm_panel_measure(dm_panel *panel, const dm_sharp_config *config) {
                     for (size_t j = 0; j < q; ++j) m[i * q + j] *= f;                              \
                 }                                                                                  \
                 break;                                                                             \
-            case DM_NORM_SPECTRAL:                                                                 \
             case DM_NORM_FROBENIUS: {                                                              \
                 const T f = (T)s[b];                                                               \
                 for (size_t k = 0; k < p * q; ++k) m[k] *= f;                                      \
                 break;                                                                             \
             }                                                                                      \
+            case DM_NORM_SPECTRAL: break; /* see dm_panel_apply */                                 \
             }                                                                                      \
         }                                                                                          \
     }
@@ -216,26 +217,72 @@ DEFINE_APPLY(double, f64)
 
 dm_status dm_panel_apply(dm_panel *panel, const dm_sharp_config *config,
                          const dm_gemm_provider *gemm) {
-    if (panel->compute == DM_FLOAT64)
-        apply_f64(panel);
-    else
-        apply_f32(panel);
-    if (panel->norm != DM_NORM_SPECTRAL) return DM_OK;
-    return dm_ns_iterate(config, panel->compute, panel->batch, panel->p, panel->q, panel->data,
-                         panel->ns_scratch, &panel->data, gemm);
+    if (panel->norm != DM_NORM_SPECTRAL) {
+        if (panel->compute == DM_FLOAT64)
+            apply_f64(panel);
+        else
+            apply_f32(panel);
+        return DM_OK;
+    }
+    /* X0 = M / d enters the NS scratch in the iteration dtype; M stays in data for the duals. */
+    const size_t per = (size_t)panel->p * (size_t)panel->q;
+    const size_t iteration_bytes = dm_dtype_size(panel->iteration) * per;
+    for (int64_t b = 0; b < panel->batch; ++b)
+        dm_convert(dm_panel_matrix(panel, panel->data, b), panel->compute,
+                   (unsigned char *)panel->ns_scratch + (size_t)b * iteration_bytes,
+                   panel->iteration, per, panel->scale[b]);
+    void *result;
+    DM_RETURN_IF_ERROR(dm_ns_iterate(config, panel->iteration, panel->batch, panel->p, panel->q,
+                                     panel->ns_scratch, &result, gemm));
+    for (int64_t b = 0; b < panel->batch; ++b)
+        panel->duals[b] = dm_dot(dm_panel_matrix(panel, panel->data, b), panel->compute,
+                                 (unsigned char *)result + (size_t)b * iteration_bytes,
+                                 panel->iteration, per);
+    if (panel->iteration == panel->compute) {
+        panel->result = result;
+    } else {
+        dm_convert(result, panel->iteration, panel->data, panel->compute,
+                   per * (size_t)panel->batch, 1.0);
+        panel->result = panel->data;
+    }
+    return DM_OK;
 }
 
-/* Copies user matrices into the panel (transposing in tiles when the panel holds M^T). */
-static void panel_load(dm_panel *panel, dm_dtype dtype, const void *const *inputs, int64_t ld) {
-    for (int64_t b = 0; b < panel->batch; ++b)
-        DM_FOR_TILED(panel->rows, panel->cols, i, j) {
-            double v = dm_load(inputs[b], dtype, (size_t)(i * ld + j));
-            size_t k = dm_panel_index(panel, b, i, j);
-            if (panel->compute == DM_FLOAT64)
-                ((double *)panel->data)[k] = v;
-            else
-                ((float *)panel->data)[k] = (float)v;
-        }
+/* Copies user matrix b (rows x cols, leading dimension ld) into the panel. */
+static void panel_load(dm_panel *panel, int64_t b, const void *matrix, dm_dtype dtype,
+                       int64_t ld) {
+    unsigned char *dst = dm_panel_matrix(panel, panel->data, b);
+    const size_t src_row = (size_t)ld * dm_dtype_size(dtype);
+    const size_t dst_row = (size_t)panel->q * dm_dtype_size(panel->compute);
+    if (panel->transposed) {
+        dm_convert_transposed(matrix, dtype, ld, dst, panel->compute, panel->q, panel->rows,
+                              panel->cols, 1.0);
+    } else if (ld == panel->cols) {
+        dm_convert(matrix, dtype, dst, panel->compute, (size_t)panel->rows * panel->cols, 1.0);
+    } else {
+        for (int64_t i = 0; i < panel->rows; ++i)
+            dm_convert((const unsigned char *)matrix + (size_t)i * src_row, dtype,
+                       dst + (size_t)i * dst_row, panel->compute, (size_t)panel->cols, 1.0);
+    }
+}
+
+/* Copies panel matrix b back into a user matrix (rows x cols, leading dimension ld). */
+static void panel_store(const dm_panel *panel, int64_t b, void *matrix, dm_dtype dtype,
+                        int64_t ld) {
+    const unsigned char *src = dm_panel_matrix(panel, panel->result, b);
+    const size_t src_row = (size_t)panel->q * dm_dtype_size(panel->compute);
+    const size_t dst_row = (size_t)ld * dm_dtype_size(dtype);
+    if (panel->transposed) {
+        dm_convert_transposed(src, panel->compute, panel->q, matrix, dtype, ld, panel->p,
+                              panel->q, 1.0);
+    } else if (ld == panel->cols) {
+        dm_convert(src, panel->compute, matrix, dtype, (size_t)panel->rows * panel->cols, 1.0);
+    } else {
+        for (int64_t i = 0; i < panel->rows; ++i)
+            dm_convert(src + (size_t)i * src_row, panel->compute,
+                       (unsigned char *)matrix + (size_t)i * dst_row, dtype, (size_t)panel->cols,
+                       1.0);
+    }
 }
 
 dm_status dm_sharp_workspace_size(const dm_sharp_config *config, dm_dtype dtype, int64_t batch,
@@ -255,32 +302,21 @@ dm_status dm_sharp(const dm_sharp_config *config, dm_dtype dtype, int64_t batch,
         for (int64_t b = 0; b < batch; ++b)
             if (!inputs[b] || !outputs[b]) return DM_ERR_INVALID_ARG;
     if (needed > 0 && (!workspace || workspace_bytes < needed)) return DM_ERR_WORKSPACE;
-    if (batch > 0 && rows > 0 && cols > 0 && (rows - 1 > (INT64_MAX - cols) / in_ld ||
-                                              rows - 1 > (INT64_MAX - cols) / out_ld))
+    if (batch > 0 && rows > 0 && cols > 0 &&
+        (rows - 1 > (INT64_MAX - cols) / in_ld || rows - 1 > (INT64_MAX - cols) / out_ld))
         return DM_ERR_SHAPE;
 
     if (rows == 0 || cols == 0) {
         for (int64_t b = 0; duals && b < batch; ++b) duals[b] = 0.0;
         return DM_OK;
     }
+    /* Every input is read into the workspace before the first write, so outputs may alias. */
     dm_panel panel;
     dm_panel_init(&panel, config, dtype, batch, rows, cols, workspace);
-    panel_load(&panel, dtype, inputs, in_ld);
+    for (int64_t b = 0; b < batch; ++b) panel_load(&panel, b, inputs[b], dtype, in_ld);
     DM_RETURN_IF_ERROR(dm_panel_measure(&panel, config));
     DM_RETURN_IF_ERROR(dm_panel_apply(&panel, config, gemm));
-
-    /* Duals first, from the untouched inputs, so that outputs may alias inputs. */
-    for (int64_t b = 0; duals && b < batch; ++b) {
-        double acc = 0.0;
-        DM_FOR_TILED(rows, cols, i, j) {
-            acc += dm_load(inputs[b], dtype, (size_t)(i * in_ld + j)) *
-                   dm_panel_get(&panel, b, i, j);
-        }
-        duals[b] = acc;
-    }
-    for (int64_t b = 0; b < batch; ++b)
-        DM_FOR_TILED(rows, cols, i, j) {
-            dm_store(outputs[b], dtype, (size_t)(i * out_ld + j), dm_panel_get(&panel, b, i, j));
-        }
+    for (int64_t b = 0; b < batch; ++b) panel_store(&panel, b, outputs[b], dtype, out_ld);
+    for (int64_t b = 0; duals && b < batch; ++b) duals[b] = panel.duals[b];
     return DM_OK;
 }

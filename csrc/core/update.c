@@ -9,16 +9,6 @@
  * to the storage type) so that trajectories track torch.optim.Muon closely. */
 #include "internal.h"
 
-/* torch's lerp: self + w (end - self) for |w| < 0.5, else end - (end - self)(1 - w), in the
- * compute precision. */
-static inline double lerp_in(dm_dtype compute, double self, double end, double weight) {
-    if (compute == DM_FLOAT64)
-        return fabs(weight) < 0.5 ? self + weight * (end - self)
-                                  : end - (end - self) * (1.0 - weight);
-    const float s = (float)self, e = (float)end, w = (float)weight;
-    return fabsf(w) < 0.5f ? s + w * (e - s) : e - (e - s) * (1.0f - w);
-}
-
 static dm_status check_update_config(const dm_update_config *config) {
     if (!config) return DM_ERR_INVALID_ARG;
     DM_RETURN_IF_ERROR(dm_sharp_check_config(&config->sharp));
@@ -52,6 +42,58 @@ static double lr_ratio(dm_lr_adjust adjust, int64_t rows, int64_t cols) {
     return 1.0;
 }
 
+/* torch's lerp: self + w (end - self) for |w| < 0.5, else end - (end - self)(1 - w). */
+#define LERP(CT, self, end, w)                                                                     \
+    ((w) < (CT)0.5 ? (self) + (w) * ((end) - (self)) : (end) - ((end) - (self)) * ((CT)1 - (w)))
+
+/* The three passes over user memory, per storage dtype S with compute type CT. Element k of a
+ * matrix (row-major, rows x cols) sits at panel index k, or at (k % cols) * rows + k / cols
+ * when the panel holds the transpose. */
+#define DEFINE_UPDATE_PASSES(S, CT)                                                                \
+    static void directions_##S(const void *g, const void *buf, int64_t rows, int64_t cols,         \
+                               int transposed, double mu, int nesterov, CT *panel) {               \
+        const CT w = (CT)(1.0 - mu), mu_c = (CT)mu;                                                \
+        if (!transposed) {                                                                         \
+            for (size_t k = 0; k < (size_t)rows * (size_t)cols; ++k) {                             \
+                const CT gk = LOAD_##S(g, k), bk = LOAD_##S(buf, k);                               \
+                const CT m = ROUND_##S(LERP(CT, bk, gk, w));                                       \
+                panel[k] = nesterov ? LERP(CT, gk, m, mu_c) : m;                                   \
+            }                                                                                      \
+            return;                                                                                \
+        }                                                                                          \
+        DM_FOR_TILED(rows, cols, i, j) {                                                           \
+            const size_t k = (size_t)(i * cols + j);                                               \
+            const CT gk = LOAD_##S(g, k), bk = LOAD_##S(buf, k);                                   \
+            const CT m = ROUND_##S(LERP(CT, bk, gk, w));                                           \
+            panel[j * rows + i] = nesterov ? LERP(CT, gk, m, mu_c) : m;                            \
+        }                                                                                          \
+    }                                                                                              \
+    static void momentum_##S(const void *g, void *buf, size_t n, double mu) {                      \
+        const CT w = (CT)(1.0 - mu);                                                               \
+        for (size_t k = 0; k < n; ++k) {                                                           \
+            const CT gk = LOAD_##S(g, k), bk = LOAD_##S(buf, k);                                   \
+            STORE_##S(buf, k, LERP(CT, bk, gk, w));                                                \
+        }                                                                                          \
+    }                                                                                              \
+    /* Decay and step round separately, like torch's param.mul_(...).add_(...). */                 \
+    static void params_##S(void *x, const CT *o, int64_t rows, int64_t cols, int transposed,       \
+                           double decay, double step) {                                            \
+        const CT decay_c = (CT)decay, step_c = (CT)step;                                           \
+        if (!transposed) {                                                                         \
+            for (size_t k = 0; k < (size_t)rows * (size_t)cols; ++k)                               \
+                STORE_##S(x, k, ROUND_##S(LOAD_##S(x, k) * decay_c) - step_c * o[k]);              \
+            return;                                                                                \
+        }                                                                                          \
+        DM_FOR_TILED(rows, cols, i, j) {                                                           \
+            const size_t k = (size_t)(i * cols + j);                                               \
+            STORE_##S(x, k, ROUND_##S(LOAD_##S(x, k) * decay_c) - step_c * o[j * rows + i]);       \
+        }                                                                                          \
+    }
+
+DEFINE_UPDATE_PASSES(f32, float)
+DEFINE_UPDATE_PASSES(f64, double)
+DEFINE_UPDATE_PASSES(bf16, float)
+
 dm_status dm_update_workspace_size(const dm_update_config *config, dm_dtype dtype, int64_t batch,
                                    int64_t rows, int64_t cols, size_t *bytes) {
     DM_RETURN_IF_ERROR(check_update_config(config));
@@ -74,68 +116,57 @@ dm_status dm_update(const dm_update_config *config, dm_dtype dtype, int64_t batc
         return DM_OK;
     }
 
-    const dm_dtype compute = dm_compute_dtype(dtype);
     const double mu = config->momentum;
-    const int nesterov = config->nesterov;
+    const size_t n = (size_t)rows * (size_t)cols;
     dm_panel panel;
     dm_panel_init(&panel, &config->sharp, dtype, batch, rows, cols, workspace);
 
     /* 1. Directions into the panel; user memory is only read. */
-    for (int64_t b = 0; b < batch; ++b)
-        DM_FOR_TILED(rows, cols, i, j) {
-            const size_t k = (size_t)(i * cols + j);
-            const double g = dm_load(grads[b], dtype, k);
-            const double m = dm_round_to(dtype, lerp_in(compute, dm_load(momentum_buffers[b],
-                                                                         dtype, k),
-                                                        g, 1.0 - mu));
-            const double d = nesterov ? lerp_in(compute, g, m, mu) : m;
-            const size_t slot = dm_panel_index(&panel, b, i, j);
-            if (compute == DM_FLOAT64)
-                ((double *)panel.data)[slot] = d;
-            else
-                ((float *)panel.data)[slot] = (float)d;
+    for (int64_t b = 0; b < batch; ++b) {
+        void *d = dm_panel_matrix(&panel, panel.data, b);
+        switch (dtype) {
+        case DM_FLOAT32:
+            directions_f32(grads[b], momentum_buffers[b], rows, cols, panel.transposed, mu,
+                           config->nesterov, d);
+            break;
+        case DM_FLOAT64:
+            directions_f64(grads[b], momentum_buffers[b], rows, cols, panel.transposed, mu,
+                           config->nesterov, d);
+            break;
+        case DM_BFLOAT16:
+            directions_bf16(grads[b], momentum_buffers[b], rows, cols, panel.transposed, mu,
+                            config->nesterov, d);
+            break;
         }
+    }
     /* 2. NaN/Inf anywhere stops here, before the first write. */
     DM_RETURN_IF_ERROR(dm_panel_measure(&panel, &config->sharp));
 
     /* 3. Momentum, then the sharp operator, then the parameters. */
-    for (int64_t b = 0; b < batch; ++b)
-        for (size_t k = 0; k < (size_t)rows * (size_t)cols; ++k) {
-            const double g = dm_load(grads[b], dtype, k);
-            const double m = lerp_in(compute, dm_load(momentum_buffers[b], dtype, k), g, 1.0 - mu);
-            dm_store(momentum_buffers[b], dtype, k, m);
+    for (int64_t b = 0; b < batch; ++b) {
+        switch (dtype) {
+        case DM_FLOAT32: momentum_f32(grads[b], momentum_buffers[b], n, mu); break;
+        case DM_FLOAT64: momentum_f64(grads[b], momentum_buffers[b], n, mu); break;
+        case DM_BFLOAT16: momentum_bf16(grads[b], momentum_buffers[b], n, mu); break;
         }
+    }
     DM_RETURN_IF_ERROR(dm_panel_apply(&panel, &config->sharp, gemm));
 
     const double decay = 1.0 - config->lr * config->weight_decay;
-    const double fixed_step = config->lr * lr_ratio(config->lr_adjust, rows, cols);
-    const int need_dual = duals != NULL || config->radius == DM_RADIUS_ADAPTIVE;
     for (int64_t b = 0; b < batch; ++b) {
-        double step = fixed_step;
-        if (need_dual) {
-            double dual = 0.0;
-            DM_FOR_TILED(rows, cols, i, j) {
-                const size_t k = (size_t)(i * cols + j);
-                const double g = dm_load(grads[b], dtype, k);
-                const double m = dm_load(momentum_buffers[b], dtype, k);
-                const double d = nesterov ? lerp_in(compute, g, m, mu) : m;
-                dual += d * dm_panel_get(&panel, b, i, j);
-            }
-            if (duals) duals[b] = dual;
-            if (config->radius == DM_RADIUS_ADAPTIVE)
-                step = config->lr * dual / (config->radius_l0 + config->radius_l1 * dual);
+        const double dual = panel.duals[b];
+        const double step = config->radius == DM_RADIUS_ADAPTIVE
+                                ? config->lr * dual / (config->radius_l0 + config->radius_l1 * dual)
+                                : config->lr * lr_ratio(config->lr_adjust, rows, cols);
+        const void *o = dm_panel_matrix(&panel, panel.result, b);
+        switch (dtype) {
+        case DM_FLOAT32: params_f32(params[b], o, rows, cols, panel.transposed, decay, step); break;
+        case DM_FLOAT64: params_f64(params[b], o, rows, cols, panel.transposed, decay, step); break;
+        case DM_BFLOAT16:
+            params_bf16(params[b], o, rows, cols, panel.transposed, decay, step);
+            break;
         }
-        /* Decay and step round separately, like torch's param.mul_(...).add_(...). */
-        const double decay_c = compute == DM_FLOAT64 ? decay : (double)(float)decay;
-        const double step_c = compute == DM_FLOAT64 ? step : (double)(float)step;
-        DM_FOR_TILED(rows, cols, i, j) {
-            const size_t k = (size_t)(i * cols + j);
-            const double x = dm_round_to(dtype, dm_load(params[b], dtype, k) * decay_c);
-            const double o = dm_panel_get(&panel, b, i, j);
-            const double updated =
-                compute == DM_FLOAT64 ? x - step_c * o : (double)((float)x - (float)step_c * (float)o);
-            dm_store(params[b], dtype, k, updated);
-        }
+        if (duals) duals[b] = dual;
     }
     return DM_OK;
 }

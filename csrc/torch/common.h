@@ -72,12 +72,21 @@ inline std::pair<int64_t, int64_t> matrix_shape(const at::Tensor &t) {
     return {rows, rows == 0 ? 0 : t.numel() / rows};
 }
 
+inline dm_ns_precision parse_ns_precision(const std::string &name) {
+    if (name == "native") return DM_NS_NATIVE;
+    if (name == "bfloat16") return DM_NS_BFLOAT16;
+    TORCH_CHECK(false, "dropmuon: unknown ns_precision '", name,
+                "'; expected native or bfloat16");
+}
+
 // Builds the sharp config; coefficients must outlive the config (it points into them).
 inline dm_sharp_config make_sharp_config(const std::string &norm,
                                          const std::vector<double> &coefficients,
-                                         double norm_scale, double norm_offset, double eps) {
+                                         double norm_scale, double norm_offset, double eps,
+                                         const std::string &ns_precision) {
     dm_sharp_config config{};
     config.norm = parse_norm(norm);
+    config.ns_precision = parse_ns_precision(ns_precision);
     TORCH_CHECK(coefficients.size() % 3 == 0,
                 "dropmuon: ns_coefficients must hold whole (a, b, c) triples, got ",
                 coefficients.size(), " values");

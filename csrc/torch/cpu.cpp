@@ -15,8 +15,8 @@ dm_status aten_gemm(void *, dm_dtype dtype, int trans_a, int trans_b, int64_t ba
                     int64_t stride_a, const void *b, int64_t ldb, int64_t stride_b, double beta,
                     void *c, int64_t ldc, int64_t stride_c) {
     try {
-        const auto options =
-            at::TensorOptions().dtype(dtype == DM_FLOAT64 ? at::kDouble : at::kFloat);
+        const auto options = at::TensorOptions().dtype(
+            dtype == DM_FLOAT64 ? at::kDouble : dtype == DM_BFLOAT16 ? at::kBFloat16 : at::kFloat);
         auto view = [&](const void *p, int64_t rows, int64_t cols, int64_t ld, int64_t stride,
                         bool transpose) {
             at::Tensor t = at::from_blob(const_cast<void *>(p), {batch, rows, cols},
@@ -46,7 +46,8 @@ at::Tensor workspace(size_t bytes, const at::Tensor &like) {
 
 std::tuple<at::Tensor, at::Tensor> sharp_cpu(const at::Tensor &input, const std::string &norm,
                                              at::ArrayRef<double> ns_coefficients,
-                                             double norm_scale, double norm_offset, double eps) {
+                                             double norm_scale, double norm_offset, double eps,
+                                             const std::string &ns_precision) {
     TORCH_CHECK(input.dim() == 3, "dropmuon.sharp: input must be [batch, rows, cols], got shape ",
                 input.sizes());
     TORCH_CHECK(input.device().is_cpu(), "dropmuon.sharp: input is on ", input.device(),
@@ -54,7 +55,7 @@ std::tuple<at::Tensor, at::Tensor> sharp_cpu(const at::Tensor &input, const std:
     const dm_dtype dtype = to_dm_dtype(input, "input");
     const std::vector<double> coefficients = ns_coefficients.vec();
     const dm_sharp_config config =
-        make_sharp_config(norm, coefficients, norm_scale, norm_offset, eps);
+        make_sharp_config(norm, coefficients, norm_scale, norm_offset, eps, ns_precision);
 
     const at::Tensor in = input.contiguous();
     const int64_t batch = in.size(0), rows = in.size(1), cols = in.size(2);
@@ -83,7 +84,8 @@ at::Tensor muon_update_cpu(at::TensorList params, at::TensorList grads,
                            at::TensorList momentum_buffers, double lr, double weight_decay,
                            double momentum, bool nesterov, const std::string &norm,
                            at::ArrayRef<double> ns_coefficients, double norm_scale,
-                           double norm_offset, double eps, const std::string &adjust_lr_fn,
+                           double norm_offset, double eps, const std::string &ns_precision,
+                           const std::string &adjust_lr_fn,
                            const std::string &radius, double L0, double L1) {
     const int64_t batch = static_cast<int64_t>(params.size());
     TORCH_CHECK(grads.size() == params.size() && momentum_buffers.size() == params.size(),
@@ -101,7 +103,8 @@ at::Tensor muon_update_cpu(at::TensorList params, at::TensorList grads,
 
     const std::vector<double> coefficients = ns_coefficients.vec();
     dm_update_config config{};
-    config.sharp = make_sharp_config(norm, coefficients, norm_scale, norm_offset, eps);
+    config.sharp =
+        make_sharp_config(norm, coefficients, norm_scale, norm_offset, eps, ns_precision);
     config.lr = lr;
     config.weight_decay = weight_decay;
     config.momentum = momentum;

@@ -132,12 +132,16 @@ def sharp(
     ns_coefficients="muon",
     ns_steps: int | None = 5,
     eps: float = 1e-7,
+    ns_precision: str = "native",
 ) -> tuple[Tensor, Tensor]:
     """sharp(M) for a matrix [rows, cols] or a batch [B, rows, cols] (notes section 4).
 
     Returns ``(out, duals)``: ``out`` has M's shape and dtype, ``duals`` (float64, one per
     matrix) is <M, sharp(M)>, e.g. the nuclear norm for ``norm="spectral"``. Norms:
     ``"spectral"`` (Newton-Schulz), ``"sign"``, ``"column"``, ``"row"``, ``"frobenius"``.
+    ``ns_precision="bfloat16"`` keeps the Newton-Schulz iterates in bfloat16 (float32
+    accumulation), as torch.optim.Muon does; ``"native"`` keeps M's precision (float32 for
+    bfloat16 input).
     """
     single = m.dim() == 2
     batch = m.unsqueeze(0) if single else m
@@ -149,6 +153,7 @@ def sharp(
         schedule.norm_scale,
         schedule.norm_offset,
         eps,
+        ns_precision,
     )
     if _use_kernel(m.device.type):
         out, duals = torch.ops.dropmuon.sharp(*args)
@@ -170,6 +175,7 @@ def muon_update_(
     schedule: NewtonSchulzSchedule,
     eps: float,
     adjust_lr_fn: str,
+    ns_precision: str = "native",
     radius: str = "fixed",
     L0: float = 1.0,
     L1: float = 0.0,
@@ -188,6 +194,7 @@ def muon_update_(
         norm_scale=schedule.norm_scale,
         norm_offset=schedule.norm_offset,
         eps=float(eps),
+        ns_precision=ns_precision,
         adjust_lr_fn=adjust_lr_fn,
         radius=radius,
         L0=float(L0),
@@ -269,7 +276,7 @@ def sample_layers(
 if EXTENSION_ERROR is None:
 
     @torch.library.register_fake("dropmuon::sharp")
-    def _sharp_fake(input, norm, ns_coefficients, norm_scale, norm_offset, eps):
+    def _sharp_fake(input, norm, ns_coefficients, norm_scale, norm_offset, eps, ns_precision):
         torch._check(input.dim() == 3, lambda: "dropmuon.sharp: input must be 3-D")
         return torch.empty_like(input), input.new_empty((input.shape[0],), dtype=torch.float64)
 

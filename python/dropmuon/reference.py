@@ -15,6 +15,7 @@ from torch import Tensor
 NORMS = ("spectral", "sign", "column", "row", "frobenius")
 LR_ADJUSTS = ("none", "original", "match_rms_adamw")
 RADII = ("fixed", "adaptive")
+NS_PRECISIONS = ("native", "bfloat16")
 SAMPLINGS = ("full", "uniform", "custom", "tau_nice", "epoch_shift", "cost_optimal")
 
 PROBABILITY_TOLERANCE = 1e-6  # the C sampler's tolerance on sum(p) == 1
@@ -33,9 +34,17 @@ def as_matrix(t: Tensor) -> Tensor:
 
 
 def newton_schulz(
-    m: Tensor, coefficients: list[float], norm_scale: float, norm_offset: float, eps: float
+    m: Tensor,
+    coefficients: list[float],
+    norm_scale: float,
+    norm_offset: float,
+    eps: float,
+    ns_precision: str = "native",
 ) -> Tensor:
-    """Newton-Schulz on a batch [B, rows, cols] in m's dtype (notes section 4)."""
+    """Newton-Schulz on a batch [B, rows, cols] (notes section 4), in torch.optim.Muon's order
+    of operations; the iterates stay in m's dtype, or bfloat16 for ``ns_precision="bfloat16"``."""
+    if ns_precision not in NS_PRECISIONS:
+        raise RuntimeError(f"dropmuon: unknown ns_precision '{ns_precision}'")
     x = m
     transposed = m.shape[-2] > m.shape[-1]
     if transposed:
@@ -44,11 +53,13 @@ def newton_schulz(
     divisor = (norm * norm_scale + norm_offset).clamp(min=eps)
     inverse = torch.where(divisor > 0, 1.0 / divisor, torch.zeros_like(divisor))
     x = x * inverse.to(x.dtype)
+    if ns_precision == "bfloat16":
+        x = x.bfloat16()
     for j in range(len(coefficients) // 3):
         a, b, c = coefficients[3 * j : 3 * j + 3]
         gram = x @ x.mT
-        polynomial = b * gram + c * (gram @ gram)
-        x = a * x + polynomial @ x
+        polynomial = torch.baddbmm(gram, gram, gram, beta=b, alpha=c)
+        x = torch.baddbmm(x, polynomial, x, beta=a)
     return x.mT if transposed else x
 
 
@@ -59,6 +70,7 @@ def sharp(
     norm_scale: float,
     norm_offset: float,
     eps: float,
+    ns_precision: str = "native",
 ) -> tuple[Tensor, Tensor]:
     """Reference of ``torch.ops.dropmuon.sharp``: (sharp(M), float64 duals <M, sharp(M)>)."""
     if m.dim() != 3:
@@ -79,7 +91,8 @@ def sharp(
         return v * torch.where(n.clamp(min=eps) > 0, 1.0 / n.clamp(min=eps), 0.0).to(compute)
 
     if norm == "spectral":
-        out = newton_schulz(x, list(ns_coefficients), norm_scale, norm_offset, eps)
+        coefficients = list(ns_coefficients)
+        out = newton_schulz(x, coefficients, norm_scale, norm_offset, eps, ns_precision).to(compute)
     elif norm == "sign":
         out = torch.sign(x)
     elif norm == "column":
@@ -120,6 +133,7 @@ def muon_update_(
     norm_scale: float,
     norm_offset: float,
     eps: float,
+    ns_precision: str,
     adjust_lr_fn: str,
     radius: str,
     L0: float,
@@ -138,7 +152,7 @@ def muon_update_(
         return torch.empty(0, dtype=torch.float64)
     batch = torch.stack([as_matrix(d) for d in directions])
     # sharp() rejects NaN/Inf before anything below touches the caller's tensors.
-    updates, duals = sharp(batch, norm, ns_coefficients, norm_scale, norm_offset, eps)
+    updates, duals = sharp(batch, norm, ns_coefficients, norm_scale, norm_offset, eps, ns_precision)
     for g, buf in zip(grads, momentum_buffers):
         buf.lerp_(g, 1 - momentum)
     for i, p in enumerate(params):

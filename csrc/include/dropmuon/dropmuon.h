@@ -63,7 +63,8 @@ typedef enum dm_dtype { DM_FLOAT32 = 0, DM_FLOAT64 = 1, DM_BFLOAT16 = 2 } dm_dty
  * Row-major strided-batched GEMM, for b in [0, batch):
  *   C_b = alpha * op(A_b) * op(B_b) + beta * C_b,   op(X) = X or X^T,
  * op(A_b) is m x k, op(B_b) is k x n, C_b is m x n; X_b starts at X + b * stride_x elements.
- * dtype is the compute type (DM_FLOAT32 or DM_FLOAT64). When beta == 0, C is not read.
+ * dtype is DM_FLOAT32, DM_FLOAT64 or DM_BFLOAT16 (bfloat16 operands, float32 accumulation,
+ * C rounded to bfloat16). When beta == 0, C is not read.
  * ------------------------------------------------------------------------------------------- */
 typedef dm_status (*dm_gemm_fn)(void *ctx, dm_dtype dtype, int trans_a, int trans_b, int64_t batch,
                                 int64_t m, int64_t n, int64_t k, double alpha, const void *a,
@@ -86,7 +87,10 @@ dm_status dm_gemm_reference(void *ctx, dm_dtype dtype, int trans_a, int trans_b,
  * Sharp operators (notes section 4). For a matrix M (rows x cols):
  *   SPECTRAL   U V^T of M by Newton-Schulz: transpose so rows <= cols, X = M / d with
  *              d = max(norm_scale * ||M||_F + norm_offset, eps), then for each step j
- *              A = X X^T;  X = (a_j I + b_j A + c_j A^2) X.       (torch.optim.Muon's NS)
+ *              A = X X^T;  X = a_j X + (b_j A + c_j A^2) X.       (torch.optim.Muon's NS)
+ *              The iterates are kept in the data's compute precision (DM_NS_NATIVE) or, as
+ *              torch.optim.Muon does, in bfloat16 with float32-accumulated products
+ *              (DM_NS_BFLOAT16: ~4x faster where the BLAS has bfloat16 kernels, error ~1e-2).
  *   SIGN       sign(M) (sign(0) = 0)                               (l_inf geometry)
  *   COLUMN     each column divided by max(||column||_2, eps)       (input embedding)
  *   ROW        each row divided by max(||row||_2, eps)             (output head)
@@ -110,6 +114,8 @@ typedef enum dm_norm {
 /* Polar Express (Amsel et al. 2025): pair with norm_scale = 1.02, norm_offset = 1e-6. */
 extern const double dm_polar_express_coefficients[DM_POLAR_EXPRESS_STEPS * 3];
 
+typedef enum dm_ns_precision { DM_NS_NATIVE = 0, DM_NS_BFLOAT16 = 1 } dm_ns_precision;
+
 typedef struct dm_sharp_config {
     dm_norm norm;
     int64_t ns_steps;              /* SPECTRAL: number of iterations, >= 0 */
@@ -117,9 +123,11 @@ typedef struct dm_sharp_config {
     double norm_scale;             /* SPECTRAL: > 0; 1.0 for Muon, 1.02 for Polar Express */
     double norm_offset;            /* SPECTRAL: >= 0; 0.0 for Muon, 1e-6 for Polar Express */
     double eps;                    /* every norm: lower bound of a divisor, >= 0 (Muon: 1e-7) */
+    dm_ns_precision ns_precision;  /* SPECTRAL: precision of the iterates (0 = native) */
 } dm_sharp_config;
 
-/* A config for Muon's defaults: spectral, 5 steps of (3.4445, -4.7750, 2.0315), eps 1e-7.
+/* A config for Muon's defaults: spectral, 5 steps of (3.4445, -4.7750, 2.0315), eps 1e-7,
+ * native precision.
  * coefficients must point to 15 doubles owned by the caller; they are filled in. */
 dm_status dm_sharp_config_muon(dm_sharp_config *config, double coefficients[15]);
 

@@ -1,0 +1,137 @@
+/* elementwise.c - the typed O(mn) passes around the products: conversions between storage and
+ * compute types (plain and transposing), dot products and sums of squares.
+ *
+ * Each is instantiated per dtype pair so that the inner loops are straight typed code the
+ * compiler vectorises; arithmetic runs in float32 unless a float64 operand is involved. */
+#include "internal.h"
+
+/* out = sum over k < n of TERM(k), in double, with eight independent partial sums: a single
+ * accumulator would serialise on the add latency (FP adds may not be reordered without
+ * -ffast-math), eight keep the units busy and sum in a more balanced order. */
+#define DM_REDUCE(n, TERM, out)                                                                    \
+    do {                                                                                           \
+        double s0 = 0, s1 = 0, s2 = 0, s3 = 0, s4 = 0, s5 = 0, s6 = 0, s7 = 0;                     \
+        size_t k_ = 0;                                                                             \
+        for (; k_ + 8 <= (n); k_ += 8) {                                                           \
+            s0 += TERM(k_);                                                                        \
+            s1 += TERM(k_ + 1);                                                                    \
+            s2 += TERM(k_ + 2);                                                                    \
+            s3 += TERM(k_ + 3);                                                                    \
+            s4 += TERM(k_ + 4);                                                                    \
+            s5 += TERM(k_ + 5);                                                                    \
+            s6 += TERM(k_ + 6);                                                                    \
+            s7 += TERM(k_ + 7);                                                                    \
+        }                                                                                          \
+        for (; k_ < (n); ++k_) s0 += TERM(k_);                                                     \
+        (out) = ((s0 + s1) + (s2 + s3)) + ((s4 + s5) + (s6 + s7));                                 \
+    } while (0)
+
+#define DEFINE_CONVERT(S, D, CT)                                                                   \
+    static void convert_##S##_##D(const void *src, void *dst, size_t n, double scale) {            \
+        const CT s = (CT)scale;                                                                    \
+        for (size_t k = 0; k < n; ++k) STORE_##D(dst, k, (CT)LOAD_##S(src, k) * s);                \
+    }                                                                                              \
+    static void transpose_##S##_##D(const void *src, int64_t src_ld, void *dst, int64_t dst_ld,    \
+                                    int64_t rows, int64_t cols, double scale) {                    \
+        const CT s = (CT)scale;                                                                    \
+        DM_FOR_TILED(rows, cols, i, j) {                                                           \
+            STORE_##D(dst, j * dst_ld + i, (CT)LOAD_##S(src, i * src_ld + j) * s);                 \
+        }                                                                                          \
+    }                                                                                              \
+    static double dot_##S##_##D(const void *x, const void *y, size_t n) {                          \
+        double acc;                                                                                \
+        DM_REDUCE(n, DOT_TERM_##S##_##D, acc);                                                     \
+        return acc;                                                                                \
+    }
+
+#define DOT_TERM(S, D, k) ((double)LOAD_##S(x, k) * (double)LOAD_##D(y, k))
+#define DOT_TERM_f32_f32(k) DOT_TERM(f32, f32, k)
+#define DOT_TERM_f32_f64(k) DOT_TERM(f32, f64, k)
+#define DOT_TERM_f32_bf16(k) DOT_TERM(f32, bf16, k)
+#define DOT_TERM_f64_f32(k) DOT_TERM(f64, f32, k)
+#define DOT_TERM_f64_f64(k) DOT_TERM(f64, f64, k)
+#define DOT_TERM_f64_bf16(k) DOT_TERM(f64, bf16, k)
+#define DOT_TERM_bf16_f32(k) DOT_TERM(bf16, f32, k)
+#define DOT_TERM_bf16_f64(k) DOT_TERM(bf16, f64, k)
+#define DOT_TERM_bf16_bf16(k) DOT_TERM(bf16, bf16, k)
+
+DEFINE_CONVERT(f32, f32, float)
+DEFINE_CONVERT(f32, f64, double)
+DEFINE_CONVERT(f32, bf16, float)
+DEFINE_CONVERT(f64, f32, double)
+DEFINE_CONVERT(f64, f64, double)
+DEFINE_CONVERT(f64, bf16, double)
+DEFINE_CONVERT(bf16, f32, float)
+DEFINE_CONVERT(bf16, f64, double)
+DEFINE_CONVERT(bf16, bf16, float)
+
+/* Calls the instantiation of FN (convert, transpose or dot) for the (SRC, DST) dtypes, as
+ * `ASSIGN FN_src_dst ARGS;` (ASSIGN is empty or `result =`). */
+#define DISPATCH_PAIR(FN, SRC, DST, ARGS, ASSIGN)                                                  \
+    switch ((SRC) * 3 + (DST)) {                                                                   \
+    case DM_FLOAT32 * 3 + DM_FLOAT32: ASSIGN FN##_f32_f32 ARGS; break;                             \
+    case DM_FLOAT32 * 3 + DM_FLOAT64: ASSIGN FN##_f32_f64 ARGS; break;                             \
+    case DM_FLOAT32 * 3 + DM_BFLOAT16: ASSIGN FN##_f32_bf16 ARGS; break;                           \
+    case DM_FLOAT64 * 3 + DM_FLOAT32: ASSIGN FN##_f64_f32 ARGS; break;                             \
+    case DM_FLOAT64 * 3 + DM_FLOAT64: ASSIGN FN##_f64_f64 ARGS; break;                             \
+    case DM_FLOAT64 * 3 + DM_BFLOAT16: ASSIGN FN##_f64_bf16 ARGS; break;                           \
+    case DM_BFLOAT16 * 3 + DM_FLOAT32: ASSIGN FN##_bf16_f32 ARGS; break;                           \
+    case DM_BFLOAT16 * 3 + DM_FLOAT64: ASSIGN FN##_bf16_f64 ARGS; break;                           \
+    case DM_BFLOAT16 * 3 + DM_BFLOAT16: ASSIGN FN##_bf16_bf16 ARGS; break;                         \
+    }
+
+void dm_convert(const void *src, dm_dtype src_dtype, void *dst, dm_dtype dst_dtype, size_t n,
+                double scale) {
+    DISPATCH_PAIR(convert, src_dtype, dst_dtype, (src, dst, n, scale), )
+}
+
+void dm_convert_transposed(const void *src, dm_dtype src_dtype, int64_t src_ld, void *dst,
+                           dm_dtype dst_dtype, int64_t dst_ld, int64_t rows, int64_t cols,
+                           double scale) {
+    DISPATCH_PAIR(transpose, src_dtype, dst_dtype,
+                  (src, src_ld, dst, dst_ld, rows, cols, scale), )
+}
+
+double dm_dot(const void *x, dm_dtype x_dtype, const void *y, dm_dtype y_dtype, size_t n) {
+    double result = NAN;
+    DISPATCH_PAIR(dot, x_dtype, y_dtype, (x, y, n), result =)
+    return result;
+}
+
+#define SQUARE_f32(k) ((double)LOAD_f32(x, k) * (double)LOAD_f32(x, k))
+#define SQUARE_f64(k) (LOAD_f64(x, k) * LOAD_f64(x, k))
+#define ABS_f32(k) ((double)fabsf(LOAD_f32(x, k)))
+#define ABS_f64(k) fabs(LOAD_f64(x, k))
+
+/* The compute types only: float32 or float64. */
+double dm_sum_squares(const void *x, dm_dtype dtype, size_t n) {
+    double acc;
+    if (dtype == DM_FLOAT64)
+        DM_REDUCE(n, SQUARE_f64, acc);
+    else
+        DM_REDUCE(n, SQUARE_f32, acc);
+    return acc;
+}
+
+double dm_sum_abs(const void *x, dm_dtype dtype, size_t n) {
+    double acc;
+    if (dtype == DM_FLOAT64)
+        DM_REDUCE(n, ABS_f64, acc);
+    else
+        DM_REDUCE(n, ABS_f32, acc);
+    return acc;
+}
+
+void dm_column_sum_squares(const void *x, dm_dtype dtype, int64_t rows, int64_t cols,
+                           double *acc) {
+    for (int64_t j = 0; j < cols; ++j) acc[j] = 0.0;
+    for (int64_t i = 0; i < rows; ++i) {
+        if (dtype == DM_FLOAT64) {
+            const double *row = (const double *)x + i * cols;
+            for (int64_t j = 0; j < cols; ++j) acc[j] += row[j] * row[j];
+        } else {
+            const float *row = (const float *)x + i * cols;
+            for (int64_t j = 0; j < cols; ++j) acc[j] += (double)row[j] * (double)row[j];
+        }
+    }
+}
