@@ -17,10 +17,16 @@ from .ops import (
     sampler_distribution,
     sharp,
 )
+from .optimizer import DropMuon, Muon, describe
+from .sampling import LayerSampler
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "DropMuon",
+    "LayerSampler",
+    "Muon",
+    "describe",
     "MUON_COEFFICIENTS",
     "POLAR_EXPRESS_COEFFICIENTS",
     "NewtonSchulzSchedule",

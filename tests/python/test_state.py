@@ -1,0 +1,115 @@
+"""Checkpoints: torch's state layout, weights_only loading, and an exact resume."""
+
+import io
+
+import dropmuon
+import pytest
+import torch
+from dropmuon.models import PaperCNN
+from torch import nn
+
+
+def batch(step):
+    g = torch.Generator().manual_seed(step)
+    return torch.randn(16, 1, 12, 12, generator=g), torch.randint(0, 10, (16,), generator=g)
+
+
+def make(seed=0, **options):
+    torch.manual_seed(seed)
+    model = PaperCNN(1, 10, 12, channels=(4, 8, 8))
+    options = {**dict(lr=0.02, sampling="uniform", seed=5, fallback="adamw"), **options}
+    opt = dropmuon.DropMuon(model, **options)
+    return model, opt
+
+
+def train(model, opt, start, steps, scheduler=None):
+    cutoffs = []
+    for s in range(start, start + steps):
+        cutoffs.append(opt.cutoff)
+        x, y = batch(s)
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+        if scheduler:
+            scheduler.step()
+    return cutoffs
+
+
+def save(*objects):
+    buffer = io.BytesIO()
+    torch.save([o.state_dict() for o in objects], buffer)
+    buffer.seek(0)
+    return buffer
+
+
+@pytest.mark.parametrize(
+    "options",
+    [dict(), dict(sampling="cost_optimal"), dict(sampling="epoch_shift", total_steps=12)],
+    ids=["uniform", "cost_optimal", "epoch_shift"],
+)
+def test_resume_is_bit_identical(options):
+    k = 6
+    model, opt = make(**options)
+    sched = torch.optim.lr_scheduler.StepLR(opt, 2, gamma=0.7)
+    first = train(model, opt, 0, k, sched)
+    checkpoint = save(model, opt, sched)
+    straight = train(model, opt, k, k, sched)
+    expected = [p.detach().clone() for p in model.parameters()]
+
+    model, opt = make(seed=123, **options)  # different init: everything must come from the file
+    sched = torch.optim.lr_scheduler.StepLR(opt, 2, gamma=0.7)
+    model_state, opt_state, sched_state = torch.load(checkpoint, weights_only=True)
+    model.load_state_dict(model_state)
+    opt.load_state_dict(opt_state)
+    sched.load_state_dict(sched_state)
+    assert opt.step_count == k
+    resumed = train(model, opt, k, k, sched)
+    assert resumed == straight
+    assert len(set(first + straight)) > 1  # the cutoffs really varied
+    for a, b in zip(model.parameters(), expected):
+        assert torch.equal(a, b)
+
+
+def test_state_dict_layout():
+    model, opt = make()
+    train(model, opt, 0, 4)
+    state = opt.state_dict()
+    keys = {k for s in state["state"].values() for k in s}
+    assert "momentum_buffer" in keys and {"exp_avg", "exp_avg_sq", "step"} <= keys
+    extra = state["dropmuon"]
+    assert extra["step"] == 4 and extra["sampler"]["seed"] == 5
+    assert sum(extra["update_counts"]) >= 4
+    torch.load(save(opt), weights_only=True)
+
+
+def test_load_rejects_another_model_and_changes_nothing():
+    model, opt = make()
+    train(model, opt, 0, 2)
+    other_model = nn.Sequential(nn.Flatten(), nn.Linear(144, 10))
+    other = dropmuon.DropMuon(other_model)
+    before = opt.state_dict()
+    with pytest.raises(ValueError, match="different model or partition"):
+        opt.load_state_dict(other.state_dict())
+    after = opt.state_dict()
+    assert after["dropmuon"] == before["dropmuon"]
+    for key in before["state"]:
+        for name, value in before["state"][key].items():
+            assert torch.equal(value, after["state"][key][name])
+
+    _, sign_opt = make(fallback="sign")
+    with pytest.raises(ValueError, match="norms"):
+        opt.load_state_dict(sign_opt.state_dict())
+    with pytest.raises(ValueError, match="not a DropMuon checkpoint"):
+        opt.load_state_dict(torch.optim.SGD(model.parameters(), lr=0.1).state_dict())
+
+
+def test_load_before_the_first_forward_adopts_the_checkpoint_order():
+    model, opt = make()
+    train(model, opt, 0, 3)
+    state = opt.state_dict()
+    model2, opt2 = make()
+    opt2.load_state_dict(state)
+    assert opt2.layer_names() == opt.layer_names()
+    assert opt2.active_layers == opt.active_layers
+    requires = [p.requires_grad for p in model2.parameters()]
+    assert requires == [p.requires_grad for p in model.parameters()]
