@@ -215,6 +215,22 @@ dm_status dm_panel_measure(dm_panel *panel, const dm_sharp_config *config) {
 DEFINE_APPLY(float, f32)
 DEFINE_APPLY(double, f64)
 
+/* torch.optim.Muon's bfloat16 normalisation, rounding where it rounds: X = bf16(M), then
+ * X / bf16(max(norm_scale * bf16(||X||_F) + norm_offset, eps)) divided in float32 and rounded,
+ * so that our bfloat16 iterates start from the very values torch's do. */
+static void normalise_like_torch_bf16(const void *m, dm_dtype compute, void *x0, size_t n,
+                                      const dm_sharp_config *config) {
+    dm_convert(m, compute, x0, DM_BFLOAT16, n, 1.0);
+    const double norm = (double)dm_bf16_to_f32(dm_f32_to_bf16((float)sqrt(
+        dm_dot(x0, DM_BFLOAT16, x0, DM_BFLOAT16, n))));
+    double divisor = config->norm_scale * norm + config->norm_offset;
+    if (divisor < config->eps) divisor = config->eps;
+    const float d = dm_bf16_to_f32(dm_f32_to_bf16((float)divisor));
+    uint16_t *x = x0;
+    for (size_t k = 0; k < n; ++k)
+        x[k] = d > 0.0f ? dm_f32_to_bf16(dm_bf16_to_f32(x[k]) / d) : 0;
+}
+
 dm_status dm_panel_apply(dm_panel *panel, const dm_sharp_config *config,
                          const dm_gemm_provider *gemm) {
     if (panel->norm != DM_NORM_SPECTRAL) {
@@ -227,10 +243,16 @@ dm_status dm_panel_apply(dm_panel *panel, const dm_sharp_config *config,
     /* X0 = M / d enters the NS scratch in the iteration dtype; M stays in data for the duals. */
     const size_t per = (size_t)panel->p * (size_t)panel->q;
     const size_t iteration_bytes = dm_dtype_size(panel->iteration) * per;
-    for (int64_t b = 0; b < panel->batch; ++b)
-        dm_convert(dm_panel_matrix(panel, panel->data, b), panel->compute,
-                   (unsigned char *)panel->ns_scratch + (size_t)b * iteration_bytes,
-                   panel->iteration, per, panel->scale[b]);
+    for (int64_t b = 0; b < panel->batch; ++b) {
+        void *x0 = (unsigned char *)panel->ns_scratch + (size_t)b * iteration_bytes;
+        if (panel->iteration == DM_BFLOAT16) {
+            normalise_like_torch_bf16(dm_panel_matrix(panel, panel->data, b), panel->compute, x0,
+                                      per, config);
+        } else {
+            dm_convert(dm_panel_matrix(panel, panel->data, b), panel->compute, x0,
+                       panel->iteration, per, panel->scale[b]);
+        }
+    }
     void *result;
     DM_RETURN_IF_ERROR(dm_ns_iterate(config, panel->iteration, panel->batch, panel->p, panel->q,
                                      panel->ns_scratch, &result, gemm));

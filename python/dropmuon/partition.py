@@ -1,10 +1,11 @@
 """Splitting an ``nn.Module`` into ordered layers, and each parameter's default norm.
 
 A layer is a module that directly holds trainable parameters (``named_parameters(recurse=False)``
-that require grad, or that a DropMuon optimizer froze). A parameter held by several modules (a tied embedding and output head)
-belongs to the first of them in registration order, and a module left with no parameter of its
-own is no layer. Layers are ordered by when their ``forward`` first starts in the first forward
-pass (traced with forward pre-hooks), and by registration order until that pass has run.
+that require grad, or that a DropMuon optimizer froze). A parameter held by several modules (a
+tied embedding and output head) belongs to the first of them in registration order, and a module
+left with no parameter of its own is no layer. Layers are ordered by when their ``forward``
+first starts in the first forward pass (traced with forward pre-hooks), and by registration order
+until that pass has run.
 """
 
 from __future__ import annotations

@@ -2,9 +2,10 @@
 
 import math
 
-import dropmuon
 import pytest
 import torch
+
+import dropmuon
 from dropmuon import ops, reference
 
 pytestmark = pytest.mark.skipif(ops.EXTENSION_ERROR is not None, reason="extension not built")

@@ -3,12 +3,13 @@ distribution, freezing, accumulation, tied weights, schedulers, param groups."""
 
 import math
 
-import dropmuon
 import pytest
 import torch
 import torch.optim._muon as torch_muon
-from dropmuon import ops, reference
 from torch import nn
+
+import dropmuon
+from dropmuon import ops, reference
 
 
 def mlp(bias=False, seed=0):

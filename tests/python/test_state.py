@@ -2,11 +2,12 @@
 
 import io
 
-import dropmuon
 import pytest
 import torch
-from dropmuon.models import PaperCNN
 from torch import nn
+
+import dropmuon
+from dropmuon.models import PaperCNN
 
 
 def batch(step):

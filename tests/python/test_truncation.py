@@ -2,12 +2,13 @@
 layers only, as counted by torch.utils.flop_counter.FlopCounterMode, and that count is what the
 cost model predicts."""
 
-import dropmuon
 import pytest
 import torch
-from dropmuon.models import PaperCNN, ResNet18
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
+
+import dropmuon
+from dropmuon.models import PaperCNN, ResNet18
 
 
 class FixedCutoff:
