@@ -42,6 +42,7 @@ setup(
     description="Drop-Muon: Muon-style layer-wise updates with randomized backprop truncation",
     package_dir={"": "python"},
     packages=find_packages("python"),
+    package_data={"dropmuon": ["datasets/mnist-10k/*"]},
     libraries=[core_library],
     ext_modules=[extension],
     cmdclass={"build_ext": BuildExtension},

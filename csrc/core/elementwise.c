@@ -26,16 +26,20 @@
         (out) = ((s0 + s1) + (s2 + s3)) + ((s4 + s5) + (s6 + s7));                                 \
     } while (0)
 
+/* Scaled copies multiply in double: the scale (an inverse norm) need not fit a float, and the
+ * result is then rounded once. Unscaled copies stay in CT. */
 #define DEFINE_CONVERT(S, D, CT)                                                                   \
     static void convert_##S##_##D(const void *src, void *dst, size_t n, double scale) {            \
-        const CT s = (CT)scale;                                                                    \
-        for (size_t k = 0; k < n; ++k) STORE_##D(dst, k, (CT)LOAD_##S(src, k) * s);                \
+        if (scale == 1.0) {                                                                        \
+            for (size_t k = 0; k < n; ++k) STORE_##D(dst, k, (CT)LOAD_##S(src, k));                \
+            return;                                                                                \
+        }                                                                                          \
+        for (size_t k = 0; k < n; ++k) STORE_##D(dst, k, (double)LOAD_##S(src, k) * scale);        \
     }                                                                                              \
     static void transpose_##S##_##D(const void *src, int64_t src_ld, void *dst, int64_t dst_ld,    \
                                     int64_t rows, int64_t cols, double scale) {                    \
-        const CT s = (CT)scale;                                                                    \
         DM_FOR_TILED(rows, cols, i, j) {                                                           \
-            STORE_##D(dst, j * dst_ld + i, (CT)LOAD_##S(src, i * src_ld + j) * s);                 \
+            STORE_##D(dst, j * dst_ld + i, (double)LOAD_##S(src, i * src_ld + j) * scale);         \
         }                                                                                          \
     }                                                                                              \
     static double dot_##S##_##D(const void *x, const void *y, size_t n) {                          \

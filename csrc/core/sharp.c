@@ -103,12 +103,17 @@ void dm_panel_init(dm_panel *panel, const dm_sharp_config *config, dm_dtype dtyp
     panel->ns_scratch = cursor;
 }
 
-/* The l2 norm from a sum of squares, telling a NaN/Inf element from an overflowing sum (only
- * float64 data can overflow a double sum; then the norm is recomputed with max-abs scaling).
- * The elements are x[k * stride], k < count, of a compute type. */
+/* Below this a double sum of squares may have lost digits to underflow (squares of float64
+ * values under ~1e-154 are subnormal or zero). */
+#define DM_SUMSQ_SAFE_MIN 1e-280
+
+/* The l2 norm from a sum of squares. A NaN/Inf sum is told apart from an overflowing one, and
+ * an overflowing or underflowing sum (possible for float64 data only) is recomputed with
+ * max-abs scaling. The elements are x[k * stride], k < count, of a compute type. */
 static dm_status finish_norm(double sumsq, const void *x, dm_dtype dtype, size_t count,
                              size_t stride, double *norm) {
-    if (isfinite(sumsq)) {
+    if (isfinite(sumsq) && (sumsq >= DM_SUMSQ_SAFE_MIN || sumsq == 0.0) &&
+        !(sumsq == 0.0 && dtype == DM_FLOAT64)) {
         *norm = sqrt(sumsq);
         return DM_OK;
     }
@@ -117,6 +122,10 @@ static dm_status finish_norm(double sumsq, const void *x, dm_dtype dtype, size_t
         const double v = dm_load(x, dtype, k * stride);
         if (!isfinite(v)) return DM_ERR_NONFINITE;
         if (fabs(v) > max_abs) max_abs = fabs(v);
+    }
+    if (max_abs == 0.0) {
+        *norm = 0.0;
+        return DM_OK;
     }
     for (size_t k = 0; k < count; ++k) {
         const double v = dm_load(x, dtype, k * stride) / max_abs;
@@ -148,7 +157,7 @@ dm_status dm_panel_measure(dm_panel *panel, const dm_sharp_config *config) {
                                                    spectral ? config->norm_offset : 0.0,
                                                    config->eps);
             panel->scale[b] = inverse;
-            dual = norm * norm * inverse; /* FROBENIUS; SPECTRAL's comes from the iterates */
+            dual = norm * (norm * inverse); /* FROBENIUS (no overflow); SPECTRAL: see apply */
             break;
         }
         case DM_NORM_COLUMN: {
@@ -157,7 +166,7 @@ dm_status dm_panel_measure(dm_panel *panel, const dm_sharp_config *config) {
             for (size_t j = 0; j < q; ++j) {
                 DM_RETURN_IF_ERROR(finish_norm(inverse[j], m + j * elem, t, p, q, &norm));
                 inverse[j] = inverse_divisor(norm, 1.0, 0.0, config->eps);
-                dual += norm * norm * inverse[j];
+                dual += norm * (norm * inverse[j]);
             }
             break;
         }
@@ -166,7 +175,7 @@ dm_status dm_panel_measure(dm_panel *panel, const dm_sharp_config *config) {
                 const unsigned char *row = m + i * q * elem;
                 DM_RETURN_IF_ERROR(finish_norm(dm_sum_squares(row, t, q), row, t, q, 1, &norm));
                 panel->scale[(size_t)b * p + i] = inverse_divisor(norm, 1.0, 0.0, config->eps);
-                dual += norm * norm * panel->scale[(size_t)b * p + i];
+                dual += norm * (norm * panel->scale[(size_t)b * p + i]);
             }
             break;
         case DM_NORM_SIGN:
@@ -192,19 +201,21 @@ dm_status dm_panel_measure(dm_panel *panel, const dm_sharp_config *config) {
             case DM_NORM_SIGN:                                                                     \
                 for (size_t k = 0; k < p * q; ++k) m[k] = (T)((m[k] > 0) - (m[k] < 0));            \
                 break;                                                                             \
+            /* Products in double: 1 / ||x|| of a tiny float32 x need not fit a float. */         \
             case DM_NORM_COLUMN:                                                                   \
                 for (size_t i = 0; i < p; ++i)                                                     \
-                    for (size_t j = 0; j < q; ++j) m[i * q + j] *= (T)s[b * q + j];                \
+                    for (size_t j = 0; j < q; ++j)                                                 \
+                        m[i * q + j] = (T)((double)m[i * q + j] * s[b * q + j]);                   \
                 break;                                                                             \
             case DM_NORM_ROW:                                                                      \
                 for (size_t i = 0; i < p; ++i) {                                                   \
-                    const T f = (T)s[b * p + i];                                                   \
-                    for (size_t j = 0; j < q; ++j) m[i * q + j] *= f;                              \
+                    const double f = s[b * p + i];                                                 \
+                    for (size_t j = 0; j < q; ++j) m[i * q + j] = (T)((double)m[i * q + j] * f);   \
                 }                                                                                  \
                 break;                                                                             \
             case DM_NORM_FROBENIUS: {                                                              \
-                const T f = (T)s[b];                                                               \
-                for (size_t k = 0; k < p * q; ++k) m[k] *= f;                                      \
+                const double f = s[b];                                                             \
+                for (size_t k = 0; k < p * q; ++k) m[k] = (T)((double)m[k] * f);                   \
                 break;                                                                             \
             }                                                                                      \
             case DM_NORM_SPECTRAL: break; /* see dm_panel_apply */                                 \

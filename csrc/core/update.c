@@ -1,10 +1,11 @@
 /* update.c - the fused Muon / Drop-Muon parameter update (see dm_update in dropmuon.h).
  *
- * Order of work, chosen so that a NaN/Inf gradient leaves every tensor untouched:
+ * Order of work, chosen so that any error leaves every tensor untouched:
  *   1. direction D = nesterov ? lerp(G, M', mu) : M' with M' = lerp(M, G, 1 - mu), written only
  *      into the workspace panel (M' rounded to storage first, exactly as it will be stored);
  *   2. the panel's norms reveal NaN/Inf -> DM_ERR_NONFINITE, nothing written;
- *   3. store M', apply the sharp operator to the panel, update the parameters.
+ *   3. apply the sharp operator to the panel (a failing product: DM_ERR_GEMM, nothing written),
+ *      then store M' and update the parameters.
  * Elementwise arithmetic mirrors torch (lerp's two-branch formula, decay then step, each rounded
  * to the storage type) so that trajectories track torch.optim.Muon closely. */
 #include "internal.h"
@@ -142,7 +143,9 @@ dm_status dm_update(const dm_update_config *config, dm_dtype dtype, int64_t batc
     /* 2. NaN/Inf anywhere stops here, before the first write. */
     DM_RETURN_IF_ERROR(dm_panel_measure(&panel, &config->sharp));
 
-    /* 3. Momentum, then the sharp operator, then the parameters. */
+    /* 3. The sharp operator (the products may fail: still nothing written), then momentum and
+     *    parameters, which cannot fail. */
+    DM_RETURN_IF_ERROR(dm_panel_apply(&panel, &config->sharp, gemm));
     for (int64_t b = 0; b < batch; ++b) {
         switch (dtype) {
         case DM_FLOAT32: momentum_f32(grads[b], momentum_buffers[b], n, mu); break;
@@ -150,14 +153,15 @@ dm_status dm_update(const dm_update_config *config, dm_dtype dtype, int64_t batc
         case DM_BFLOAT16: momentum_bf16(grads[b], momentum_buffers[b], n, mu); break;
         }
     }
-    DM_RETURN_IF_ERROR(dm_panel_apply(&panel, &config->sharp, gemm));
 
     const double decay = 1.0 - config->lr * config->weight_decay;
     for (int64_t b = 0; b < batch; ++b) {
         const double dual = panel.duals[b];
-        const double step = config->radius == DM_RADIUS_ADAPTIVE
-                                ? config->lr * dual / (config->radius_l0 + config->radius_l1 * dual)
-                                : config->lr * lr_ratio(config->lr_adjust, rows, cols);
+        /* A zero direction has dual 0 and moves nothing (also when L0 = 0: no 0 / 0). */
+        const double step =
+            config->radius == DM_RADIUS_FIXED ? config->lr * lr_ratio(config->lr_adjust, rows, cols)
+            : dual > 0.0 ? config->lr * dual / (config->radius_l0 + config->radius_l1 * dual)
+                         : 0.0;
         const void *o = dm_panel_matrix(&panel, panel.result, b);
         switch (dtype) {
         case DM_FLOAT32: params_f32(params[b], o, rows, cols, panel.transposed, decay, step); break;

@@ -156,8 +156,9 @@ dm_status dm_sharp(const dm_sharp_config *config, dm_dtype dtype, int64_t batch,
  *                                                  1 (NONE), sqrt(max(1, rows/cols)) (ORIGINAL)
  *                                                  or 0.2 * sqrt(max(rows, cols)) (MATCH_RMS_ADAMW)
  *        lr * <D,O> / (L0 + L1 * <D,O>)            radius DM_RADIUS_ADAPTIVE ((L0,L1)-smoothness)
- * Before anything is written, every direction D is checked: a NaN or Inf anywhere returns
- * DM_ERR_NONFINITE with all parameters and buffers untouched.
+ * Before anything is written, every direction D is checked and every product done: a NaN or
+ * Inf anywhere returns DM_ERR_NONFINITE, a failing provider DM_ERR_GEMM, with all parameters and
+ * buffers untouched. The adaptive step of a zero direction (dual 0) is 0.
  * ------------------------------------------------------------------------------------------- */
 typedef enum dm_lr_adjust {
     DM_LR_ADJUST_NONE = 0,
@@ -199,8 +200,9 @@ dm_status dm_update(const dm_update_config *config, dm_dtype dtype, int64_t batc
  *   UNIFORM       P(cutoff = i) = 1 / num_layers.
  *   CUSTOM        P(cutoff = i) = probabilities[i]; each finite and >= 0, summing to 1 within
  *                 1e-6; anything else is DM_ERR_PROBABILITY (never renormalised).
- *   TAU_NICE      tau distinct layers uniformly at random (Floyd's algorithm); the cutoff is the
- *                 lowest of them, and only they are active.
+ *   TAU_NICE      tau distinct layers uniformly at random (selection sampling: layer i joins
+ *                 when (num_layers - i) * u_i < still needed, u_i = dm_random_uniform(seed,
+ *                 step, i)); the cutoff is the lowest of them, and only they are active.
  *   EPOCH_SHIFT   P(cutoff = i) proportional to exp(shift_strength * (2 * progress - 1) * x_i),
  *                 x_i = i / (num_layers - 1): at progress 0 shallow cutoffs dominate (nearly
  *                 full updates), at 0.5 it is uniform, at 1 deep cutoffs dominate. progress is

@@ -1,0 +1,138 @@
+"""The main job end to end on the synthetic set, its errors, and interrupted runs."""
+
+import json
+
+import pytest
+import torch
+
+from dropmuon import compare, data
+
+
+def run_compare(tmp_path, *extra):
+    argv = [
+        "--dataset",
+        "synthetic",
+        "--epochs",
+        "2",
+        "--batch-size",
+        "128",
+        "--seeds",
+        "0",
+        "1",
+        "--no-progress",
+        "--output",
+        str(tmp_path),
+        "--lr",
+        "0.05",
+        *extra,
+    ]
+    return compare.main(argv)
+
+
+def test_end_to_end_writes_every_output(tmp_path, capsys):
+    optimizers = ["dropmuon", "dropmuon:epoch_shift", "muon", "torch-muon", "adamw"]
+    assert run_compare(tmp_path, "--optimizers", *optimizers) == 0
+    for name in (
+        "summary.md",
+        "runs.csv",
+        "accuracy_vs_time.png",
+        "accuracy_vs_epoch.png",
+        "time_breakdown.png",
+    ):
+        assert (tmp_path / name).stat().st_size > 0, name
+    runs = sorted((tmp_path / "runs").glob("*.json"))
+    assert len(runs) == 10
+    run = json.loads(runs[0].read_text())
+    assert len(run["epochs"]) == 2 and run["epochs"][-1]["step"] == 16
+    assert {"train_acc", "test_acc", "train_time", "forward_time"} <= set(run["epochs"][0])
+    summary = (tmp_path / "summary.md").read_text()
+    assert "## Time to target accuracy" in summary and "## Where Drop-Muon loses" in summary
+    assert "dropmuon:epoch_shift" in summary and "torch-muon" in summary
+    assert "# synthetic, paper-cnn" in capsys.readouterr().out
+    csv_rows = (tmp_path / "runs.csv").read_text().strip().splitlines()
+    assert len(csv_rows) == 1 + 10 * 2
+
+
+def test_dropmuon_runs_record_their_cutoffs(tmp_path):
+    assert run_compare(tmp_path, "--optimizers", "dropmuon", "--seeds", "3") == 0
+    run = json.loads((tmp_path / "runs" / "dropmuon-uniform_seed3.json").read_text())
+    assert len(run["cutoffs"]) == 16 and len(set(run["cutoffs"])) > 1
+    assert sum(run["update_counts"]) > 16
+
+
+def test_wrong_dataset_name_and_path(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        compare.main(["--dataset", "imagenet", "--output", str(tmp_path)])
+    assert "invalid choice: 'imagenet'" in capsys.readouterr().err
+    code = compare.main(
+        [
+            "--dataset",
+            "fashion-mnist",
+            "--data-dir",
+            str(tmp_path / "nowhere"),
+            "--output",
+            str(tmp_path),
+        ]
+    )
+    assert code == 2
+    assert "no folder" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(data.DatasetError, match="has no train-images-idx3-ubyte"):
+        data.load_dataset("mnist", str(tmp_path / "empty"))
+    with pytest.raises(data.DatasetError, match="cifar10 needs --data-dir"):
+        data.load_dataset("cifar10")
+    with pytest.raises(SystemExit):
+        compare.main(["--optimizers", "sgd"])
+    assert "unknown optimizer 'sgd'" in capsys.readouterr().err
+
+
+def test_interrupted_comparison_keeps_finished_runs(tmp_path, monkeypatch):
+    real = compare.train_run
+    calls = []
+
+    def interrupt_third(*args, **kwargs):
+        calls.append(args[0].name)
+        if len(calls) == 3 + 2:  # 2 warm-up calls, then two finished runs, then Ctrl-C
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(compare, "train_run", interrupt_third)
+    assert run_compare(tmp_path, "--optimizers", "dropmuon", "muon") == 130
+    runs = sorted(p.name for p in (tmp_path / "runs").glob("*"))
+    assert runs == ["dropmuon-uniform_seed0.json", "muon_seed0.json"]
+    summary = (tmp_path / "summary.md").read_text()
+    assert "| muon |" in summary and "| dropmuon:uniform |" in summary
+    for path in (tmp_path / "runs").glob("*.json"):
+        json.loads(path.read_text())  # complete files
+
+
+def test_idx_reader_rejects_bad_files(tmp_path):
+    bad = tmp_path / "bad-idx"
+    bad.write_bytes(b"\x00\x00\x0d\x01" + b"\x00\x00\x00\x02" + b"\x00\x00")
+    with pytest.raises(data.DatasetError, match="not an unsigned-byte IDX file"):
+        data.read_idx(bad)
+    short = tmp_path / "short-idx"
+    short.write_bytes(b"\x00\x00\x08\x01" + b"\x00\x00\x00\x05" + b"\x01\x02")
+    with pytest.raises(data.DatasetError, match="header says 5"):
+        data.read_idx(short)
+
+
+def test_shipped_mnist_loads():
+    mnist = data.load_dataset("mnist")
+    assert mnist.train_x.shape == (8000, 1, 28, 28) and mnist.test_x.shape == (2000, 1, 28, 28)
+    assert torch.bincount(mnist.train_y).tolist()[:3] == [804, 893, 792]
+    assert abs(mnist.train_x.mean().item()) < 1e-4
+
+
+def test_torch_muon_holds_conv_kernels_as_matrices():
+    from dropmuon.models import PaperCNN
+
+    model = PaperCNN(1, 10, 12, channels=(4, 8, 8))
+    args = compare.build_parser().parse_args([])
+    args.lr = compare.parse_lr(["0.1"])
+    opt = compare.build_optimizer(compare.OptimizerSpec.parse("torch-muon"), model, args, 0, 10)
+    muon, adamw = opt.optimizers
+    assert all(p.dim() == 2 for g in muon.param_groups for p in g["params"])
+    assert len(muon.param_groups[0]["params"]) == 4  # 3 conv kernels + head
+    assert all(p.dim() == 1 for g in adamw.param_groups for p in g["params"])
+    assert model(torch.randn(2, 1, 12, 12)).shape == (2, 10)
