@@ -73,8 +73,8 @@ def bench_shape(m: int, n: int, repeats: int) -> list[dict]:
         ns_precision = "native" if precision == "float32" else "bfloat16"
 
         def ours(ns_precision=ns_precision):
-            return torch.ops.dropmuon.sharp(
-                batch, "spectral", coefficients, 1.0, 0.0, 1e-7, ns_precision
+            return torch.ops.dropmuon.sharp(  # no duals: the baselines compute none
+                batch, "spectral", coefficients, 1.0, 0.0, 1e-7, ns_precision, False
             )[0][0]
 
         if precision == "float32":

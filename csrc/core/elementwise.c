@@ -5,44 +5,37 @@
  * compiler vectorises; arithmetic runs in float32 unless a float64 operand is involved. */
 #include "internal.h"
 
-/* out = sum over k < n of TERM(k), in double, with eight independent partial sums: a single
- * accumulator would serialise on the add latency (FP adds may not be reordered without
- * -ffast-math), eight keep the units busy and sum in a more balanced order. */
+/* out = sum over k < n of TERM(k), in double, over eight lanes: a single accumulator would
+ * serialise on the add latency (FP adds may not be reordered without -ffast-math); lanes in an
+ * array vectorise, and the order of additions is the same for every compiled version. */
 #define DM_REDUCE(n, TERM, out)                                                                    \
     do {                                                                                           \
-        double s0 = 0, s1 = 0, s2 = 0, s3 = 0, s4 = 0, s5 = 0, s6 = 0, s7 = 0;                     \
+        double lane_[8] = {0, 0, 0, 0, 0, 0, 0, 0}, tail_ = 0;                                     \
         size_t k_ = 0;                                                                             \
-        for (; k_ + 8 <= (n); k_ += 8) {                                                           \
-            s0 += TERM(k_);                                                                        \
-            s1 += TERM(k_ + 1);                                                                    \
-            s2 += TERM(k_ + 2);                                                                    \
-            s3 += TERM(k_ + 3);                                                                    \
-            s4 += TERM(k_ + 4);                                                                    \
-            s5 += TERM(k_ + 5);                                                                    \
-            s6 += TERM(k_ + 6);                                                                    \
-            s7 += TERM(k_ + 7);                                                                    \
-        }                                                                                          \
-        for (; k_ < (n); ++k_) s0 += TERM(k_);                                                     \
-        (out) = ((s0 + s1) + (s2 + s3)) + ((s4 + s5) + (s6 + s7));                                 \
+        for (; k_ + 8 <= (n); k_ += 8)                                                             \
+            for (size_t l_ = 0; l_ < 8; ++l_) lane_[l_] += TERM(k_ + l_);                          \
+        for (; k_ < (n); ++k_) tail_ += TERM(k_);                                                  \
+        (out) = ((lane_[0] + lane_[1]) + (lane_[2] + lane_[3])) +                                  \
+                ((lane_[4] + lane_[5]) + (lane_[6] + lane_[7])) + tail_;                           \
     } while (0)
 
 /* Scaled copies multiply in double: the scale (an inverse norm) need not fit a float, and the
  * result is then rounded once. Unscaled copies stay in CT. */
 #define DEFINE_CONVERT(S, D, CT)                                                                   \
-    static void convert_##S##_##D(const void *src, void *dst, size_t n, double scale) {            \
+    DM_VECTORIZE static void convert_##S##_##D(const void *src, void *dst, size_t n, double scale) {            \
         if (scale == 1.0) {                                                                        \
             for (size_t k = 0; k < n; ++k) STORE_##D(dst, k, (CT)LOAD_##S(src, k));                \
             return;                                                                                \
         }                                                                                          \
         for (size_t k = 0; k < n; ++k) STORE_##D(dst, k, (double)LOAD_##S(src, k) * scale);        \
     }                                                                                              \
-    static void transpose_##S##_##D(const void *src, int64_t src_ld, void *dst, int64_t dst_ld,    \
+    DM_VECTORIZE static void transpose_##S##_##D(const void *src, int64_t src_ld, void *dst, int64_t dst_ld,    \
                                     int64_t rows, int64_t cols, double scale) {                    \
         DM_FOR_TILED(rows, cols, i, j) {                                                           \
             STORE_##D(dst, j * dst_ld + i, (double)LOAD_##S(src, i * src_ld + j) * scale);         \
         }                                                                                          \
     }                                                                                              \
-    static double dot_##S##_##D(const void *x, const void *y, size_t n) {                          \
+    DM_VECTORIZE static double dot_##S##_##D(const void *x, const void *y, size_t n) {                          \
         double acc;                                                                                \
         DM_REDUCE(n, DOT_TERM_##S##_##D, acc);                                                     \
         return acc;                                                                                \
@@ -108,7 +101,7 @@ double dm_dot(const void *x, dm_dtype x_dtype, const void *y, dm_dtype y_dtype, 
 #define ABS_f64(k) fabs(LOAD_f64(x, k))
 
 /* The compute types only: float32 or float64. */
-double dm_sum_squares(const void *x, dm_dtype dtype, size_t n) {
+DM_VECTORIZE double dm_sum_squares(const void *x, dm_dtype dtype, size_t n) {
     double acc;
     if (dtype == DM_FLOAT64)
         DM_REDUCE(n, SQUARE_f64, acc);
@@ -117,7 +110,7 @@ double dm_sum_squares(const void *x, dm_dtype dtype, size_t n) {
     return acc;
 }
 
-double dm_sum_abs(const void *x, dm_dtype dtype, size_t n) {
+DM_VECTORIZE double dm_sum_abs(const void *x, dm_dtype dtype, size_t n) {
     double acc;
     if (dtype == DM_FLOAT64)
         DM_REDUCE(n, ABS_f64, acc);
@@ -126,7 +119,7 @@ double dm_sum_abs(const void *x, dm_dtype dtype, size_t n) {
     return acc;
 }
 
-void dm_column_sum_squares(const void *x, dm_dtype dtype, int64_t rows, int64_t cols,
+DM_VECTORIZE void dm_column_sum_squares(const void *x, dm_dtype dtype, int64_t rows, int64_t cols,
                            double *acc) {
     for (int64_t j = 0; j < cols; ++j) acc[j] = 0.0;
     for (int64_t i = 0; i < rows; ++i) {
@@ -138,4 +131,28 @@ void dm_column_sum_squares(const void *x, dm_dtype dtype, int64_t rows, int64_t 
             for (int64_t j = 0; j < cols; ++j) acc[j] += (double)row[j] * (double)row[j];
         }
     }
+}
+
+DM_VECTORIZE void dm_bf16_divide(uint16_t *x, size_t n, float d) {
+    for (size_t k = 0; k < n; ++k) x[k] = d > 0.0f ? dm_f32_to_bf16(dm_bf16_to_f32(x[k]) / d) : 0;
+}
+
+DM_VECTORIZE double dm_sum_squares_bf16(const uint16_t *x, size_t n) {
+    enum { LANES = 16, BLOCK = 4096 };
+    double total = 0.0;
+    for (size_t start = 0; start < n; start += BLOCK) {
+        const size_t end = n - start < BLOCK ? n : start + BLOCK;
+        float lane[LANES] = {0};
+        size_t k = start;
+        for (; k + LANES <= end; k += LANES)
+            for (size_t l = 0; l < LANES; ++l) {
+                const float v = dm_bf16_to_f32(x[k + l]);
+                lane[l] += v * v;
+            }
+        double block = 0.0;
+        for (; k < end; ++k) block += (double)dm_bf16_to_f32(x[k]) * dm_bf16_to_f32(x[k]);
+        for (size_t l = 0; l < LANES; ++l) block += lane[l];
+        total += block;
+    }
+    return total;
 }

@@ -23,6 +23,16 @@
             for (int64_t i = i##0; i < (i##0 + DM_TILE < (rows) ? i##0 + DM_TILE : (rows)); ++i)   \
                 for (int64_t j = j##0; j < (j##0 + DM_TILE < (cols) ? j##0 + DM_TILE : (cols)); ++j)
 
+/* The O(mn) loops are compiled for several x86-64 levels and picked at load time (GCC/clang
+ * function multi-versioning): the build stays portable yet the loops use AVX-512 where the
+ * machine has it. Results do not depend on the version taken: no FMA contraction
+ * (-ffp-contract=off) and reductions keep a fixed lane structure (DM_REDUCE). */
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(DM_NO_CLONES)
+#define DM_VECTORIZE __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define DM_VECTORIZE
+#endif
+
 /* Workspace regions start on this boundary so that BLAS sees aligned panels. */
 #define DM_WORKSPACE_ALIGN ((size_t)64)
 
@@ -155,6 +165,11 @@ void dm_convert_transposed(const void *src, dm_dtype src_dtype, int64_t src_ld, 
                            double scale);
 /* sum_k x[k] * y[k], accumulated in double. */
 double dm_dot(const void *x, dm_dtype x_dtype, const void *y, dm_dtype y_dtype, size_t n);
+/* sum_k x[k]^2 of bfloat16 values: float32 lanes (as torch accumulates bfloat16 norms) within
+ * blocks, the blocks summed in double. */
+double dm_sum_squares_bf16(const uint16_t *x, size_t n);
+/* x[k] = bf16(float(x[k]) / d) for k < n (d > 0), or 0 everywhere when d == 0. */
+void dm_bf16_divide(uint16_t *x, size_t n, float d);
 /* Sums over n contiguous elements of a compute type (float32 or float64), in double. */
 double dm_sum_squares(const void *x, dm_dtype dtype, size_t n);
 double dm_sum_abs(const void *x, dm_dtype dtype, size_t n);
@@ -172,11 +187,14 @@ typedef struct dm_panel {
     int64_t batch, rows, cols; /* of the user's matrices */
     int transposed;            /* the panel holds M^T */
     int64_t p, q;              /* the panel's own rows x cols */
-    void *data;                /* batch * p * q compute elements: M, as loaded */
-    void *result;              /* batch * p * q compute elements: sharp(M), after dm_panel_apply
-                                  (data itself, or the NS scratch when it already holds it) */
+    void *data;                /* batch * p * q compute elements: M, as loaded (for dm_sharp's
+                                  spectral operator, possibly the caller's input itself) */
+    void *result;              /* batch * p * q: sharp(M) after dm_panel_apply (data itself, or
+                                  the final Newton-Schulz iterate) */
+    dm_dtype result_dtype;     /* compute, or the iteration dtype for SPECTRAL */
     double *scale;             /* inverse divisors, per matrix or per row / column */
     double *duals;             /* batch values <M, sharp(M)> after dm_panel_apply */
+    int want_duals;            /* 0: SPECTRAL may skip the duals' extra pass */
     void *ns_scratch;          /* SPECTRAL only: see dm_ns_iterate */
 } dm_panel;
 
@@ -191,18 +209,20 @@ dm_status dm_panel_workspace_size(const dm_sharp_config *config, dm_dtype dtype,
 void dm_panel_init(dm_panel *panel, const dm_sharp_config *config, dm_dtype dtype, int64_t batch,
                    int64_t rows, int64_t cols, void *workspace);
 
-/* Matrix b of a batch of panel-shaped compute matrices starting at base (data or result). */
-static inline void *dm_panel_matrix(const dm_panel *panel, void *base, int64_t b) {
+/* Matrix b of a batch of panel-shaped matrices of a dtype starting at base (data or result). */
+static inline void *dm_panel_matrix(const dm_panel *panel, const void *base, dm_dtype dtype,
+                                    int64_t b) {
     return (unsigned char *)base +
-           (size_t)b * (size_t)panel->p * (size_t)panel->q * dm_dtype_size(panel->compute);
+           (size_t)b * (size_t)panel->p * (size_t)panel->q * dm_dtype_size(dtype);
 }
 
 /* Computes the divisors of the loaded panel (norms clamped by the config) and rejects NaN/Inf:
- * DM_ERR_NONFINITE if any matrix holds one. Nothing outside the workspace is touched. */
+ * DM_ERR_NONFINITE if any matrix holds one (with bfloat16 iterates, dm_panel_apply checks
+ * instead, in the pass that rounds M). Nothing outside the workspace is touched. */
 dm_status dm_panel_measure(dm_panel *panel, const dm_sharp_config *config);
 
-/* Puts sharp(M) in compute precision at panel->result and fills panel->duals (after
- * dm_panel_measure). */
+/* Puts sharp(M) at panel->result and fills panel->duals (after dm_panel_measure); may return
+ * DM_ERR_NONFINITE or DM_ERR_GEMM, having touched only the workspace. */
 dm_status dm_panel_apply(dm_panel *panel, const dm_sharp_config *config,
                          const dm_gemm_provider *gemm);
 

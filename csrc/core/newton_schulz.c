@@ -4,9 +4,9 @@
  *     X <- a_j X + (b_j A + c_j A^2) X,   A = X X^T,
  * as three products (4 p^2 q + 2 p^3 flops). Two orders of operations:
  *   - bfloat16 iterates: exactly torch.optim.Muon's, so that we round where torch rounds:
- *       A = X X^T;  P = A, P = c A A + b P;  X' = X, X' = P X + a X'
- *   - float32/float64 iterates: a_j folded into P's diagonal, which saves the copy of X (the
- *     largest pass outside the products; it matters for small CNN layers):
+ *       A = X X^T;  P = c A A + b A;  X' = P X + a X      (C_in = A, then X: no copies here)
+ *   - float32/float64 iterates: a_j folded into P's diagonal, so that the last product reads
+ *     no C at all (a pass over X less; it matters for small CNN layers):
  *       A = X X^T;  P = b A + a I;  P = c A A + P;  X' = P X
  * The iterates live in the scratch in the iteration dtype, in ping-pong buffers.
  */
@@ -31,7 +31,7 @@ dm_status dm_ns_check_config(const dm_sharp_config *config) {
 }
 
 /* P = b A + a I for rows consecutive rows of p x p matrices (float32 or float64). */
-static void polynomial_base(dm_dtype dtype, int64_t rows, int64_t p, const void *a_mat,
+DM_VECTORIZE static void polynomial_base(dm_dtype dtype, int64_t rows, int64_t p, const void *a_mat,
                             void *p_mat, double a, double b) {
     for (int64_t r = 0; r < rows; ++r) {
         const int64_t diagonal = r % p;
@@ -66,18 +66,15 @@ dm_status dm_ns_iterate(const dm_sharp_config *config, dm_dtype iteration, int64
         const double a = config->ns_coefficients[3 * j];
         const double b = config->ns_coefficients[3 * j + 1];
         const double c = config->ns_coefficients[3 * j + 2];
-        if (fn(ctx, iteration, 0, 1, batch, p, p, q, 1.0, x, q, pq, x, q, pq, 0.0, a_mat, p, pp))
+        if (fn(ctx, iteration, 0, 1, batch, p, p, q, 1.0, x, q, pq, x, q, pq, 0.0, NULL, a_mat, p,
+               pp))
             return DM_ERR_GEMM;
-        if (torch_order)
-            memcpy(p_mat, a_mat, a_bytes);
-        else
-            polynomial_base(iteration, batch * p, p, a_mat, p_mat, a, b);
+        if (!torch_order) polynomial_base(iteration, batch * p, p, a_mat, p_mat, a, b);
         if (fn(ctx, iteration, 0, 0, batch, p, p, p, c, a_mat, p, pp, a_mat, p, pp,
-               torch_order ? b : 1.0, p_mat, p, pp))
+               torch_order ? b : 1.0, torch_order ? a_mat : p_mat, p_mat, p, pp))
             return DM_ERR_GEMM;
-        if (torch_order) memcpy(x_next, x, x_bytes);
         if (fn(ctx, iteration, 0, 0, batch, p, q, p, 1.0, p_mat, p, pp, x, q, pq,
-               torch_order ? a : 0.0, x_next, q, pq))
+               torch_order ? a : 0.0, x, x_next, q, pq))
             return DM_ERR_GEMM;
         unsigned char *t = x;
         x = x_next;

@@ -99,7 +99,9 @@ void dm_panel_init(dm_panel *panel, const dm_sharp_config *config, dm_dtype dtyp
         &cursor, (size_t)batch * (size_t)divisors_per_matrix(config->norm, rows, cols),
         sizeof(double));
     panel->result = panel->data;
+    panel->result_dtype = panel->compute;
     panel->duals = dm_ws_take(&cursor, (size_t)batch, sizeof(double));
+    panel->want_duals = 1;
     panel->ns_scratch = cursor;
 }
 
@@ -146,10 +148,12 @@ dm_status dm_panel_measure(dm_panel *panel, const dm_sharp_config *config) {
     const size_t p = (size_t)panel->p, q = (size_t)panel->q, elem = dm_dtype_size(panel->compute);
     const dm_dtype t = panel->compute;
     for (int64_t b = 0; b < panel->batch; ++b) {
-        const unsigned char *m = dm_panel_matrix(panel, panel->data, b);
+        const unsigned char *m = dm_panel_matrix(panel, panel->data, panel->compute, b);
         double norm, dual = 0.0;
         switch (panel->norm) {
         case DM_NORM_SPECTRAL:
+            if (panel->iteration == DM_BFLOAT16) break; /* normalised (and checked) in apply */
+            /* fall through */
         case DM_NORM_FROBENIUS: {
             DM_RETURN_IF_ERROR(finish_norm(dm_sum_squares(m, t, p * q), m, t, p * q, 1, &norm));
             const int spectral = panel->norm == DM_NORM_SPECTRAL;
@@ -191,7 +195,7 @@ dm_status dm_panel_measure(dm_panel *panel, const dm_sharp_config *config) {
 
 /* In place: sign, or multiplication by the divisor selected by (b, i, j) for the norm kind. */
 #define DEFINE_APPLY(T, SUFFIX)                                                                    \
-    static void apply_##SUFFIX(dm_panel *panel) {                                                  \
+    DM_VECTORIZE static void apply_##SUFFIX(dm_panel *panel) {                                                  \
         T *x = panel->data;                                                                        \
         const size_t p = (size_t)panel->p, q = (size_t)panel->q;                                   \
         for (size_t b = 0; b < (size_t)panel->batch; ++b) {                                        \
@@ -228,18 +232,27 @@ DEFINE_APPLY(double, f64)
 
 /* torch.optim.Muon's bfloat16 normalisation, rounding where it rounds: X = bf16(M), then
  * X / bf16(max(norm_scale * bf16(||X||_F) + norm_offset, eps)) divided in float32 and rounded,
- * so that our bfloat16 iterates start from the very values torch's do. */
-static void normalise_like_torch_bf16(const void *m, dm_dtype compute, void *x0, size_t n,
-                                      const dm_sharp_config *config) {
-    dm_convert(m, compute, x0, DM_BFLOAT16, n, 1.0);
-    const double norm = (double)dm_bf16_to_f32(dm_f32_to_bf16((float)sqrt(
-        dm_dot(x0, DM_BFLOAT16, x0, DM_BFLOAT16, n))));
+ * so that our bfloat16 iterates start from the very values torch's do. Rounding and the sum of
+ * squares share one pass, which also rejects NaN/Inf (or a value bfloat16 overflows). */
+#define SQUARE_BF16(k) ((double)dm_bf16_to_f32(x[k]) * (double)dm_bf16_to_f32(x[k]))
+static dm_status normalise_like_torch_bf16(const void *m, dm_dtype compute, void *x0, size_t n,
+                                           const dm_sharp_config *config) {
+    uint16_t *x = x0;
+    double sumsq = 0.0;
+    const size_t block = 4096; /* round a cache-sized block, then sum it while it is hot */
+    for (size_t start = 0; start < n; start += block) {
+        const size_t count = n - start < block ? n - start : block;
+        const unsigned char *src = (const unsigned char *)m + start * dm_dtype_size(compute);
+        dm_convert(src, compute, x + start, DM_BFLOAT16, count, 1.0);
+        sumsq += dm_sum_squares_bf16(x + start, count);
+    }
+    if (!isfinite(sumsq)) return DM_ERR_NONFINITE;
+    const double norm = (double)dm_bf16_to_f32(dm_f32_to_bf16((float)sqrt(sumsq)));
     double divisor = config->norm_scale * norm + config->norm_offset;
     if (divisor < config->eps) divisor = config->eps;
     const float d = dm_bf16_to_f32(dm_f32_to_bf16((float)divisor));
-    uint16_t *x = x0;
-    for (size_t k = 0; k < n; ++k)
-        x[k] = d > 0.0f ? dm_f32_to_bf16(dm_bf16_to_f32(x[k]) / d) : 0;
+    dm_bf16_divide(x, n, d);
+    return DM_OK;
 }
 
 dm_status dm_panel_apply(dm_panel *panel, const dm_sharp_config *config,
@@ -253,38 +266,29 @@ dm_status dm_panel_apply(dm_panel *panel, const dm_sharp_config *config,
     }
     /* X0 = M / d enters the NS scratch in the iteration dtype; M stays in data for the duals. */
     const size_t per = (size_t)panel->p * (size_t)panel->q;
-    const size_t iteration_bytes = dm_dtype_size(panel->iteration) * per;
     for (int64_t b = 0; b < panel->batch; ++b) {
-        void *x0 = (unsigned char *)panel->ns_scratch + (size_t)b * iteration_bytes;
-        if (panel->iteration == DM_BFLOAT16) {
-            normalise_like_torch_bf16(dm_panel_matrix(panel, panel->data, b), panel->compute, x0,
-                                      per, config);
-        } else {
-            dm_convert(dm_panel_matrix(panel, panel->data, b), panel->compute, x0,
-                       panel->iteration, per, panel->scale[b]);
-        }
+        const void *m = dm_panel_matrix(panel, panel->data, panel->compute, b);
+        void *x0 = dm_panel_matrix(panel, panel->ns_scratch, panel->iteration, b);
+        if (panel->iteration == DM_BFLOAT16)
+            DM_RETURN_IF_ERROR(normalise_like_torch_bf16(m, panel->compute, x0, per, config));
+        else
+            dm_convert(m, panel->compute, x0, panel->iteration, per, panel->scale[b]);
     }
-    void *result;
     DM_RETURN_IF_ERROR(dm_ns_iterate(config, panel->iteration, panel->batch, panel->p, panel->q,
-                                     panel->ns_scratch, &result, gemm));
-    for (int64_t b = 0; b < panel->batch; ++b)
-        panel->duals[b] = dm_dot(dm_panel_matrix(panel, panel->data, b), panel->compute,
-                                 (unsigned char *)result + (size_t)b * iteration_bytes,
-                                 panel->iteration, per);
-    if (panel->iteration == panel->compute) {
-        panel->result = result;
-    } else {
-        dm_convert(result, panel->iteration, panel->data, panel->compute,
-                   per * (size_t)panel->batch, 1.0);
-        panel->result = panel->data;
-    }
+                                     panel->ns_scratch, &panel->result, gemm));
+    panel->result_dtype = panel->iteration;
+    for (int64_t b = 0; panel->want_duals && b < panel->batch; ++b)
+        panel->duals[b] =
+            dm_dot(dm_panel_matrix(panel, panel->data, panel->compute, b), panel->compute,
+                   dm_panel_matrix(panel, panel->result, panel->iteration, b), panel->iteration,
+                   per);
     return DM_OK;
 }
 
 /* Copies user matrix b (rows x cols, leading dimension ld) into the panel. */
 static void panel_load(dm_panel *panel, int64_t b, const void *matrix, dm_dtype dtype,
                        int64_t ld) {
-    unsigned char *dst = dm_panel_matrix(panel, panel->data, b);
+    unsigned char *dst = dm_panel_matrix(panel, panel->data, panel->compute, b);
     const size_t src_row = (size_t)ld * dm_dtype_size(dtype);
     const size_t dst_row = (size_t)panel->q * dm_dtype_size(panel->compute);
     if (panel->transposed) {
@@ -302,20 +306,34 @@ static void panel_load(dm_panel *panel, int64_t b, const void *matrix, dm_dtype 
 /* Copies panel matrix b back into a user matrix (rows x cols, leading dimension ld). */
 static void panel_store(const dm_panel *panel, int64_t b, void *matrix, dm_dtype dtype,
                         int64_t ld) {
-    const unsigned char *src = dm_panel_matrix(panel, panel->result, b);
-    const size_t src_row = (size_t)panel->q * dm_dtype_size(panel->compute);
+    const dm_dtype from = panel->result_dtype;
+    const unsigned char *src = dm_panel_matrix(panel, panel->result, from, b);
+    const size_t src_row = (size_t)panel->q * dm_dtype_size(from);
     const size_t dst_row = (size_t)ld * dm_dtype_size(dtype);
     if (panel->transposed) {
-        dm_convert_transposed(src, panel->compute, panel->q, matrix, dtype, ld, panel->p,
-                              panel->q, 1.0);
+        dm_convert_transposed(src, from, panel->q, matrix, dtype, ld, panel->p, panel->q, 1.0);
     } else if (ld == panel->cols) {
-        dm_convert(src, panel->compute, matrix, dtype, (size_t)panel->rows * panel->cols, 1.0);
+        dm_convert(src, from, matrix, dtype, (size_t)panel->rows * panel->cols, 1.0);
     } else {
         for (int64_t i = 0; i < panel->rows; ++i)
-            dm_convert(src + (size_t)i * src_row, panel->compute,
+            dm_convert(src + (size_t)i * src_row, from,
                        (unsigned char *)matrix + (size_t)i * dst_row, dtype, (size_t)panel->cols,
                        1.0);
     }
+}
+
+/* Whether the spectral operator can read the inputs where they are: already in the panel's
+ * layout (wide, compute dtype, no padding, the batch contiguous), which saves a copy. */
+static int spectral_reads_inputs_in_place(const dm_panel *panel, dm_dtype dtype,
+                                          const void *const *inputs, int64_t ld) {
+    if (panel->batch == 0 || panel->norm != DM_NORM_SPECTRAL || panel->transposed ||
+        dtype != panel->compute || ld != panel->cols)
+        return 0;
+    const size_t bytes = (size_t)panel->rows * (size_t)panel->cols * dm_dtype_size(dtype);
+    for (int64_t b = 1; b < panel->batch; ++b)
+        if ((const unsigned char *)inputs[b] != (const unsigned char *)inputs[0] + b * bytes)
+            return 0;
+    return 1;
 }
 
 dm_status dm_sharp_workspace_size(const dm_sharp_config *config, dm_dtype dtype, int64_t batch,
@@ -343,10 +361,14 @@ dm_status dm_sharp(const dm_sharp_config *config, dm_dtype dtype, int64_t batch,
         for (int64_t b = 0; duals && b < batch; ++b) duals[b] = 0.0;
         return DM_OK;
     }
-    /* Every input is read into the workspace before the first write, so outputs may alias. */
+    /* Every input is read before the first write, so outputs may alias inputs. */
     dm_panel panel;
     dm_panel_init(&panel, config, dtype, batch, rows, cols, workspace);
-    for (int64_t b = 0; b < batch; ++b) panel_load(&panel, b, inputs[b], dtype, in_ld);
+    panel.want_duals = duals != NULL;
+    if (spectral_reads_inputs_in_place(&panel, dtype, inputs, in_ld))
+        panel.data = (void *)inputs[0]; /* only read: Newton-Schulz works in its scratch */
+    else
+        for (int64_t b = 0; b < batch; ++b) panel_load(&panel, b, inputs[b], dtype, in_ld);
     DM_RETURN_IF_ERROR(dm_panel_measure(&panel, config));
     DM_RETURN_IF_ERROR(dm_panel_apply(&panel, config, gemm));
     for (int64_t b = 0; b < batch; ++b) panel_store(&panel, b, outputs[b], dtype, out_ld);

@@ -47,11 +47,11 @@ static double lr_ratio(dm_lr_adjust adjust, int64_t rows, int64_t cols) {
 #define LERP(CT, self, end, w)                                                                     \
     ((w) < (CT)0.5 ? (self) + (w) * ((end) - (self)) : (end) - ((end) - (self)) * ((CT)1 - (w)))
 
-/* The three passes over user memory, per storage dtype S with compute type CT. Element k of a
+/* The passes over user memory, per storage dtype S with compute type CT. Element k of a
  * matrix (row-major, rows x cols) sits at panel index k, or at (k % cols) * rows + k / cols
  * when the panel holds the transpose. */
 #define DEFINE_UPDATE_PASSES(S, CT)                                                                \
-    static void directions_##S(const void *g, const void *buf, int64_t rows, int64_t cols,         \
+    DM_VECTORIZE static void directions_##S(const void *g, const void *buf, int64_t rows, int64_t cols,         \
                                int transposed, double mu, int nesterov, CT *panel) {               \
         const CT w = (CT)(1.0 - mu), mu_c = (CT)mu;                                                \
         if (!transposed) {                                                                         \
@@ -69,31 +69,40 @@ static double lr_ratio(dm_lr_adjust adjust, int64_t rows, int64_t cols) {
             panel[j * rows + i] = nesterov ? LERP(CT, gk, m, mu_c) : m;                            \
         }                                                                                          \
     }                                                                                              \
-    static void momentum_##S(const void *g, void *buf, size_t n, double mu) {                      \
+    DM_VECTORIZE static void momentum_##S(const void *g, void *buf, size_t n, double mu) {                      \
         const CT w = (CT)(1.0 - mu);                                                               \
         for (size_t k = 0; k < n; ++k) {                                                           \
             const CT gk = LOAD_##S(g, k), bk = LOAD_##S(buf, k);                                   \
             STORE_##S(buf, k, LERP(CT, bk, gk, w));                                                \
         }                                                                                          \
-    }                                                                                              \
-    /* Decay and step round separately, like torch's param.mul_(...).add_(...). */                 \
-    static void params_##S(void *x, const CT *o, int64_t rows, int64_t cols, int transposed,       \
-                           double decay, double step) {                                            \
+    }
+
+/* Decay and step round separately, like torch's param.mul_(...).add_(...); the sharp result O
+ * comes in the compute type, or in bfloat16 from bfloat16 iterates. */
+#define DEFINE_PARAMS_PASS(S, CT, O)                                                               \
+    DM_VECTORIZE static void params_##S##_##O(void *x, const void *o, int64_t rows, int64_t cols,               \
+                                 int transposed, double decay, double step) {                      \
         const CT decay_c = (CT)decay, step_c = (CT)step;                                           \
         if (!transposed) {                                                                         \
             for (size_t k = 0; k < (size_t)rows * (size_t)cols; ++k)                               \
-                STORE_##S(x, k, ROUND_##S(LOAD_##S(x, k) * decay_c) - step_c * o[k]);              \
+                STORE_##S(x, k, ROUND_##S(LOAD_##S(x, k) * decay_c) - step_c * LOAD_##O(o, k));    \
             return;                                                                                \
         }                                                                                          \
         DM_FOR_TILED(rows, cols, i, j) {                                                           \
-            const size_t k = (size_t)(i * cols + j);                                               \
-            STORE_##S(x, k, ROUND_##S(LOAD_##S(x, k) * decay_c) - step_c * o[j * rows + i]);       \
+            const size_t k = (size_t)(i * cols + j), t = (size_t)(j * rows + i);                   \
+            STORE_##S(x, k, ROUND_##S(LOAD_##S(x, k) * decay_c) - step_c * LOAD_##O(o, t));        \
         }                                                                                          \
     }
 
 DEFINE_UPDATE_PASSES(f32, float)
 DEFINE_UPDATE_PASSES(f64, double)
 DEFINE_UPDATE_PASSES(bf16, float)
+DEFINE_PARAMS_PASS(f32, float, f32)
+DEFINE_PARAMS_PASS(f32, float, bf16)
+DEFINE_PARAMS_PASS(f64, double, f64)
+DEFINE_PARAMS_PASS(f64, double, bf16)
+DEFINE_PARAMS_PASS(bf16, float, f32)
+DEFINE_PARAMS_PASS(bf16, float, bf16)
 
 dm_status dm_update_workspace_size(const dm_update_config *config, dm_dtype dtype, int64_t batch,
                                    int64_t rows, int64_t cols, size_t *bytes) {
@@ -121,10 +130,11 @@ dm_status dm_update(const dm_update_config *config, dm_dtype dtype, int64_t batc
     const size_t n = (size_t)rows * (size_t)cols;
     dm_panel panel;
     dm_panel_init(&panel, &config->sharp, dtype, batch, rows, cols, workspace);
+    panel.want_duals = duals != NULL || config->radius == DM_RADIUS_ADAPTIVE;
 
     /* 1. Directions into the panel; user memory is only read. */
     for (int64_t b = 0; b < batch; ++b) {
-        void *d = dm_panel_matrix(&panel, panel.data, b);
+        void *d = dm_panel_matrix(&panel, panel.data, panel.compute, b);
         switch (dtype) {
         case DM_FLOAT32:
             directions_f32(grads[b], momentum_buffers[b], rows, cols, panel.transposed, mu,
@@ -162,12 +172,18 @@ dm_status dm_update(const dm_update_config *config, dm_dtype dtype, int64_t batc
             config->radius == DM_RADIUS_FIXED ? config->lr * lr_ratio(config->lr_adjust, rows, cols)
             : dual > 0.0 ? config->lr * dual / (config->radius_l0 + config->radius_l1 * dual)
                          : 0.0;
-        const void *o = dm_panel_matrix(&panel, panel.result, b);
+        const void *o = dm_panel_matrix(&panel, panel.result, panel.result_dtype, b);
+        const int o_bf16 = panel.result_dtype == DM_BFLOAT16, t = panel.transposed;
         switch (dtype) {
-        case DM_FLOAT32: params_f32(params[b], o, rows, cols, panel.transposed, decay, step); break;
-        case DM_FLOAT64: params_f64(params[b], o, rows, cols, panel.transposed, decay, step); break;
+        case DM_FLOAT32:
+            (o_bf16 ? params_f32_bf16 : params_f32_f32)(params[b], o, rows, cols, t, decay, step);
+            break;
+        case DM_FLOAT64:
+            (o_bf16 ? params_f64_bf16 : params_f64_f64)(params[b], o, rows, cols, t, decay, step);
+            break;
         case DM_BFLOAT16:
-            params_bf16(params[b], o, rows, cols, panel.transposed, decay, step);
+            (o_bf16 ? params_bf16_bf16 : params_bf16_f32)(params[b], o, rows, cols, t, decay,
+                                                          step);
             break;
         }
         if (duals) duals[b] = dual;

@@ -1,6 +1,8 @@
 // cpu.cpp - CPU implementations of the dropmuon operators: checks, then the C core, with
 // torch's own BLAS (through ATen) as the matrix-product provider.
 #include <ATen/ATen.h>
+#include <ATen/ops/addmm_cpu_dispatch.h>
+#include <ATen/ops/baddbmm_cpu_dispatch.h>
 #include <torch/library.h>
 
 #include "common.h"
@@ -9,11 +11,13 @@ namespace dropmuon {
 namespace {
 
 // dm_gemm_fn over ATen: views the caller's buffers as strided tensors and lets baddbmm/addmm
-// pick the BLAS path (MKL or OpenBLAS in torch's build, with torch's thread pool).
+// pick the BLAS path (MKL / oneDNN in torch's build, with torch's thread pool). at::cpu:: calls
+// the CPU kernels directly: the dispatcher's few microseconds per call add up over the 15
+// products of a small layer's Newton-Schulz.
 dm_status aten_gemm(void *, dm_dtype dtype, int trans_a, int trans_b, int64_t batch, int64_t m,
                     int64_t n, int64_t k, double alpha, const void *a, int64_t lda,
                     int64_t stride_a, const void *b, int64_t ldb, int64_t stride_b, double beta,
-                    void *c, int64_t ldc, int64_t stride_c) {
+                    const void *c_in, void *c, int64_t ldc, int64_t stride_c) {
     try {
         const auto options = at::TensorOptions().dtype(
             dtype == DM_FLOAT64 ? at::kDouble : dtype == DM_BFLOAT16 ? at::kBFloat16 : at::kFloat);
@@ -26,11 +30,12 @@ dm_status aten_gemm(void *, dm_dtype dtype, int trans_a, int trans_b, int64_t ba
         at::Tensor A = view(a, trans_a ? k : m, trans_a ? m : k, lda, stride_a, trans_a);
         at::Tensor B = view(b, trans_b ? n : k, trans_b ? k : n, ldb, stride_b, trans_b);
         at::Tensor C = view(c, m, n, ldc, stride_c, false);
+        at::Tensor C_in = beta == 0.0 || c_in == c ? C : view(c_in, m, n, ldc, stride_c, false);
         if (batch == 1) {
             at::Tensor C0 = C.select(0, 0);
-            C0.addmm_(A.select(0, 0), B.select(0, 0), beta, alpha);
+            at::cpu::addmm_out(C0, C_in.select(0, 0), A.select(0, 0), B.select(0, 0), beta, alpha);
         } else {
-            C.baddbmm_(A, B, beta, alpha);
+            at::cpu::baddbmm_out(C, C_in, A, B, beta, alpha);
         }
         return DM_OK;
     } catch (const std::exception &) {
@@ -40,14 +45,20 @@ dm_status aten_gemm(void *, dm_dtype dtype, int trans_a, int trans_b, int64_t ba
 
 const dm_gemm_provider kAtenGemm = {&aten_gemm, nullptr};
 
-at::Tensor workspace(size_t bytes, const at::Tensor &like) {
-    return at::empty({static_cast<int64_t>(bytes)}, like.options().dtype(at::kByte));
+// The core's workspace, kept per thread and grown, never shrunk: large buffers from the system
+// allocator are fresh pages each time, and faulting them in cost more than the elementwise work
+// itself (11 ms of a 2048x2048 call). It holds the largest workspace asked for so far.
+void *workspace(size_t bytes) {
+    thread_local at::Tensor buffer;
+    if (!buffer.defined() || static_cast<size_t>(buffer.numel()) < bytes)
+        buffer = at::empty({static_cast<int64_t>(bytes)}, at::TensorOptions().dtype(at::kByte));
+    return buffer.mutable_data_ptr();
 }
 
 std::tuple<at::Tensor, at::Tensor> sharp_cpu(const at::Tensor &input, const std::string &norm,
                                              at::ArrayRef<double> ns_coefficients,
                                              double norm_scale, double norm_offset, double eps,
-                                             const std::string &ns_precision) {
+                                             const std::string &ns_precision, bool with_duals) {
     TORCH_CHECK(input.dim() == 3, "dropmuon.sharp: input must be [batch, rows, cols], got shape ",
                 input.sizes());
     TORCH_CHECK(input.device().is_cpu(), "dropmuon.sharp: input is on ", input.device(),
@@ -60,11 +71,10 @@ std::tuple<at::Tensor, at::Tensor> sharp_cpu(const at::Tensor &input, const std:
     const at::Tensor in = input.contiguous();
     const int64_t batch = in.size(0), rows = in.size(1), cols = in.size(2);
     at::Tensor out = at::empty_like(in);
-    at::Tensor duals = at::empty({batch}, in.options().dtype(at::kDouble));
+    at::Tensor duals = at::empty({with_duals ? batch : 0}, in.options().dtype(at::kDouble));
     size_t bytes = 0;
     DM_TORCH_CHECK_STATUS(dm_sharp_workspace_size(&config, dtype, batch, rows, cols, &bytes),
                           "dm_sharp_workspace_size");
-    at::Tensor ws = workspace(bytes, in);
 
     const size_t elem = in.element_size(), stride = static_cast<size_t>(rows * cols) * elem;
     std::vector<const void *> inputs(batch);
@@ -74,8 +84,9 @@ std::tuple<at::Tensor, at::Tensor> sharp_cpu(const at::Tensor &input, const std:
         outputs[i] = static_cast<char *>(out.mutable_data_ptr()) + i * stride;
     }
     DM_TORCH_CHECK_STATUS(dm_sharp(&config, dtype, batch, rows, cols, inputs.data(), cols,
-                                   outputs.data(), cols, duals.mutable_data_ptr<double>(),
-                                   ws.mutable_data_ptr(), bytes, &kAtenGemm),
+                                   outputs.data(), cols,
+                                   with_duals ? duals.mutable_data_ptr<double>() : nullptr,
+                                   workspace(bytes), bytes, &kAtenGemm),
                           "dm_sharp");
     return {out, duals};
 }
@@ -86,7 +97,7 @@ at::Tensor muon_update_cpu(at::TensorList params, at::TensorList grads,
                            at::ArrayRef<double> ns_coefficients, double norm_scale,
                            double norm_offset, double eps, const std::string &ns_precision,
                            const std::string &adjust_lr_fn,
-                           const std::string &radius, double L0, double L1) {
+                           const std::string &radius, double L0, double L1, bool with_duals) {
     const int64_t batch = static_cast<int64_t>(params.size());
     TORCH_CHECK(grads.size() == params.size() && momentum_buffers.size() == params.size(),
                 "dropmuon.muon_update_: params, grads and momentum_buffers must have the same "
@@ -127,12 +138,11 @@ at::Tensor muon_update_cpu(at::TensorList params, at::TensorList grads,
     size_t bytes = 0;
     DM_TORCH_CHECK_STATUS(dm_update_workspace_size(&config, dtype, batch, rows, cols, &bytes),
                           "dm_update_workspace_size");
-    at::Tensor ws = workspace(bytes, first);
-    at::Tensor duals = at::empty({batch}, first.options().dtype(at::kDouble));
+    at::Tensor duals = at::empty({with_duals ? batch : 0}, first.options().dtype(at::kDouble));
     DM_TORCH_CHECK_STATUS(dm_update(&config, dtype, batch, rows, cols, param_ptrs.data(),
                                     grad_ptrs.data(), buffer_ptrs.data(),
-                                    duals.mutable_data_ptr<double>(), ws.mutable_data_ptr(), bytes,
-                                    &kAtenGemm),
+                                    with_duals ? duals.mutable_data_ptr<double>() : nullptr,
+                                    workspace(bytes), bytes, &kAtenGemm),
                           "dm_update");
     return duals;
 }

@@ -47,15 +47,18 @@ static at::Tensor sample_layers(int64_t num_layers, int64_t seed, int64_t step,
 }
 
 TORCH_LIBRARY(dropmuon, m) {
-    // sharp(M) for a batch [B, rows, cols]: returns (sharp(M) in M's dtype, float64 duals [B]).
+    // sharp(M) for a batch [B, rows, cols]: returns (sharp(M) in M's dtype, float64 duals [B],
+    // or [0] without with_duals).
     m.def("sharp(Tensor input, str norm, float[] ns_coefficients, float norm_scale, "
-          "float norm_offset, float eps, str ns_precision) -> (Tensor, Tensor)");
+          "float norm_offset, float eps, str ns_precision, bool with_duals=True) -> "
+          "(Tensor, Tensor)");
     // One fused Muon step over same-shape tensors (modelled on aten::_fused_adamw_); returns
-    // the float64 duals <D, sharp(D)> of the update directions.
+    // the float64 duals <D, sharp(D)> of the update directions ([0] without with_duals).
     m.def("muon_update_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, *, "
           "float lr, float weight_decay, float momentum, bool nesterov, str norm, "
           "float[] ns_coefficients, float norm_scale, float norm_offset, float eps, "
-          "str ns_precision, str adjust_lr_fn, str radius, float L0, float L1) -> Tensor");
+          "str ns_precision, str adjust_lr_fn, str radius, float L0, float L1, "
+          "bool with_duals=False) -> Tensor");
     // P(cutoff = i) for each layer, float64 [num_layers].
     m.def("sampler_distribution(int num_layers, str kind, float[] probabilities, int tau, "
           "float progress, float shift_strength, float[] smoothness) -> Tensor");

@@ -133,6 +133,7 @@ def sharp(
     ns_steps: int | None = 5,
     eps: float = 1e-7,
     ns_precision: str = "native",
+    with_duals: bool = True,
 ) -> tuple[Tensor, Tensor]:
     """sharp(M) for a matrix [rows, cols] or a batch [B, rows, cols] (notes section 4).
 
@@ -141,7 +142,8 @@ def sharp(
     ``"spectral"`` (Newton-Schulz), ``"sign"``, ``"column"``, ``"row"``, ``"frobenius"``.
     ``ns_precision="bfloat16"`` keeps the Newton-Schulz iterates in bfloat16 (float32
     accumulation), as torch.optim.Muon does; ``"native"`` keeps M's precision (float32 for
-    bfloat16 input).
+    bfloat16 input). ``with_duals=False`` skips the duals (an empty tensor comes back) and, for
+    the spectral norm, the pass over the data they cost.
     """
     single = m.dim() == 2
     batch = m.unsqueeze(0) if single else m
@@ -154,12 +156,15 @@ def sharp(
         schedule.norm_offset,
         eps,
         ns_precision,
+        with_duals,
     )
     if _use_kernel(m.device.type):
         out, duals = torch.ops.dropmuon.sharp(*args)
     else:
         out, duals = reference.sharp(*args)
-    return (out[0], duals[0]) if single else (out, duals)
+    if single:
+        return out[0], duals[0] if with_duals else duals
+    return out, duals
 
 
 def muon_update_(
@@ -179,10 +184,12 @@ def muon_update_(
     radius: str = "fixed",
     L0: float = 1.0,
     L1: float = 0.0,
+    with_duals: bool = False,
 ) -> Tensor:
     """One fused update of same-shape tensors in place (dm_update in dropmuon.h).
 
-    Returns the float64 duals <D, sharp(D)> of the update directions.
+    Returns the float64 duals <D, sharp(D)> of the update directions with ``with_duals``, an
+    empty tensor otherwise.
     """
     kwargs = dict(
         lr=float(lr),
@@ -199,6 +206,7 @@ def muon_update_(
         radius=radius,
         L0=float(L0),
         L1=float(L1),
+        with_duals=bool(with_duals),
     )
     device = params[0].device.type if params else "cpu"
     if _use_kernel(device):
@@ -276,15 +284,19 @@ def sample_layers(
 if EXTENSION_ERROR is None:
 
     @torch.library.register_fake("dropmuon::sharp")
-    def _sharp_fake(input, norm, ns_coefficients, norm_scale, norm_offset, eps, ns_precision):
+    def _sharp_fake(
+        input, norm, ns_coefficients, norm_scale, norm_offset, eps, ns_precision, with_duals=True
+    ):
         torch._check(input.dim() == 3, lambda: "dropmuon.sharp: input must be 3-D")
-        return torch.empty_like(input), input.new_empty((input.shape[0],), dtype=torch.float64)
+        batch = input.shape[0] if with_duals else 0
+        return torch.empty_like(input), input.new_empty((batch,), dtype=torch.float64)
 
     @torch.library.register_fake("dropmuon::muon_update_")
-    def _muon_update_fake(params, grads, momentum_buffers, **kwargs):
+    def _muon_update_fake(params, grads, momentum_buffers, with_duals=False, **kwargs):
         if not params:
             return torch.empty((0,), dtype=torch.float64)
-        return params[0].new_empty((len(params),), dtype=torch.float64)
+        batch = len(params) if with_duals else 0
+        return params[0].new_empty((batch,), dtype=torch.float64)
 
     @torch.library.register_fake("dropmuon::sampler_distribution")
     def _sampler_distribution_fake(num_layers, *args):

@@ -71,8 +71,10 @@ def sharp(
     norm_offset: float,
     eps: float,
     ns_precision: str = "native",
+    with_duals: bool = True,
 ) -> tuple[Tensor, Tensor]:
-    """Reference of ``torch.ops.dropmuon.sharp``: (sharp(M), float64 duals <M, sharp(M)>)."""
+    """Reference of ``torch.ops.dropmuon.sharp``: (sharp(M), float64 duals <M, sharp(M)>; an
+    empty tensor without ``with_duals``)."""
     if m.dim() != 3:
         raise RuntimeError(
             f"dropmuon.sharp: input must be [batch, rows, cols], got {tuple(m.shape)}"
@@ -102,7 +104,7 @@ def sharp(
     else:
         out = unit(x, (-2, -1))
     duals = (x.double() * out.double()).sum(dim=(-2, -1))
-    return out.to(m.dtype), duals
+    return out.to(m.dtype), duals if with_duals else duals[:0]
 
 
 # --------------------------------------------------------------------------------------------
@@ -138,6 +140,7 @@ def muon_update_(
     radius: str,
     L0: float,
     L1: float,
+    with_duals: bool = False,
 ) -> Tensor:
     """Reference of ``torch.ops.dropmuon.muon_update_`` (see dm_update in dropmuon.h)."""
     if adjust_lr_fn not in LR_ADJUSTS:
@@ -164,7 +167,7 @@ def muon_update_(
             step = lr * lr_ratio(adjust_lr_fn, rows, cols)
         p.mul_(1 - lr * weight_decay)
         p.add_(updates[i].reshape(p.shape), alpha=-step)
-    return duals
+    return duals if with_duals else duals[:0]
 
 
 # --------------------------------------------------------------------------------------------

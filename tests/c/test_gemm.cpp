@@ -62,7 +62,7 @@ void check_gemm(dm_dtype dtype, const GemmCase &c) {
 
     ASSERT_EQ(dm_gemm_reference(nullptr, dtype, c.trans_a, c.trans_b, c.batch, c.m, c.n, c.k,
                                 c.alpha, a.data(), lda, stride_a, b.data(), ldb, stride_b, c.beta,
-                                out.data(), ldc, stride_c),
+                                out.data(), out.data(), ldc, stride_c),
               DM_OK);
 
     auto op_a = [&](int64_t bi, int64_t i, int64_t l) {
@@ -137,7 +137,7 @@ TEST(Gemm, BetaZeroDoesNotReadC) {
         }
         c.fill(std::numeric_limits<double>::quiet_NaN());
         ASSERT_EQ(dm_gemm_reference(nullptr, dtype, 0, 0, 1, 2, 2, 3, 2.0, a.data(), 3, 0, b.data(),
-                                    2, 0, 0.0, c.data(), 2, 0),
+                                    2, 0, 0.0, nullptr, c.data(), 2, 0),
                   DM_OK);
         const double expected[4] = {2 * 4.0, 2 * 10.0, 2 * 4.0, 2 * 19.0};
         for (size_t k = 0; k < 4; ++k) EXPECT_EQ(c.get(k), expected[k]) << "element " << k;
@@ -151,14 +151,39 @@ TEST(Gemm, EmptyInnerDimensionScalesC) {
         Buffer a(dtype, 1), b(dtype, 1), c(dtype, 6);
         for (size_t k = 0; k < 6; ++k) c.set(k, static_cast<double>(k) + 0.5);
         ASSERT_EQ(dm_gemm_reference(nullptr, dtype, 0, 0, 1, 2, 3, 0, 1.0, a.data(), 1, 0, b.data(),
-                                    3, 0, -2.0, c.data(), 3, 0),
+                                    3, 0, -2.0, c.data(), c.data(), 3, 0),
                   DM_OK);
         for (size_t k = 0; k < 6; ++k) EXPECT_EQ(c.get(k), -2.0 * (static_cast<double>(k) + 0.5));
         c.fill(std::numeric_limits<double>::quiet_NaN());
         ASSERT_EQ(dm_gemm_reference(nullptr, dtype, 0, 0, 1, 2, 3, 0, 1.0, a.data(), 1, 0, b.data(),
-                                    3, 0, 0.0, c.data(), 3, 0),
+                                    3, 0, 0.0, nullptr, c.data(), 3, 0),
                   DM_OK);
         for (size_t k = 0; k < 6; ++k) EXPECT_EQ(c.get(k), 0.0);
+    }
+}
+
+TEST(Gemm, SeparateCinIsReadNotWritten) {
+    // C = alpha A B + beta Cin with Cin elsewhere: Cin stays as it was, C gets the sum, and a
+    // NULL Cin with beta != 0 is refused.
+    for (dm_dtype dtype : {DM_FLOAT32, DM_FLOAT64, DM_BFLOAT16}) {
+        SCOPED_TRACE(dmtest::dtype_name(dtype));
+        Buffer a(dtype, 6), b(dtype, 6), c_in(dtype, 4), c(dtype, 4);
+        for (size_t k = 0; k < 6; ++k) {
+            a.set(k, static_cast<double>(k) + 1.0); // [[1 2 3] [4 5 6]]
+            b.set(k, static_cast<double>(k) - 2.0); // [[-2 -1] [0 1] [2 3]]
+        }
+        for (size_t k = 0; k < 4; ++k) c_in.set(k, static_cast<double>(k));
+        c.fill(std::numeric_limits<double>::quiet_NaN());
+        const Buffer c_in_before = c_in;
+        ASSERT_EQ(dm_gemm_reference(nullptr, dtype, 0, 0, 1, 2, 2, 3, 1.0, a.data(), 3, 0, b.data(),
+                                    2, 0, 0.5, c_in.data(), c.data(), 2, 0),
+                  DM_OK);
+        const double expected[4] = {4.0, 10.5, 5.0, 20.5};
+        for (size_t k = 0; k < 4; ++k) EXPECT_EQ(c.get(k), expected[k]) << "element " << k;
+        EXPECT_EQ(c_in.bytes(), c_in_before.bytes());
+        EXPECT_EQ(dm_gemm_reference(nullptr, dtype, 0, 0, 1, 2, 2, 3, 1.0, a.data(), 3, 0,
+                                    b.data(), 2, 0, 0.5, nullptr, c.data(), 2, 0),
+                  DM_ERR_INVALID_ARG);
     }
 }
 
@@ -169,7 +194,7 @@ TEST(Gemm, EmptyOutputIsOk) {
     const int64_t sizes[][4] = {{0, 2, 2, 2}, {1, 0, 2, 2}, {1, 2, 0, 2}};
     for (const auto &s : sizes) {
         EXPECT_EQ(dm_gemm_reference(nullptr, DM_FLOAT64, 0, 0, s[0], s[1], s[2], s[3], 1.0,
-                                    a.data(), 2, 4, b.data(), 2, 4, 0.0, c.data(), 2, 4),
+                                    a.data(), 2, 4, b.data(), 2, 4, 0.0, nullptr, c.data(), 2, 4),
                   DM_OK);
     }
     for (size_t k = 0; k < 4; ++k) EXPECT_EQ(c.get(k), 5.0);
@@ -180,7 +205,7 @@ TEST(Gemm, ErrShape) {
     auto call = [&](int ta, int tb, int64_t batch, int64_t m, int64_t n, int64_t k, int64_t lda,
                     int64_t ldb, int64_t ldc) {
         return dm_gemm_reference(nullptr, DM_FLOAT64, ta, tb, batch, m, n, k, 1.0, a.data(), lda, 0,
-                                 b.data(), ldb, 0, 0.0, c.data(), ldc, 0);
+                                 b.data(), ldb, 0, 0.0, nullptr, c.data(), ldc, 0);
     };
     // Negative sizes.
     EXPECT_EQ(call(0, 0, -1, 2, 3, 4, 4, 3, 3), DM_ERR_SHAPE);
@@ -206,7 +231,7 @@ TEST(Gemm, ErrInvalidArg) {
     c.fill(3.0);
     auto call = [&](const void *pa, const void *pb, void *pc) {
         return dm_gemm_reference(nullptr, DM_FLOAT32, 0, 0, 1, 2, 2, 2, 1.0, pa, 2, 0, pb, 2, 0,
-                                 0.0, pc, 2, 0);
+                                 0.0, nullptr, pc, 2, 0);
     };
     EXPECT_EQ(call(nullptr, b.data(), c.data()), DM_ERR_INVALID_ARG);
     EXPECT_EQ(call(a.data(), nullptr, c.data()), DM_ERR_INVALID_ARG);
@@ -223,7 +248,7 @@ TEST(Gemm, ErrDtype) {
     dm_dtype bad;
     dmtest::set_raw_enum(&bad, 3);
     EXPECT_EQ(dm_gemm_reference(nullptr, bad, 0, 0, 1, 2, 2, 2, 1.0, a.data(), 2, 0, b.data(), 2, 0,
-                                0.0, c.data(), 2, 0),
+                                0.0, nullptr, c.data(), 2, 0),
               DM_ERR_DTYPE);
     for (size_t k = 0; k < 4; ++k) EXPECT_EQ(c.get(k), 3.0);
 }

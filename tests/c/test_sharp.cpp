@@ -395,12 +395,12 @@ struct CountingGemm {
 dm_status counting_gemm(void *ctx, dm_dtype dtype, int trans_a, int trans_b, int64_t batch,
                         int64_t m, int64_t n, int64_t k, double alpha, const void *a, int64_t lda,
                         int64_t stride_a, const void *b, int64_t ldb, int64_t stride_b, double beta,
-                        void *c, int64_t ldc, int64_t stride_c) {
+                        const void *c_in, void *c, int64_t ldc, int64_t stride_c) {
     CountingGemm *counter = static_cast<CountingGemm *>(ctx);
     ++counter->calls;
     counter->last_dtype = dtype;
     return dm_gemm_reference(nullptr, dtype, trans_a, trans_b, batch, m, n, k, alpha, a, lda,
-                             stride_a, b, ldb, stride_b, beta, c, ldc, stride_c);
+                             stride_a, b, ldb, stride_b, beta, c_in, c, ldc, stride_c);
 }
 
 TEST(Sharp, UsesGemmProvider) {

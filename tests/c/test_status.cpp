@@ -77,11 +77,11 @@ struct FailingGemm {
 dm_status failing_gemm(void *ctx, dm_dtype dtype, int trans_a, int trans_b, int64_t batch,
                        int64_t m, int64_t n, int64_t k, double alpha, const void *a, int64_t lda,
                        int64_t stride_a, const void *b, int64_t ldb, int64_t stride_b, double beta,
-                       void *c, int64_t ldc, int64_t stride_c) {
+                       const void *c_in, void *c, int64_t ldc, int64_t stride_c) {
     FailingGemm *state = static_cast<FailingGemm *>(ctx);
     if (++state->calls == state->fail_on) return DM_ERR_INVALID_ARG; // any non-OK status
     return dm_gemm_reference(nullptr, dtype, trans_a, trans_b, batch, m, n, k, alpha, a, lda,
-                             stride_a, b, ldb, stride_b, beta, c, ldc, stride_c);
+                             stride_a, b, ldb, stride_b, beta, c_in, c, ldc, stride_c);
 }
 
 TEST(Status, ErrGemmFromSharp) {

@@ -158,6 +158,7 @@ def update_kwargs(**overrides):
         radius="fixed",
         L0=1.0,
         L1=0.5,
+        with_duals=True,
     )
     kwargs.update(overrides)
     return kwargs
@@ -199,6 +200,17 @@ def test_muon_update_matches_reference(options, dtype, shape):
     # rounding of the iterates moves the dual by a few percent.
     dual_tol = 0.1 if options.get("ns_precision") == "bfloat16" else max(tol, 1e-4)
     torch.testing.assert_close(duals, ref_duals, rtol=dual_tol, atol=1e-6)
+
+
+def test_duals_are_optional():
+    x = torch.randn(2, 6, 9)
+    out, duals = torch.ops.dropmuon.sharp(*sharp_args(x), with_duals=False)
+    full, full_duals = torch.ops.dropmuon.sharp(*sharp_args(x))
+    assert duals.shape == (0,) and full_duals.shape == (2,) and torch.equal(out, full)
+    params, grads, bufs = ([torch.randn(5, 8)] for _ in range(3))
+    kwargs = update_kwargs(with_duals=False)
+    assert torch.ops.dropmuon.muon_update_(params, grads, bufs, **kwargs).shape == (0,)
+    torch.library.opcheck(torch.ops.dropmuon.sharp.default, sharp_args(x), {"with_duals": False})
 
 
 def test_muon_update_nonfinite_leaves_everything_untouched():

@@ -61,16 +61,19 @@ typedef enum dm_dtype { DM_FLOAT32 = 0, DM_FLOAT64 = 1, DM_BFLOAT16 = 2 } dm_dty
  * calls ATen; NULL selects dm_gemm_reference (plain C, for standalone use and tests).
  *
  * Row-major strided-batched GEMM, for b in [0, batch):
- *   C_b = alpha * op(A_b) * op(B_b) + beta * C_b,   op(X) = X or X^T,
- * op(A_b) is m x k, op(B_b) is k x n, C_b is m x n; X_b starts at X + b * stride_x elements.
+ *   C_b = alpha * op(A_b) * op(B_b) + beta * Cin_b,   op(X) = X or X^T,
+ * op(A_b) is m x k, op(B_b) is k x n, C_b and Cin_b are m x n with the same layout (ldc,
+ * stride_c); X_b starts at X + b * stride_x elements. c_in may equal c (in place); when
+ * beta == 0 it is not read and may be NULL. (A separate c_in spares the caller a copy: torch's
+ * addmm_out does it with its thread pool, fused with the product where the BLAS can.)
  * dtype is DM_FLOAT32, DM_FLOAT64 or DM_BFLOAT16 (bfloat16 operands, float32 accumulation,
- * C rounded to bfloat16). When beta == 0, C is not read.
+ * C rounded to bfloat16).
  * ------------------------------------------------------------------------------------------- */
 typedef dm_status (*dm_gemm_fn)(void *ctx, dm_dtype dtype, int trans_a, int trans_b, int64_t batch,
                                 int64_t m, int64_t n, int64_t k, double alpha, const void *a,
                                 int64_t lda, int64_t stride_a, const void *b, int64_t ldb,
-                                int64_t stride_b, double beta, void *c, int64_t ldc,
-                                int64_t stride_c);
+                                int64_t stride_b, double beta, const void *c_in, void *c,
+                                int64_t ldc, int64_t stride_c);
 
 typedef struct dm_gemm_provider {
     dm_gemm_fn gemm;
@@ -81,7 +84,8 @@ typedef struct dm_gemm_provider {
 dm_status dm_gemm_reference(void *ctx, dm_dtype dtype, int trans_a, int trans_b, int64_t batch,
                             int64_t m, int64_t n, int64_t k, double alpha, const void *a,
                             int64_t lda, int64_t stride_a, const void *b, int64_t ldb,
-                            int64_t stride_b, double beta, void *c, int64_t ldc, int64_t stride_c);
+                            int64_t stride_b, double beta, const void *c_in, void *c,
+                            int64_t ldc, int64_t stride_c);
 
 /* ---------------------------------------------------------------------------------------------
  * Sharp operators (notes section 4). For a matrix M (rows x cols):
@@ -138,7 +142,8 @@ dm_status dm_sharp_workspace_size(const dm_sharp_config *config, dm_dtype dtype,
 /* outputs[b] = sharp(inputs[b]) for b in [0, batch). Each matrix is rows x cols, row-major with
  * leading dimension in_ld / out_ld (>= cols; elements between rows are neither read nor
  * written). duals (may be NULL) receives batch values <M_b, sharp(M_b)>. outputs may alias
- * inputs (same ld). On any error status nothing has been written to outputs or duals. */
+ * inputs (same ld). On any error status nothing has been written to outputs or duals. Passing
+ * duals = NULL also saves the spectral operator one pass over the data. */
 dm_status dm_sharp(const dm_sharp_config *config, dm_dtype dtype, int64_t batch, int64_t rows,
                    int64_t cols, const void *const *inputs, int64_t in_ld, void *const *outputs,
                    int64_t out_ld, double *duals, void *workspace, size_t workspace_bytes,
