@@ -1,0 +1,190 @@
+"""Where a Drop-Muon training step's time goes, per cutoff, on the paper's CNN (CPU).
+
+For each batch size and each cutoff s (layers s.. are updated, backprop stops at s):
+  - measured forward, backward and optimizer-step times (medians of --repeats runs);
+  - the cost model's prediction (notes section 1): forward unchanged; backward = the weight
+    gradients of the active layers plus the input gradients of the layers above the cutoff,
+    each as many FLOPs as the layer's forward; predicted backward time = measured full backward
+    x (predicted backward FLOPs at s / at s = 0);
+  - the sampling post-hook's own cost (drawing the next layers and setting requires_grad);
+  - DropMuon's optimizer step next to torch.optim.Muon (+ AdamW for the biases, conv kernels
+    held as 2-D weights as in dropmuon.compare) on the same model and gradients.
+
+    python benchmarks/bench_step.py [--batch-sizes 1024 8192] [--repeats 5] [--output t.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+from torch import nn
+
+import dropmuon
+from dropmuon.compare import OptimizerSpec, build_optimizer, parse_lr
+from dropmuon.models import PaperCNN
+from dropmuon.optimizer import _sample_next_layers
+
+
+class FixedCutoff:
+    def __init__(self, cutoff: int) -> None:
+        self.cutoff = cutoff
+
+    def sample(self, step: int, num_layers: int) -> list[bool]:
+        return [i >= self.cutoff for i in range(num_layers)]
+
+
+def median_time(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def layer_flops(model: nn.Module, x: torch.Tensor) -> list[int]:
+    """Forward FLOPs of the four layers (3 convs, head), from their output shapes."""
+    flops = []
+
+    def hook(module, args, out):
+        if isinstance(module, nn.Conv2d):
+            n, c_out, h, w = out.shape
+            flops.append(2 * n * c_out * h * w * module.in_channels * 9)
+        elif isinstance(module, nn.Linear):
+            flops.append(2 * args[0].shape[0] * module.in_features * module.out_features)
+
+    handles = [m.register_forward_hook(hook) for m in model.modules()]
+    with torch.no_grad():
+        model(x)
+    for h in handles:
+        h.remove()
+    return flops
+
+
+def predicted_backward_flops(flops: list[int], cutoff: int) -> int:
+    weights = sum(flops[cutoff:])
+    inputs = sum(flops[cutoff + 1 :])  # the cutoff layer's input needs no gradient
+    return weights + inputs
+
+
+def bench_cutoffs(batch: int, repeats: int) -> list[str]:
+    torch.manual_seed(0)
+    x = torch.randn(batch, 1, 28, 28)
+    y = torch.randint(0, 10, (batch,))
+    model = PaperCNN()
+    flops = layer_flops(model, x[:1])
+    rows, full = [], None
+    for cutoff in range(4):
+        opt = dropmuon.DropMuon(model, lr=0.05, sampling=FixedCutoff(cutoff), fallback="adamw")
+        times = {"forward": [], "backward": [], "step": []}
+        for r in range(repeats + 1):  # the first round warms up
+            opt.zero_grad()
+            t0 = time.perf_counter()
+            loss = nn.functional.cross_entropy(model(x), y)
+            t1 = time.perf_counter()
+            loss.backward()
+            t2 = time.perf_counter()
+            opt.step()
+            t3 = time.perf_counter()
+            if r:
+                times["forward"].append(t1 - t0)
+                times["backward"].append(t2 - t1)
+                times["step"].append(t3 - t2)
+        med = {k: statistics.median(v) for k, v in times.items()}
+        if cutoff == 0:
+            full = med
+        share = predicted_backward_flops(flops, cutoff) / predicted_backward_flops(flops, 0)
+        predicted_backward = full["backward"] * share
+        total = med["forward"] + med["backward"] + med["step"]
+        full_total = full["forward"] + full["backward"] + full["step"]
+        rows.append(
+            f"| {batch} | {cutoff} | {med['forward']:.3f} | {med['backward']:.3f} | "
+            f"{predicted_backward:.3f} | {med['backward'] / max(predicted_backward, 1e-9):.2f} | "
+            f"{med['step'] * 1e3:.1f} | {total:.3f} | {total / full_total:.2f} |"
+        )
+        print(rows[-1], flush=True)
+        opt.unfreeze()
+    return rows
+
+
+def bench_hook(repeats: int) -> tuple[float, float]:
+    """(post-hook seconds, full training-step seconds at batch 1024) for DropMuon uniform."""
+    torch.manual_seed(0)
+    model = PaperCNN()
+    opt = dropmuon.DropMuon(model, lr=0.05, sampling="uniform", fallback="adamw")
+    x, y = torch.randn(1024, 1, 28, 28), torch.randint(0, 10, (1024,))
+
+    def train_step():
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+
+    train_step()
+    step_time = median_time(train_step, repeats)
+    hook_time = median_time(lambda: _sample_next_layers(opt, (), {}), 200)
+    opt.unfreeze()
+    return hook_time, step_time
+
+
+def bench_optimizer_steps(repeats: int) -> list[str]:
+    """optimizer.step() alone, same model and gradients, DropMuon (full and uniform) vs
+    torch.optim.Muon + AdamW."""
+    args = argparse.Namespace(lr=parse_lr(["0.05"]), momentum=0.95, weight_decay=0.0,
+                              adamw_lr=1e-3, ns_precision="bfloat16")
+    x, y = torch.randn(256, 1, 28, 28), torch.randint(0, 10, (256,))
+    rows = []
+    for name in ("muon", "torch-muon"):
+        torch.manual_seed(0)
+        model = PaperCNN()
+        opt = build_optimizer(OptimizerSpec.parse(name), model, args, 0, 100)
+        nn.functional.cross_entropy(model(x), y).backward()
+        grads = [p.grad.clone() for p in model.parameters()]
+
+        def step():
+            for p, g in zip(model.parameters(), grads):
+                p.grad = g
+            opt.step()
+
+        step()
+        seconds = median_time(step, repeats * 4)
+        label = {"muon": "dropmuon.Muon (every layer)",
+                 "torch-muon": "torch.optim.Muon + AdamW"}[name]
+        rows.append(f"| {label} | {seconds * 1e3:.2f} |")
+        print(rows[-1], flush=True)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch-sizes", nargs="+", type=int, default=[1024, 8192])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--output", default=None)
+    args = parser.parse_args()
+    lines = [
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, median of "
+        f"{args.repeats}; seconds unless marked",
+        "",
+        "| batch | cutoff | forward | backward | predicted backward | measured / predicted | "
+        "optimizer ms | step | step / full step |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    print("\n".join(lines), flush=True)
+    for batch in args.batch_sizes:
+        lines += bench_cutoffs(batch, args.repeats)
+    hook, step = bench_hook(args.repeats)
+    lines += ["", f"Sampling post-hook: {hook * 1e6:.1f} us per step = "
+              f"{100 * hook / step:.3f}% of a {step:.3f} s training step (batch 1024, "
+              "uniform sampling).", "",
+              "| optimizer.step() only, paper CNN | ms |", "|---|---|"]
+    print("\n".join(lines[-5:]), flush=True)
+    lines += bench_optimizer_steps(args.repeats)
+    if args.output:
+        with open(args.output, "w") as f:
+            f.write("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Builds everything and runs every test: the README's test command, and exactly what CI runs.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+start=$SECONDS
+
+echo "== ruff"
+python3 -m ruff check python tests/python benchmarks examples
+
+echo "== C core + GoogleTest (Release)"
+cmake -S . -B build/c -DCMAKE_BUILD_TYPE=Release >/dev/null
+cmake --build build/c -j "$(nproc)" >/dev/null
+ctest --test-dir build/c --output-on-failure -j "$(nproc)" | tail -n 3
+
+echo "== C core + GoogleTest under AddressSanitizer + UndefinedBehaviorSanitizer"
+cmake -S . -B build/c-sanitize -DCMAKE_BUILD_TYPE=Debug -DDM_SANITIZE=ON >/dev/null
+cmake --build build/c-sanitize -j "$(nproc)" >/dev/null
+ctest --test-dir build/c-sanitize --output-on-failure -j "$(nproc)" | tail -n 3
+
+if command -v nvcc >/dev/null && compgen -G "csrc/cuda/*.cu" >/dev/null; then
+    echo "== CUDA compile check: every csrc/cuda/*.cu with nvcc for sm_90"
+    cmake -S . -B build/cuda-check -DDM_BUILD_TESTS=OFF -DDM_CUDA_CHECK=ON >/dev/null
+    cmake --build build/cuda-check -j "$(nproc)"
+fi
+
+if [ -x tests/fuzz/run.sh ]; then
+    echo "== fuzzing the C API (bounded)"
+    tests/fuzz/run.sh
+fi
+
+echo "== pytest"
+# pytest exits 5 when it collects no tests: under set -e that fails the run, as it should.
+python3 -m pytest tests/python -q -p no:cacheprovider
+echo "== all tests passed in $((SECONDS - start)) s (after setup)"
