@@ -143,7 +143,7 @@ def bench_optimizer_steps(repeats: int) -> list[str]:
         nn.functional.cross_entropy(model(x), y).backward()
         grads = [p.grad.clone() for p in model.parameters()]
 
-        def step():
+        def step(model=model, opt=opt, grads=grads):
             for p, g in zip(model.parameters(), grads):
                 p.grad = g
             opt.step()
