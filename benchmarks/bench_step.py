@@ -132,8 +132,13 @@ def bench_hook(repeats: int) -> tuple[float, float]:
 def bench_optimizer_steps(repeats: int) -> list[str]:
     """optimizer.step() alone, same model and gradients, DropMuon (full and uniform) vs
     torch.optim.Muon + AdamW."""
-    args = argparse.Namespace(lr=parse_lr(["0.05"]), momentum=0.95, weight_decay=0.0,
-                              adamw_lr=1e-3, ns_precision="bfloat16")
+    args = argparse.Namespace(
+        lr=parse_lr(["0.05"]),
+        momentum=0.95,
+        weight_decay=0.0,
+        adamw_lr=1e-3,
+        ns_precision="bfloat16",
+    )
     x, y = torch.randn(256, 1, 28, 28), torch.randint(0, 10, (256,))
     rows = []
     for name in ("muon", "torch-muon"):
@@ -150,8 +155,9 @@ def bench_optimizer_steps(repeats: int) -> list[str]:
 
         step()
         seconds = median_time(step, repeats * 4)
-        label = {"muon": "dropmuon.Muon (every layer)",
-                 "torch-muon": "torch.optim.Muon + AdamW"}[name]
+        label = {"muon": "dropmuon.Muon (every layer)", "torch-muon": "torch.optim.Muon + AdamW"}[
+            name
+        ]
         rows.append(f"| {label} | {seconds * 1e3:.2f} |")
         print(rows[-1], flush=True)
     return rows
@@ -175,10 +181,15 @@ def main() -> None:
     for batch in args.batch_sizes:
         lines += bench_cutoffs(batch, args.repeats)
     hook, step = bench_hook(args.repeats)
-    lines += ["", f"Sampling post-hook: {hook * 1e6:.1f} us per step = "
-              f"{100 * hook / step:.3f}% of a {step:.3f} s training step (batch 1024, "
-              "uniform sampling).", "",
-              "| optimizer.step() only, paper CNN | ms |", "|---|---|"]
+    lines += [
+        "",
+        f"Sampling post-hook: {hook * 1e6:.1f} us per step = "
+        f"{100 * hook / step:.3f}% of a {step:.3f} s training step (batch 1024, "
+        "uniform sampling).",
+        "",
+        "| optimizer.step() only, paper CNN | ms |",
+        "|---|---|",
+    ]
     print("\n".join(lines[-5:]), flush=True)
     lines += bench_optimizer_steps(args.repeats)
     if args.output:

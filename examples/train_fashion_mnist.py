@@ -27,8 +27,9 @@ def main() -> None:
     torch.manual_seed(0)
     data = load_dataset(args.dataset)
     model = PaperCNN(data.in_channels, data.num_classes, data.image_size)
-    opt = dropmuon.DropMuon(model, lr=0.05, weight_decay=0.0, sampling=args.sampling,
-                            fallback="adamw", adamw_lr=1e-3)
+    opt = dropmuon.DropMuon(
+        model, lr=0.05, weight_decay=0.0, sampling=args.sampling, fallback="adamw", adamw_lr=1e-3
+    )
     loss_fn = nn.CrossEntropyLoss()
     shuffle = torch.Generator().manual_seed(0)
 
