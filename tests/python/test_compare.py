@@ -136,3 +136,24 @@ def test_torch_muon_holds_conv_kernels_as_matrices():
     assert len(muon.param_groups[0]["params"]) == 4  # 3 conv kernels + head
     assert all(p.dim() == 1 for g in adamw.param_groups for p in g["params"])
     assert model(torch.randn(2, 1, 12, 12)).shape == (2, 10)
+
+
+def test_cifar10_pickle_layout(tmp_path):
+    import pickle
+
+    g = torch.Generator().manual_seed(0)
+    for name, n in [*((f"data_batch_{i}", 4) for i in range(1, 6)), ("test_batch", 3)]:
+        batch = {
+            b"data": torch.randint(
+                0, 256, (n, 3 * 32 * 32), generator=g, dtype=torch.uint8
+            ).numpy(),
+            b"labels": torch.randint(0, 10, (n,), generator=g).tolist(),
+        }
+        (tmp_path / name).write_bytes(pickle.dumps(batch))
+    cifar = data.load_dataset("cifar10", str(tmp_path))
+    assert cifar.train_x.shape == (20, 3, 32, 32) and cifar.test_x.shape == (3, 3, 32, 32)
+    assert cifar.train_y.dtype == torch.int64 and cifar.in_channels == 3
+    assert torch.allclose(cifar.train_x.mean(dim=(0, 2, 3)), torch.zeros(3), atol=1e-5)
+    (tmp_path / "test_batch").unlink()
+    with pytest.raises(data.DatasetError, match="has no test_batch"):
+        data.load_dataset("cifar10", str(tmp_path))
