@@ -4,13 +4,24 @@ The C core (csrc/core/*.c) is compiled as C11 into a static library of its own, 
 of the C++ flags torch adds reach it, then linked into the extension with the ATen shim
 (csrc/torch/*.cpp). Install with `pip install -e . --no-build-isolation` (the extension must
 be built against the torch that is installed, not a fresh one in an isolated environment).
+
+With a CUDA build of torch (torch.version.cuda set) and nvcc found (CUDA_HOME), the extension
+is a CUDAExtension that adds the CUDA kernels (csrc/cuda/*.cu) and their ATen shim
+(csrc/torch/cuda.cu); otherwise the CPU-only CppExtension. DROPMUON_CUDA=0 forces the CPU one.
+The GPU architectures follow TORCH_CUDA_ARCH_LIST (default: the visible GPUs; "9.0" for Hopper).
 """
 
 import glob
 import os
 
+import torch
 from setuptools import find_packages, setup
-from torch.utils.cpp_extension import BuildExtension, CppExtension
+from torch.utils.cpp_extension import (
+    CUDA_HOME,
+    BuildExtension,
+    CppExtension,
+    CUDAExtension,
+)
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -28,13 +39,32 @@ core_library = (
     },
 )
 
-extension = CppExtension(
-    name="dropmuon._C",
-    sources=sources("csrc/torch/*.cpp"),
-    include_dirs=[os.path.join(ROOT, "csrc/include")],
-    extra_compile_args={"cxx": ["-O3", "-Wall"]},
-    libraries=["dropmuon_core"],
+WITH_CUDA = (
+    torch.version.cuda is not None
+    and CUDA_HOME is not None
+    and os.environ.get("DROPMUON_CUDA", "1") != "0"
 )
+
+if WITH_CUDA:
+    # The kernels (csrc/cuda) include the core's internal.h for its checks and size arithmetic.
+    extension = CUDAExtension(
+        name="dropmuon._C",
+        sources=sources("csrc/torch/*.cpp") + sources("csrc/*/*.cu"),
+        include_dirs=[os.path.join(ROOT, "csrc/include"), os.path.join(ROOT, "csrc/core")],
+        extra_compile_args={
+            "cxx": ["-O3", "-Wall"],
+            "nvcc": ["-O3", "-lineinfo"],  # -std: torch picks the one its headers need
+        },
+        libraries=["dropmuon_core"],
+    )
+else:
+    extension = CppExtension(
+        name="dropmuon._C",
+        sources=sources("csrc/torch/*.cpp"),
+        include_dirs=[os.path.join(ROOT, "csrc/include")],
+        extra_compile_args={"cxx": ["-O3", "-Wall"]},
+        libraries=["dropmuon_core"],
+    )
 
 setup(
     name="dropmuon",

@@ -5,6 +5,8 @@
 #include <ATen/ops/baddbmm_cpu_dispatch.h>
 #include <torch/library.h>
 
+#include <limits>
+
 #include "common.h"
 
 namespace dropmuon {
@@ -147,11 +149,97 @@ at::Tensor muon_update_cpu(at::TensorList params, at::TensorList grads,
     return duals;
 }
 
+// muon_update_ with lr, weight_decay, momentum, L0 and L1 read from a float64 [5] tensor, and
+// NaN/Inf or out-of-range values reported into `status` (int32 [1]) instead of raised: the CPU
+// twin of the CUDA-graph-capturable kernel (cuda.cu), so that the same optimizer code runs on
+// both. Nothing is written when status is nonzero on entry or an error is found.
+at::Tensor muon_update_capturable_cpu(at::TensorList params, at::TensorList grads,
+                                      at::TensorList momentum_buffers,
+                                      const at::Tensor &hyperparameters, const at::Tensor &status,
+                                      bool nesterov, const std::string &norm,
+                                      at::ArrayRef<double> ns_coefficients, double norm_scale,
+                                      double norm_offset, double eps,
+                                      const std::string &ns_precision,
+                                      const std::string &adjust_lr_fn, const std::string &radius,
+                                      bool with_duals) {
+    const char *op = "dropmuon.muon_update_capturable_";
+    TORCH_CHECK(hyperparameters.device().is_cpu() && status.device().is_cpu(), op,
+                ": hyperparameters and status are on ", hyperparameters.device(), " and ",
+                status.device(), ", this is the CPU kernel");
+    TORCH_CHECK(hyperparameters.scalar_type() == at::kDouble && hyperparameters.numel() == 5, op,
+                ": hyperparameters must be a float64 tensor of 5 values (lr, weight_decay, "
+                "momentum, L0, L1), got ",
+                hyperparameters.scalar_type(), " ", hyperparameters.sizes());
+    TORCH_CHECK(status.scalar_type() == at::kInt && status.numel() == 1, op,
+                ": status must be an int32 tensor of one element, got ", status.scalar_type(), " ",
+                status.sizes());
+    const int64_t batch = static_cast<int64_t>(params.size());
+    TORCH_CHECK(grads.size() == params.size() && momentum_buffers.size() == params.size(), op,
+                ": params, grads and momentum_buffers must have the same length, got ",
+                params.size(), ", ", grads.size(), ", ", momentum_buffers.size());
+    if (batch == 0) return at::empty({0}, at::TensorOptions().dtype(at::kDouble));
+    const at::Tensor &first = params[0];
+    TORCH_CHECK(first.device().is_cpu(), op, ": params[0] is on ", first.device(),
+                ", this is the CPU kernel");
+    const dm_dtype dtype = to_dm_dtype(first, "params[0]");
+    check_tensor_list(params, first, "params", true);
+    check_tensor_list(grads, first, "grads", false);
+    check_tensor_list(momentum_buffers, first, "momentum_buffers", true);
+
+    const std::vector<double> coefficients = ns_coefficients.vec();
+    dm_update_config config{};
+    config.sharp =
+        make_sharp_config(norm, coefficients, norm_scale, norm_offset, eps, ns_precision);
+    config.nesterov = nesterov ? 1 : 0;
+    config.lr_adjust = parse_lr_adjust(adjust_lr_fn);
+    config.radius = parse_radius(radius);
+    config.radius_l0 = 1.0; // valid placeholders: everything but the five values is checked here
+    const auto [rows, cols] = matrix_shape(first);
+    size_t bytes = 0;
+    DM_TORCH_CHECK_STATUS(dm_update_workspace_size(&config, dtype, batch, rows, cols, &bytes),
+                          "dm_update_workspace_size");
+    at::Tensor duals = at::full({with_duals ? batch : 0}, std::numeric_limits<double>::quiet_NaN(),
+                                first.options().dtype(at::kDouble));
+    int32_t *flag = status.mutable_data_ptr<int32_t>();
+    if (*flag != 0) return duals;
+    const at::Tensor values = hyperparameters.contiguous();
+    const double *h = values.const_data_ptr<double>();
+    config.lr = h[0];
+    config.weight_decay = h[1];
+    config.momentum = h[2];
+    config.radius_l0 = h[3];
+    config.radius_l1 = h[4];
+    if (dm_update_workspace_size(&config, dtype, batch, rows, cols, &bytes) != DM_OK) {
+        *flag = DM_ERR_INVALID_ARG; // only the five values can be wrong by now
+        return duals;
+    }
+    std::vector<at::Tensor> grads_contiguous;
+    std::vector<void *> param_ptrs(batch), buffer_ptrs(batch);
+    std::vector<const void *> grad_ptrs(batch);
+    for (int64_t i = 0; i < batch; ++i) {
+        grads_contiguous.push_back(grads[i].contiguous());
+        param_ptrs[i] = params[i].mutable_data_ptr();
+        buffer_ptrs[i] = momentum_buffers[i].mutable_data_ptr();
+        grad_ptrs[i] = grads_contiguous.back().const_data_ptr();
+    }
+    const dm_status st = dm_update(&config, dtype, batch, rows, cols, param_ptrs.data(),
+                                   grad_ptrs.data(), buffer_ptrs.data(),
+                                   with_duals ? duals.mutable_data_ptr<double>() : nullptr,
+                                   workspace(bytes), bytes, &kAtenGemm);
+    if (st == DM_ERR_NONFINITE) {
+        *flag = st;
+        return duals;
+    }
+    DM_TORCH_CHECK_STATUS(st, "dm_update");
+    return duals;
+}
+
 } // namespace
 
 TORCH_LIBRARY_IMPL(dropmuon, CPU, m) {
     m.impl("sharp", &sharp_cpu);
     m.impl("muon_update_", &muon_update_cpu);
+    m.impl("muon_update_capturable_", &muon_update_capturable_cpu);
 }
 
 } // namespace dropmuon

@@ -59,6 +59,17 @@ TORCH_LIBRARY(dropmuon, m) {
           "float[] ns_coefficients, float norm_scale, float norm_offset, float eps, "
           "str ns_precision, str adjust_lr_fn, str radius, float L0, float L1, "
           "bool with_duals=False) -> Tensor");
+    // muon_update_ for CUDA-graph capture: lr, weight_decay, momentum, L0 and L1 come from
+    // `hyperparameters` (float64 [5] in that order, on the params' device, read when the step
+    // runs), and NaN/Inf or out-of-range hyperparameters are reported into `status` (int32 [1]:
+    // set to the dm_status code, never cleared) instead of raising, so nothing waits for the
+    // device. On such an error, or when status is already nonzero, nothing is written (duals
+    // read NaN).
+    m.def("muon_update_capturable_(Tensor(a!)[] params, Tensor[] grads, "
+          "Tensor(b!)[] momentum_buffers, Tensor hyperparameters, Tensor(c!) status, *, "
+          "bool nesterov, str norm, float[] ns_coefficients, float norm_scale, "
+          "float norm_offset, float eps, str ns_precision, str adjust_lr_fn, str radius, "
+          "bool with_duals=False) -> Tensor");
     // P(cutoff = i) for each layer, float64 [num_layers].
     m.def("sampler_distribution(int num_layers, str kind, float[] probabilities, int tau, "
           "float progress, float shift_strength, float[] smoothness) -> Tensor");

@@ -252,6 +252,101 @@ dm_status dm_sample_layers(const dm_sampler_config *config, uint64_t step, uint8
  * output words as w = (word0 << 32) | word1, the value is (w >> 11) * 2^-53. */
 double dm_random_uniform(uint64_t seed, uint64_t step, uint64_t index);
 
+/* =============================================================================================
+ * CUDA entry points (the .cu files in csrc/cuda). Defined only in a CUDA build of the library;
+ * this header stays CUDA-free: `stream` is a cudaStream_t passed as void * (NULL: the legacy
+ * default stream).
+ *
+ * dm_cuda_sharp / dm_cuda_update compute exactly what dm_sharp / dm_update compute (same
+ * configs, dtypes, rounding of every elementwise step, zero matrix -> zero result, adaptive
+ * 0 / 0 -> 0), enqueued on `stream`. The differences:
+ *
+ *   Memory. Matrices, duals and the workspace are DEVICE memory. The pointer arrays (inputs,
+ *     outputs, params, grads, momentum_buffers) are HOST arrays of device pointers, read during
+ *     the call only: each launch carries up to DM_CUDA_TENSORS_PER_LAUNCH of them by value in
+ *     its kernel parameters, so nothing is copied to the device and a captured CUDA graph keeps
+ *     them (the tensors must then stay where they are while the graph is replayed). Nothing is
+ *     allocated; the workspace (dm_cuda_*_workspace_size bytes, 256-byte aligned, which
+ *     cudaMalloc and the caching allocators give) must stay untouched until the work is done.
+ *
+ *   Errors. Host-side checks (arguments, sizes, workspace) return their status before anything
+ *     is enqueued; a failed launch or CUDA call returns DM_ERR_CUDA, a failing provider
+ *     DM_ERR_GEMM, and in both cases no user memory is written (the passes that write it are
+ *     enqueued last). What only the device can see (NaN/Inf: DM_ERR_NONFINITE; out-of-range
+ *     device hyperparameters: DM_ERR_INVALID_ARG) is raised in a flag in the workspace, and the
+ *     final passes write nothing when it is set. `status` selects how it comes back:
+ *       NULL      synchronous: the call waits for the stream and returns the device's verdict,
+ *                 as the CPU functions do. Refused (DM_ERR_INVALID_ARG) while `stream` is being
+ *                 captured into a CUDA graph, since it must wait.
+ *       non-NULL  asynchronous and capturable: a DEVICE int32. The call never waits and returns
+ *                 DM_OK once the work is enqueued; when the work runs, a device error is stored
+ *                 into *status (first error wins; nothing ever clears it). *status is also a
+ *                 gate: when it is already nonzero as the final pass starts, that pass writes
+ *                 nothing. So a caller can zero it once per optimizer step, optionally set it
+ *                 from its own screening of every gradient first (an all-or-nothing step), run
+ *                 every update of the step, and read it once, or never inside a graph.
+ *
+ *   Products. Newton-Schulz (p x q iterates, p <= q) runs its products on the library's own
+ *     batched kernel (one launch per product for the whole batch; 32x32 or 64x64 output tiles
+ *     in shared memory, float32 accumulation for float32/bfloat16 iterates, float64 for float64)
+ *     when p <= tuning->batched_max_p or gemm is NULL, else through the provider, which must
+ *     take device pointers and enqueue its products on `stream` (the torch shim passes ATen's
+ *     cuBLAS products on the current stream: tensor cores for bfloat16). X X^T and A A are
+ *     symmetric: the batched kernel computes only the upper-triangle tiles and writes each
+ *     twice; with the provider and p >= tuning->symmetric_min_p each is computed as three
+ *     blocks of a 2x2 split (both diagonal blocks and the upper one: 3/4 of the flops) and the
+ *     lower block is mirrored. The iterates are the same up to rounding on every route.
+ * ------------------------------------------------------------------------------------------- */
+
+/* Most tensors one kernel launch carries (the launchers loop over chunks of this many). */
+#define DM_CUDA_TENSORS_PER_LAUNCH 64
+
+/* Routing of the Newton-Schulz products (see above); NULL takes these defaults. */
+#define DM_CUDA_BATCHED_MAX_P 256
+#define DM_CUDA_SYMMETRIC_MIN_P 2048
+typedef struct dm_cuda_tuning {
+    int64_t batched_max_p;   /* batched kernel for p <= this (0: always the provider, if any) */
+    int64_t symmetric_min_p; /* provider: symmetric products by blocks for p >= this (0: never) */
+} dm_cuda_tuning;
+
+/* dm_update's five numeric hyperparameters, in DEVICE memory so that they can change between
+ * replays of a captured step (a float64 tensor of 5 elements has this layout). */
+typedef struct dm_cuda_update_hyperparameters {
+    double lr;           /* >= 0, finite */
+    double weight_decay; /* >= 0, finite */
+    double momentum;     /* in [0, 1] */
+    double radius_l0;    /* ADAPTIVE: L0 >= 0, L1 >= 0, L0 + L1 > 0, both finite */
+    double radius_l1;
+} dm_cuda_update_hyperparameters;
+
+/* Workspace bytes for dm_cuda_sharp (validates like dm_sharp_workspace_size). */
+dm_status dm_cuda_sharp_workspace_size(const dm_sharp_config *config, dm_dtype dtype,
+                                       int64_t batch, int64_t rows, int64_t cols, size_t *bytes);
+
+/* dm_sharp on the device: the same arguments plus status, tuning (may be NULL) and stream. */
+dm_status dm_cuda_sharp(const dm_sharp_config *config, dm_dtype dtype, int64_t batch, int64_t rows,
+                        int64_t cols, const void *const *inputs, int64_t in_ld,
+                        void *const *outputs, int64_t out_ld, double *duals, void *workspace,
+                        size_t workspace_bytes, const dm_gemm_provider *gemm, int32_t *status,
+                        const dm_cuda_tuning *tuning, void *stream);
+
+/* Workspace bytes for dm_cuda_update (validates like dm_update_workspace_size). */
+dm_status dm_cuda_update_workspace_size(const dm_update_config *config, dm_dtype dtype,
+                                        int64_t batch, int64_t rows, int64_t cols, size_t *bytes);
+
+/* dm_update on the device: the same arguments plus hyperparameters, status, tuning (may be NULL)
+ * and stream. hyperparameters NULL: lr, weight_decay, momentum, radius_l0 and radius_l1 come
+ * from config. Non-NULL: a DEVICE struct read when the kernels run, validated there
+ * (DM_ERR_INVALID_ARG through the flag, nothing written); config's five values are then
+ * unused but must still be valid (e.g. 0, 0, 0, 1, 0). */
+dm_status dm_cuda_update(const dm_update_config *config, dm_dtype dtype, int64_t batch,
+                         int64_t rows, int64_t cols, void *const *params, const void *const *grads,
+                         void *const *momentum_buffers, double *duals, void *workspace,
+                         size_t workspace_bytes, const dm_gemm_provider *gemm,
+                         const dm_cuda_update_hyperparameters *hyperparameters, int32_t *status,
+                         const dm_cuda_tuning *tuning, void *stream);
+/* ========================================= end of CUDA entry points ========================== */
+
 #ifdef __cplusplus
 } /* extern "C" */
 #endif

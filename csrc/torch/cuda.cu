@@ -1,0 +1,313 @@
+// cuda.cu - CUDA implementations of the dropmuon operators: the checks of cpu.cpp, then the C
+// API's CUDA entry points (csrc/cuda) on the current stream, with ATen's cuBLAS products as the
+// matrix-product provider. Compiled by nvcc only in the CUDA build (setup.py).
+//
+// Errors: sharp and muon_update_ raise like the CPU kernels, which means waiting for the device
+// to learn about NaN/Inf. Inside a CUDA-graph capture they cannot wait: sharp then fills its
+// outputs with NaN first (they stay NaN when the input holds NaN/Inf), muon_update_ refuses and
+// points to muon_update_capturable_, whose status tensor carries the error instead.
+#include <ATen/ATen.h>
+#include <ATen/ops/addmm_cuda_dispatch.h>
+#include <ATen/ops/baddbmm_cuda_dispatch.h>
+#include <c10/cuda/CUDAGraphsC10Utils.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <cstdlib>
+#include <limits>
+#include <string>
+#include <vector>
+
+#include "common.h"
+
+namespace dropmuon {
+namespace {
+
+// The provider's context: the device of the call, and the message of a failing product (the
+// C API can only say DM_ERR_GEMM; the shim then raises with ATen's own words).
+struct GemmContext {
+    c10::DeviceIndex device;
+    std::string error;
+};
+
+// dm_gemm_fn over ATen on the current stream (the stream the C API was given): views the
+// caller's buffers as strided tensors and lets addmm/baddbmm pick the cuBLAS call (tensor cores
+// for bfloat16, float32 accumulation). at::cuda:: calls the CUDA kernels without the dispatcher.
+dm_status aten_cuda_gemm(void *ctx, dm_dtype dtype, int trans_a, int trans_b, int64_t batch,
+                         int64_t m, int64_t n, int64_t k, double alpha, const void *a, int64_t lda,
+                         int64_t stride_a, const void *b, int64_t ldb, int64_t stride_b,
+                         double beta, const void *c_in, void *c, int64_t ldc, int64_t stride_c) {
+    auto *context = static_cast<GemmContext *>(ctx);
+    try {
+        const auto options =
+            at::TensorOptions()
+                .dtype(dtype == DM_FLOAT64    ? at::kDouble
+                       : dtype == DM_BFLOAT16 ? at::kBFloat16
+                                              : at::kFloat)
+                .device(at::Device(at::kCUDA, context->device));
+        auto view = [&](const void *p, int64_t rows, int64_t cols, int64_t ld, int64_t stride,
+                        bool transpose) {
+            at::Tensor t = at::from_blob(const_cast<void *>(p), {batch, rows, cols},
+                                         {stride, ld, 1}, options);
+            return transpose ? t.transpose(1, 2) : t;
+        };
+        at::Tensor A = view(a, trans_a ? k : m, trans_a ? m : k, lda, stride_a, trans_a);
+        at::Tensor B = view(b, trans_b ? n : k, trans_b ? k : n, ldb, stride_b, trans_b);
+        at::Tensor C = view(c, m, n, ldc, stride_c, false);
+        at::Tensor C_in = beta == 0.0 || c_in == c ? C : view(c_in, m, n, ldc, stride_c, false);
+        if (batch == 1) {
+            at::Tensor C0 = C.select(0, 0);
+            at::cuda::addmm_out(C0, C_in.select(0, 0), A.select(0, 0), B.select(0, 0), beta,
+                                alpha);
+        } else {
+            at::cuda::baddbmm_out(C, C_in, A, B, beta, alpha);
+        }
+        return DM_OK;
+    } catch (const std::exception &e) {
+        context->error = e.what();
+        return DM_ERR_GEMM;
+    }
+}
+
+// Routing knobs of the Newton-Schulz products (dm_cuda_tuning), read at every call so that
+// benchmarks and tests can compare the routes in one process:
+//   DROPMUON_CUDA_BATCHED_MAX_P    batched kernel for p <= this (default 256; 0: cuBLAS always)
+//   DROPMUON_CUDA_SYMMETRIC_MIN_P  cuBLAS: symmetric products by blocks for p >= this
+//                                  (default 2048; 0: never)
+int64_t env_int(const char *name, int64_t fallback) {
+    const char *value = std::getenv(name);
+    if (!value || !*value) return fallback;
+    char *end = nullptr;
+    const long long parsed = std::strtoll(value, &end, 10);
+    TORCH_CHECK(end && *end == '\0' && parsed >= 0, "dropmuon: ", name,
+                " must be a non-negative integer, got '", value, "'");
+    return parsed;
+}
+
+dm_cuda_tuning tuning_from_environment() {
+    dm_cuda_tuning tuning;
+    tuning.batched_max_p = env_int("DROPMUON_CUDA_BATCHED_MAX_P", DM_CUDA_BATCHED_MAX_P);
+    tuning.symmetric_min_p = env_int("DROPMUON_CUDA_SYMMETRIC_MIN_P", DM_CUDA_SYMMETRIC_MIN_P);
+    return tuning;
+}
+
+bool capturing() {
+    return c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None;
+}
+
+// A status -> TORCH_CHECK that also tells a failing product's own message.
+void check_status(dm_status status, const char *name, const GemmContext &gemm) {
+    TORCH_CHECK(status != DM_ERR_GEMM || gemm.error.empty(), name,
+                " failed: DM_ERR_GEMM: the cuBLAS product failed: ", gemm.error);
+    TORCH_CHECK(status == DM_OK, name, " failed: ", dm_status_string(status));
+}
+
+// The workspace from the caching allocator, on the current stream (freed back to it when the
+// tensor goes: later work on this stream is ordered after the kernels that use it; inside a
+// capture it comes from the graph's private pool).
+at::Tensor workspace(size_t bytes, const at::Device &device) {
+    return at::empty({static_cast<int64_t>(bytes)},
+                     at::TensorOptions().dtype(at::kByte).device(device));
+}
+
+void *data_or_null(const at::Tensor &t) { return t.numel() > 0 ? t.mutable_data_ptr() : nullptr; }
+
+std::tuple<at::Tensor, at::Tensor> sharp_cuda(const at::Tensor &input, const std::string &norm,
+                                              at::ArrayRef<double> ns_coefficients,
+                                              double norm_scale, double norm_offset, double eps,
+                                              const std::string &ns_precision, bool with_duals) {
+    TORCH_CHECK(input.dim() == 3, "dropmuon.sharp: input must be [batch, rows, cols], got shape ",
+                input.sizes());
+    TORCH_CHECK(input.is_cuda(), "dropmuon.sharp: input is on ", input.device(),
+                ", this is the CUDA kernel");
+    const dm_dtype dtype = to_dm_dtype(input, "input");
+    const std::vector<double> coefficients = ns_coefficients.vec();
+    const dm_sharp_config config =
+        make_sharp_config(norm, coefficients, norm_scale, norm_offset, eps, ns_precision);
+
+    const c10::cuda::CUDAGuard guard(input.device());
+    const at::Tensor in = input.contiguous();
+    const int64_t batch = in.size(0), rows = in.size(1), cols = in.size(2);
+    at::Tensor out = at::empty_like(in);
+    at::Tensor duals = at::empty({with_duals ? batch : 0}, in.options().dtype(at::kDouble));
+    size_t bytes = 0;
+    DM_TORCH_CHECK_STATUS(dm_cuda_sharp_workspace_size(&config, dtype, batch, rows, cols, &bytes),
+                          "dm_cuda_sharp_workspace_size");
+    const at::Tensor ws = workspace(bytes, in.device());
+
+    const size_t elem = in.element_size(), stride = static_cast<size_t>(rows * cols) * elem;
+    std::vector<const void *> inputs(batch);
+    std::vector<void *> outputs(batch);
+    for (int64_t i = 0; i < batch; ++i) {
+        inputs[i] = static_cast<const char *>(in.const_data_ptr()) + i * stride;
+        outputs[i] = static_cast<char *>(out.mutable_data_ptr()) + i * stride;
+    }
+    // Inside a capture nothing may wait: a NaN/Inf input then leaves these NaN fills in place.
+    at::Tensor status;
+    if (capturing()) {
+        status = at::zeros({1}, in.options().dtype(at::kInt));
+        out.fill_(std::numeric_limits<double>::quiet_NaN());
+        duals.fill_(std::numeric_limits<double>::quiet_NaN());
+    }
+    GemmContext context{in.device().index(), {}};
+    const dm_gemm_provider gemm = {&aten_cuda_gemm, &context};
+    const dm_cuda_tuning tuning = tuning_from_environment();
+    const dm_status st = dm_cuda_sharp(
+        &config, dtype, batch, rows, cols, inputs.data(), cols, outputs.data(), cols,
+        with_duals ? static_cast<double *>(data_or_null(duals)) : nullptr, data_or_null(ws), bytes,
+        &gemm, status.defined() ? status.mutable_data_ptr<int32_t>() : nullptr, &tuning,
+        c10::cuda::getCurrentCUDAStream().stream());
+    check_status(st, "dm_cuda_sharp", context);
+    return {out, duals};
+}
+
+// The same-shape lists of an update, checked as cpu.cpp does; returns params[0].
+const at::Tensor &check_update_lists(at::TensorList params, at::TensorList grads,
+                                     at::TensorList momentum_buffers, const char *op) {
+    TORCH_CHECK(grads.size() == params.size() && momentum_buffers.size() == params.size(), op,
+                ": params, grads and momentum_buffers must have the same length, got ",
+                params.size(), ", ", grads.size(), ", ", momentum_buffers.size());
+    const at::Tensor &first = params[0];
+    TORCH_CHECK(first.is_cuda(), op, ": params[0] is on ", first.device(),
+                ", this is the CUDA kernel");
+    check_tensor_list(params, first, "params", true);
+    check_tensor_list(grads, first, "grads", false);
+    check_tensor_list(momentum_buffers, first, "momentum_buffers", true);
+    return first;
+}
+
+dm_update_config make_update_config(const std::vector<double> &coefficients, double lr,
+                                    double weight_decay, double momentum, bool nesterov,
+                                    const std::string &norm, double norm_scale,
+                                    double norm_offset, double eps,
+                                    const std::string &ns_precision,
+                                    const std::string &adjust_lr_fn, const std::string &radius,
+                                    double L0, double L1) {
+    dm_update_config config{};
+    config.sharp =
+        make_sharp_config(norm, coefficients, norm_scale, norm_offset, eps, ns_precision);
+    config.lr = lr;
+    config.weight_decay = weight_decay;
+    config.momentum = momentum;
+    config.nesterov = nesterov ? 1 : 0;
+    config.lr_adjust = parse_lr_adjust(adjust_lr_fn);
+    config.radius = parse_radius(radius);
+    config.radius_l0 = L0;
+    config.radius_l1 = L1;
+    return config;
+}
+
+// Runs dm_cuda_update on the lists; hyperparameters/status: device pointers or nullptr.
+at::Tensor run_update(const dm_update_config &config, at::TensorList params, at::TensorList grads,
+                      at::TensorList momentum_buffers, const double *hyperparameters,
+                      int32_t *status, bool with_duals) {
+    const at::Tensor &first = params[0];
+    const int64_t batch = static_cast<int64_t>(params.size());
+    const dm_dtype dtype = to_dm_dtype(first, "params[0]");
+    const c10::cuda::CUDAGuard guard(first.device());
+    const auto [rows, cols] = matrix_shape(first);
+    std::vector<at::Tensor> grads_contiguous;
+    std::vector<void *> param_ptrs(batch), buffer_ptrs(batch);
+    std::vector<const void *> grad_ptrs(batch);
+    for (int64_t i = 0; i < batch; ++i) {
+        grads_contiguous.push_back(grads[i].contiguous());
+        param_ptrs[i] = params[i].mutable_data_ptr();
+        buffer_ptrs[i] = momentum_buffers[i].mutable_data_ptr();
+        grad_ptrs[i] = grads_contiguous.back().const_data_ptr();
+    }
+    size_t bytes = 0;
+    DM_TORCH_CHECK_STATUS(dm_cuda_update_workspace_size(&config, dtype, batch, rows, cols, &bytes),
+                          "dm_cuda_update_workspace_size");
+    const at::Tensor ws = workspace(bytes, first.device());
+    // With a status the kernels may skip every write: the duals then read NaN, not garbage.
+    at::Tensor duals = with_duals && status
+                           ? at::full({batch}, std::numeric_limits<double>::quiet_NaN(),
+                                      first.options().dtype(at::kDouble))
+                           : at::empty({with_duals ? batch : 0}, first.options().dtype(at::kDouble));
+    GemmContext context{first.device().index(), {}};
+    const dm_gemm_provider gemm = {&aten_cuda_gemm, &context};
+    const dm_cuda_tuning tuning = tuning_from_environment();
+    const dm_status st = dm_cuda_update(
+        &config, dtype, batch, rows, cols, param_ptrs.data(), grad_ptrs.data(), buffer_ptrs.data(),
+        with_duals ? static_cast<double *>(data_or_null(duals)) : nullptr, data_or_null(ws), bytes,
+        &gemm, reinterpret_cast<const dm_cuda_update_hyperparameters *>(hyperparameters), status,
+        &tuning, c10::cuda::getCurrentCUDAStream().stream());
+    check_status(st, "dm_cuda_update", context);
+    return duals;
+}
+
+at::Tensor muon_update_cuda(at::TensorList params, at::TensorList grads,
+                            at::TensorList momentum_buffers, double lr, double weight_decay,
+                            double momentum, bool nesterov, const std::string &norm,
+                            at::ArrayRef<double> ns_coefficients, double norm_scale,
+                            double norm_offset, double eps, const std::string &ns_precision,
+                            const std::string &adjust_lr_fn, const std::string &radius, double L0,
+                            double L1, bool with_duals) {
+    if (params.empty()) {
+        TORCH_CHECK(grads.empty() && momentum_buffers.empty(),
+                    "dropmuon.muon_update_: params, grads and momentum_buffers must have the "
+                    "same length");
+        return at::empty({0}, at::TensorOptions().dtype(at::kDouble));
+    }
+    check_update_lists(params, grads, momentum_buffers, "dropmuon.muon_update_");
+    TORCH_CHECK(!capturing(),
+                "dropmuon.muon_update_ waits for the device to report NaN/Inf, so it cannot be "
+                "captured in a CUDA graph; use torch.ops.dropmuon.muon_update_capturable_ "
+                "(hyperparameters and status as device tensors)");
+    const std::vector<double> coefficients = ns_coefficients.vec();
+    const dm_update_config config =
+        make_update_config(coefficients, lr, weight_decay, momentum, nesterov, norm, norm_scale,
+                           norm_offset, eps, ns_precision, adjust_lr_fn, radius, L0, L1);
+    return run_update(config, params, grads, momentum_buffers, nullptr, nullptr, with_duals);
+}
+
+at::Tensor muon_update_capturable_cuda(at::TensorList params, at::TensorList grads,
+                                       at::TensorList momentum_buffers,
+                                       const at::Tensor &hyperparameters, const at::Tensor &status,
+                                       bool nesterov, const std::string &norm,
+                                       at::ArrayRef<double> ns_coefficients, double norm_scale,
+                                       double norm_offset, double eps,
+                                       const std::string &ns_precision,
+                                       const std::string &adjust_lr_fn, const std::string &radius,
+                                       bool with_duals) {
+    const char *op = "dropmuon.muon_update_capturable_";
+    TORCH_CHECK(hyperparameters.is_cuda() && status.is_cuda(), op,
+                ": hyperparameters and status must be CUDA tensors, got ",
+                hyperparameters.device(), " and ", status.device());
+    TORCH_CHECK(hyperparameters.scalar_type() == at::kDouble && hyperparameters.numel() == 5 &&
+                    hyperparameters.is_contiguous(),
+                op, ": hyperparameters must be a contiguous float64 tensor of 5 values "
+                    "(lr, weight_decay, momentum, L0, L1), got ",
+                hyperparameters.scalar_type(), " ", hyperparameters.sizes());
+    TORCH_CHECK(status.scalar_type() == at::kInt && status.numel() == 1, op,
+                ": status must be an int32 tensor of one element, got ", status.scalar_type(),
+                " ", status.sizes());
+    if (params.empty()) {
+        TORCH_CHECK(grads.empty() && momentum_buffers.empty(), op,
+                    ": params, grads and momentum_buffers must have the same length");
+        return at::empty({0}, hyperparameters.options());
+    }
+    const at::Tensor &first = check_update_lists(params, grads, momentum_buffers, op);
+    TORCH_CHECK(hyperparameters.device() == first.device() && status.device() == first.device(),
+                op, ": hyperparameters (", hyperparameters.device(), ") and status (",
+                status.device(), ") must be on params[0]'s device ", first.device());
+    const std::vector<double> coefficients = ns_coefficients.vec();
+    // The five device values replace these placeholders, which only have to be valid.
+    const dm_update_config config =
+        make_update_config(coefficients, 0.0, 0.0, 0.0, nesterov, norm, norm_scale, norm_offset,
+                           eps, ns_precision, adjust_lr_fn, radius, 1.0, 0.0);
+    return run_update(config, params, grads, momentum_buffers,
+                      hyperparameters.const_data_ptr<double>(), status.mutable_data_ptr<int32_t>(),
+                      with_duals);
+}
+
+} // namespace
+
+TORCH_LIBRARY_IMPL(dropmuon, CUDA, m) {
+    m.impl("sharp", &sharp_cuda);
+    m.impl("muon_update_", &muon_update_cuda);
+    m.impl("muon_update_capturable_", &muon_update_capturable_cuda);
+}
+
+} // namespace dropmuon
