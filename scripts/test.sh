@@ -21,7 +21,9 @@ ctest --test-dir build/c-sanitize --output-on-failure -j "$(nproc)" | tail -n 3
 if command -v nvcc >/dev/null && compgen -G "csrc/cuda/*.cu" >/dev/null; then
     echo "== CUDA compile check: every csrc/cuda/*.cu with nvcc for sm_90"
     cmake -S . -B build/cuda-check -DDM_BUILD_TESTS=OFF -DDM_CUDA_CHECK=ON >/dev/null
-    cmake --build build/cuda-check -j "$(nproc)"
+    cmake --build build/cuda-check -j "$(nproc)" >build/cuda-check/build.log 2>&1 ||
+        { cat build/cuda-check/build.log; exit 1; }
+    grep -o "compile check: .*" build/cuda-check/build.log || echo "(all up to date)"
 fi
 
 if [ -x tests/fuzz/run.sh ]; then

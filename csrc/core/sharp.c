@@ -357,6 +357,7 @@ dm_status dm_sharp(const dm_sharp_config *config, dm_dtype dtype, int64_t batch,
         (rows - 1 > (INT64_MAX - cols) / in_ld || rows - 1 > (INT64_MAX - cols) / out_ld))
         return DM_ERR_SHAPE;
 
+    if (batch == 0) return DM_OK; /* nothing to do; the workspace may be NULL */
     if (rows == 0 || cols == 0) {
         for (int64_t b = 0; duals && b < batch; ++b) duals[b] = 0.0;
         return DM_OK;

@@ -121,6 +121,7 @@ dm_status dm_update(const dm_update_config *config, dm_dtype dtype, int64_t batc
         for (int64_t b = 0; b < batch; ++b)
             if (!params[b] || !grads[b] || !momentum_buffers[b]) return DM_ERR_INVALID_ARG;
     if (needed > 0 && (!workspace || workspace_bytes < needed)) return DM_ERR_WORKSPACE;
+    if (batch == 0) return DM_OK; /* nothing to do; the workspace may be NULL */
     if (rows == 0 || cols == 0) {
         for (int64_t b = 0; duals && b < batch; ++b) duals[b] = 0.0;
         return DM_OK;

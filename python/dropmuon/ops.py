@@ -101,6 +101,7 @@ def _warn_once(reason: str) -> None:
         )
 
 
+@torch.compiler.assume_constant_result  # fixed per process; lets Dynamo trace the wrappers
 def has_kernel(device_type: str) -> bool:
     """Whether the compiled extension has kernels for tensors on ``device_type``."""
     if EXTENSION_ERROR is not None:
@@ -295,6 +296,15 @@ if EXTENSION_ERROR is None:
     def _muon_update_fake(params, grads, momentum_buffers, with_duals=False, **kwargs):
         if not params:
             return torch.empty((0,), dtype=torch.float64)
+        batch = len(params) if with_duals else 0
+        return params[0].new_empty((batch,), dtype=torch.float64)
+
+    @torch.library.register_fake("dropmuon::muon_update_capturable_")
+    def _muon_update_capturable_fake(
+        params, grads, momentum_buffers, hyperparameters, status, with_duals=False, **kwargs
+    ):
+        if not params:
+            return hyperparameters.new_empty((0,))
         batch = len(params) if with_duals else 0
         return params[0].new_empty((batch,), dtype=torch.float64)
 

@@ -9,6 +9,7 @@ activations, below it). Frozen layers keep their parameters and optimizer state 
 
 from __future__ import annotations
 
+import copy
 import math
 from collections import defaultdict
 
@@ -30,6 +31,8 @@ from .sampling import LayerSampler, mask_from_user_sampler
 
 STATE_VERSION = 1
 SMOOTHNESS_POWER_ITERATIONS = 20
+# The dtypes of the C kernels (spectral, sign, column, row, frobenius); AdamW takes any float.
+SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
 
 
 class DropMuon(Optimizer):
@@ -49,9 +52,41 @@ class DropMuon(Optimizer):
     step when ``sharp`` is the spectral norm's (Newton-Schulz), which it is for every matrix and
     conv kernel (seen as ``out x in*kh*kw``).
 
+    Parameters by shape (the norm a parameter gets when ``norms``/``fallback`` do not say
+    otherwise): 0-D and 1-D tensors (scalars, biases, norm gains) are vectors: ``fallback``
+    (sign, or AdamW). 2-D tensors get the spectral norm. 3-D, 4-D and 5-D tensors (Conv1d/2d/3d
+    kernels; higher ranks alike) get the spectral norm of their ``size(0) x numel/size(0)``
+    view. Zero-size tensors are accepted and left as they are. Any memory layout works
+    (channels_last kernels and transposed views are updated through a row-major copy; momentum
+    buffers are row-major). Refused at construction with a ValueError: complex parameters,
+    sparse parameters, and dtypes other than float32, float64 and bfloat16 on the non-AdamW
+    norms. Refused at step with a RuntimeError, before anything changes: sparse gradients,
+    gradients whose shape/dtype/device differ from the parameter's, NaN/Inf gradients (see
+    ``nonfinite``), and hyperparameters made invalid after construction (ValueError).
+
+    With other machinery:
+
+    - Data parallel: every rank draws the same layers without communicating; DDP needs
+      ``find_unused_parameters=True`` and no ``static_graph``. :func:`dropmuon.distributed.
+      wrap_ddp` sets that up and can all-reduce only the active layers; checkpoints do not
+      depend on the world size (:mod:`dropmuon.distributed`).
+    - ``torch.compile`` of the model (before or after building the optimizer): each set of
+      active layers is one graph, since autograd's graph depends on which parameters require
+      grad. Cutoff samplings give at most ``num_layers + 1`` graphs (the extra one is the first
+      forward, which runs the layer-ordering hooks; under compilation it computes every
+      gradient and the step drops those of frozen layers), ``tau_nice`` up to
+      ``C(num_layers, tau) + 1``. Raise ``torch._dynamo.config.recompile_limit`` (8 by default)
+      above that, or Dynamo gives up and runs the model eagerly. :meth:`step` runs eagerly.
+    - Mixed precision: autocast needs nothing; bfloat16 parameters keep bfloat16 momentum in
+      its own storage, and gradients are only read. ``torch.amp.GradScaler.step`` skips
+      :meth:`step` when it finds Inf/NaN, and then nothing of DropMuon moves: the step
+      counter, the sampler and the frozen layers stay, so the retried step updates the same
+      layers.
+
     Args:
         params: an ``nn.Module`` (layers found automatically, ordered by the first forward pass),
-            an iterable of parameters (one layer each, in the given order), or param groups
+            an iterable of parameters or of (name, parameter) pairs such as
+            ``model.named_parameters()`` (one layer each, in the given order), or param groups
             (dicts); a group's ``"layer"`` (int) says which layer it belongs to (layers are
             ordered by that value, input first; groups without it are one layer each, in order),
             and its ``"norm"`` (default ``"auto"``) overrides the norm of all its parameters.
@@ -155,7 +190,7 @@ class DropMuon(Optimizer):
         self._role_norms = check_norms(norms, fallback)
         self._fallback = fallback
         lr_value = float(lr)
-        if adamw_lr is not None and not 0.0 <= adamw_lr:
+        if adamw_lr is not None and not 0.0 <= adamw_lr < math.inf:
             raise ValueError(f"Invalid learning rate: {adamw_lr}")
         if adamw_lr is not None and lr_value == 0.0 and adamw_lr != 0.0:
             raise ValueError("adamw_lr is kept as a ratio to lr, which needs lr > 0")
@@ -206,6 +241,7 @@ class DropMuon(Optimizer):
         else:
             self._apply_mask()
         self._assign_norms()
+        self._check_params()
         self.register_step_post_hook(_sample_next_layers)
 
     # ------------------------------------------------------------------------------------------
@@ -230,23 +266,34 @@ class DropMuon(Optimizer):
         items = list(params)
         if not items:
             raise ValueError("optimizer got an empty parameter list")
-        if all(isinstance(item, Tensor) for item in items):
+        if all(isinstance(item, Tensor) or _is_named(item) for item in items):
             items = [{"params": [p]} for p in items]
         if not all(isinstance(item, dict) for item in items):
-            raise TypeError("params must be a module, parameters, or param group dicts, not a mix")
+            raise TypeError(
+                "params must be a module, parameters, (name, parameter) pairs, or param group "
+                "dicts, not a mix"
+            )
         with_layer = ["layer" in g for g in items]
         if any(with_layer) and not all(with_layer):
             raise ValueError("either every param group has a 'layer' index or none does")
-        groups, layers_by_index = [], {}
+        groups, layers_by_index, given_names = [], {}, []
         for g_index, group in enumerate(items):
             group = dict(group)
-            group["params"] = (
-                [group["params"]] if isinstance(group["params"], Tensor) else list(group["params"])
-            )
+            entries = group["params"]
+            entries = [entries] if isinstance(entries, Tensor) or _is_named(entries) else entries
+            entries = list(entries)
+            named = [_is_named(e) for e in entries]
+            given_names.append([e[0] if n else None for e, n in zip(entries, named)])
+            group["params"] = [e[1] if n else e for e, n in zip(entries, named)]
             layer_key = group.get("layer", g_index)
             if not isinstance(layer_key, int) or isinstance(layer_key, bool):
                 raise ValueError(
                     f"param group {g_index}: 'layer' must be an int, got {layer_key!r}"
+                )
+            if len({id(p) for p in group["params"]}) != len(group["params"]):
+                # torch only warns; here the parameter would be updated twice per step.
+                raise ValueError(
+                    f"param group {g_index} is a parameter group with duplicate parameters"
                 )
             for p in group["params"]:
                 if isinstance(p, Tensor) and not p.requires_grad:
@@ -256,6 +303,11 @@ class DropMuon(Optimizer):
                     )
             groups.append(group)
             layers_by_index.setdefault(layer_key, []).append(g_index)
+        flat = [n is not None for names_ in given_names for n in names_]
+        if any(flat) and not all(flat):
+            raise ValueError(
+                "all optimizer params should be with/without names. Some param names are missing"
+            )
         # Layers ordered by their 'layer' value, renumbered 0..b-1.
         ranks = {key: rank for rank, key in enumerate(sorted(layers_by_index))}
         layers = [Layer(rank, f"layer {key}") for key, rank in ranks.items()]
@@ -264,7 +316,7 @@ class DropMuon(Optimizer):
             rank = ranks[group.get("layer", g_index)]
             group["layer"] = rank
             for p_index, p in enumerate(group["params"]):
-                name = f"param_groups[{g_index}][{p_index}]"
+                name = given_names[g_index][p_index] or f"param_groups[{g_index}][{p_index}]"
                 names[id(p)] = name
                 layers[rank].params.append((name, p))
         return layers, groups, names
@@ -304,6 +356,26 @@ class DropMuon(Optimizer):
                     norms.append(resolve_norm(role, self._role_norms, self._fallback))
             group["param_norms"] = norms
 
+    def _check_params(self) -> None:
+        """Rejects, at construction, the parameters no norm can update (see the class docs)."""
+        for group in self.param_groups:
+            for p, norm in zip(group["params"], group["param_norms"]):
+                name = self._param_names[id(p)]
+                if torch.is_complex(p):
+                    raise ValueError(
+                        f"DropMuon does not support complex parameters ({name}, {p.dtype}): keep "
+                        "it out of the optimizer (requires_grad=False, or leave it out of the "
+                        "param groups) or store it as torch.view_as_real"
+                    )
+                if p.layout != torch.strided:
+                    raise ValueError(f"DropMuon does not support {p.layout} parameters ({name})")
+                if norm != "adamw" and p.dtype not in SUPPORTED_DTYPES:
+                    raise ValueError(
+                        f"DropMuon's {norm} update supports float32, float64 and bfloat16 "
+                        f"parameters; {name} is {p.dtype} (cast the model, or put it on "
+                        "fallback='adamw' if it is a vector)"
+                    )
+
     def _layer_index(self, group) -> int:
         """The construction index of a group's layer (the position may differ after a trace)."""
         p = group["params"][0]
@@ -330,6 +402,11 @@ class DropMuon(Optimizer):
         return mask_from_user_sampler(self.sampler, step, self._num_layers)
 
     def _freeze_during_trace(self, layer: Layer, position: int) -> None:
+        if torch.compiler.is_compiling():
+            # Inside a graph being traced, requires_grad cannot change (it would break the
+            # graph, and Dynamo then leaves the whole model uncompiled). The first step then
+            # computes every gradient, and the step drops those of the frozen layers.
+            return
         for _, p in layer.params:
             set_trainable(p, self._mask[position])
             if not self._mask[position]:
@@ -417,17 +494,14 @@ class DropMuon(Optimizer):
         for group in self.param_groups:
             if not self._mask[group["layer"]]:
                 continue
+            checked = False
             for index, p in enumerate(group["params"]):
                 if p.grad is None:
                     continue
-                if torch.is_complex(p):
-                    raise RuntimeError(
-                        f"DropMuon does not support complex parameters ({self._param_names[id(p)]})"
-                    )
-                if p.grad.is_sparse:
-                    raise RuntimeError(
-                        f"DropMuon does not support sparse gradients ({self._param_names[id(p)]})"
-                    )
+                if not checked:  # a scheduler or the user may have changed the group since
+                    _check_step_hyperparameters(group)
+                    checked = True
+                _check_grad(p, self._param_names[id(p)])
                 by_layer[group["layer"]].append((group, index, p))
         self._screen_nonfinite(by_layer)
         if self._estimate:
@@ -480,11 +554,20 @@ class DropMuon(Optimizer):
         for p in params:
             state = self.state[p]
             if "momentum_buffer" not in state:
-                state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                # Row-major whatever p's layout: the kernels update (rows x cols) matrices in
+                # place, and a channels_last buffer would not be one.
+                state["momentum_buffer"] = torch.zeros_like(
+                    p, memory_format=torch.contiguous_format
+                )
+            elif not state["momentum_buffer"].is_contiguous():  # e.g. from an older checkpoint
+                state["momentum_buffer"] = state["momentum_buffer"].contiguous()
             bufs.append(state["momentum_buffer"])
+        # Parameters stored otherwise (channels_last conv kernels, transposed views) are updated
+        # through a row-major copy that is written back.
+        work = [p if p.is_contiguous() else p.contiguous() for p in params]
         adjust = group["adjust_lr_fn"] or "original"
         ops.muon_update_(
-            params,
+            work,
             grads,
             bufs,
             lr=float(group["lr"]),
@@ -500,6 +583,9 @@ class DropMuon(Optimizer):
             L0=group["L0"],
             L1=group["L1"],
         )
+        for p, w in zip(params, work):
+            if w is not p:
+                p.copy_(w)
 
     def _adamw(self, group, params: list[Tensor]) -> None:
         """AdamW (torch.optim.AdamW's arithmetic) for the parameters on the fallback."""
@@ -560,6 +646,15 @@ class DropMuon(Optimizer):
     # ------------------------------------------------------------------------------------------
 
     def state_dict(self):
+        """torch's layout (``state``, ``param_groups``; ``momentum_buffer``, AdamW's ``exp_avg``,
+        ``exp_avg_sq``, ``step``) plus a ``dropmuon`` section: step counter, sampler, layer
+        names and statistics. Only tensors, numbers, strings, lists and dicts: it loads with
+        ``torch.load(..., weights_only=True)``.
+
+        The state is the same on every data-parallel rank (DropMuon keeps a full replica, and
+        every rank draws the same layers), so a checkpoint does not depend on the world size:
+        save it on one rank, load it on every rank of any world size (``world_size`` is
+        recorded for information only; see :mod:`dropmuon.distributed`)."""
         state = super().state_dict()
         sampler_state = self.sampler.state_dict() if hasattr(self.sampler, "state_dict") else None
         state["dropmuon"] = dict(
@@ -572,28 +667,43 @@ class DropMuon(Optimizer):
             skipped_nonfinite=list(self.skipped_nonfinite),
             smoothness=[-1.0 if v is None else float(v) for v in self.smoothness],
             last_step_norm=[-1.0 if v is None else float(v) for v in self._last_step_norm],
+            world_size=_world_size(),
         )
         return state
 
     def load_state_dict(self, state_dict) -> None:
         """Restores a checkpoint written by :meth:`state_dict`, validating it against this
-        optimizer first (a mismatch raises ValueError and changes nothing)."""
-        extra = state_dict.get("dropmuon")
+        optimizer first: a different model, partition, norm assignment or sampler raises
+        ValueError and changes nothing. A checkpoint written under another world size loads
+        as is (see :meth:`state_dict`)."""
+        extra = state_dict.get("dropmuon") if isinstance(state_dict, dict) else None
         if extra is None:
             raise ValueError("not a DropMuon checkpoint: it has no 'dropmuon' section")
         if extra.get("version") != STATE_VERSION:
             raise ValueError(f"unsupported DropMuon checkpoint version {extra.get('version')!r}")
+        missing = [key for key in _CHECKPOINT_KEYS if key not in extra]
+        if missing or "param_groups" not in state_dict or "state" not in state_dict:
+            raise ValueError(
+                f"incomplete DropMuon checkpoint: missing {missing or ['state/param_groups']}"
+            )
         if extra["num_layers"] != self._num_layers:
             raise ValueError(
                 f"checkpoint has {extra['num_layers']} layers, this optimizer "
                 f"{self._num_layers}: a different model or partition"
             )
+        for key in ("update_counts", "skipped_nonfinite", "smoothness", "last_step_norm"):
+            if len(extra[key]) != self._num_layers:
+                raise ValueError(
+                    f"checkpoint's {key} has {len(extra[key])} entries, not one per layer"
+                )
         saved_groups = state_dict["param_groups"]
         if len(saved_groups) != len(self.param_groups):
             raise ValueError(
                 f"checkpoint has {len(saved_groups)} param groups, this optimizer "
                 f"{len(self.param_groups)}: a different model or partition"
             )
+        if sorted({g.get("layer") for g in saved_groups}) != list(range(self._num_layers)):
+            raise ValueError("checkpoint's layer indices are not 0..num_layers-1")
         for g_index, (mine, saved) in enumerate(zip(self.param_groups, saved_groups)):
             if len(mine["params"]) != len(saved["params"]):
                 raise ValueError(
@@ -617,12 +727,19 @@ class DropMuon(Optimizer):
                         f"parameter {self._param_names[id(p)]} has shape {tuple(p.shape)} here "
                         f"and {tuple(shape)} in the checkpoint: a different model"
                     )
-        if extra["sampler"] is not None and hasattr(self.sampler, "load_state_dict"):
-            self.sampler.load_state_dict(extra["sampler"])
+        # The sampler is restored on a copy first, so that a mismatch changes nothing.
+        sampler = self.sampler
+        if extra["sampler"] is not None and isinstance(self.sampler, LayerSampler):
+            sampler = copy.deepcopy(self.sampler)
+            sampler.load_state_dict(extra["sampler"])
+        elif extra["sampler"] is not None and hasattr(self.sampler, "load_state_dict"):
+            self.sampler.load_state_dict(extra["sampler"])  # a user sampler: its own checks
+
+        super().load_state_dict(state_dict)
+        self.sampler = sampler
         if self._trace is not None:  # the checkpoint's order replaces the first-forward trace
             self._trace.finish()
             self._trace = None
-        super().load_state_dict(state_dict)
         self._step_count = int(extra["step"])
         self.update_counts = list(extra["update_counts"])
         self.skipped_nonfinite = list(extra["skipped_nonfinite"])
@@ -664,6 +781,35 @@ class Muon(DropMuon):
 # ----------------------------------------------------------------------------------------------
 
 
+def _is_named(entry) -> bool:
+    """A (name, parameter) pair, as model.named_parameters() yields."""
+    return (
+        isinstance(entry, tuple)
+        and len(entry) == 2
+        and isinstance(entry[0], str)
+        and isinstance(entry[1], Tensor)
+    )
+
+
+_CHECKPOINT_KEYS = (
+    "step",
+    "num_layers",
+    "sampler",
+    "update_counts",
+    "skipped_nonfinite",
+    "smoothness",
+    "last_step_norm",
+)
+
+
+def _world_size() -> int:
+    """The default process group's size, 1 outside torch.distributed."""
+    distributed = torch.distributed
+    if distributed.is_available() and distributed.is_initialized():
+        return distributed.get_world_size()
+    return 1
+
+
 def _sample_next_layers(optimizer: DropMuon, args, kwargs) -> None:
     """Step post-hook: the next step's layers, frozen below the cutoff right away."""
     optimizer._step_count += 1
@@ -684,38 +830,49 @@ def _check_hyperparameters(
     adamw_betas,
     adamw_eps,
 ) -> None:
-    """torch.optim.Muon's checks and messages for the shared arguments, then ours."""
+    """torch.optim.Muon's checks and messages for the shared arguments, then ours. Infinite
+    values, which torch lets through, are rejected too: the kernels refuse them, and an error at
+    construction beats one in the middle of a step."""
     if isinstance(lr, Tensor) and lr.numel() != 1:
         raise ValueError("Tensor lr must be 1-element")
     if not 0.0 <= lr:
         raise ValueError(f"Learning rate should be >= 0 but is: {lr}")
+    if not math.isfinite(lr):
+        raise ValueError(f"Learning rate should be finite but is: {lr}")
     if not 0.0 <= momentum:
         raise ValueError(f"momentum should be >= 0 but is: {momentum}")
     if not momentum <= 1.0:
         raise ValueError(f"momentum should be <= 1 but is: {momentum}")
     if not 0.0 <= weight_decay:
         raise ValueError(f"weight decay should be >= 0 but is: {weight_decay}")
+    if not math.isfinite(weight_decay):
+        raise ValueError(f"weight decay should be finite but is: {weight_decay}")
     if adjust_lr_fn is not None and adjust_lr_fn not in ["original", "match_rms_adamw"]:
         raise ValueError(f"Adjust learning rate function {adjust_lr_fn} is not supported")
-    if not 0.0 <= eps:
+    if not 0.0 <= eps or not math.isfinite(eps):
         raise ValueError(f"Invalid epsilon value: {eps}")
     if ns_precision not in ("native", "bfloat16"):
         raise ValueError(f"ns_precision must be 'native' or 'bfloat16', got {ns_precision!r}")
     if radius not in ("fixed", "adaptive"):
         raise ValueError(f"radius must be 'fixed' or 'adaptive', got {radius!r}")
-    if not (0.0 <= L0 and 0.0 <= L1 and L0 + L1 > 0):
-        raise ValueError(f"L0 and L1 must be >= 0 with L0 + L1 > 0, got L0={L0}, L1={L1}")
+    if not (0.0 <= L0 < math.inf and 0.0 <= L1 < math.inf and L0 + L1 > 0):
+        raise ValueError(
+            f"L0 and L1 must be finite and >= 0 with L0 + L1 > 0, got L0={L0}, L1={L1}"
+        )
+    if len(adamw_betas) != 2:
+        raise ValueError(f"adamw_betas must be a pair (beta1, beta2), got {adamw_betas!r}")
     beta1, beta2 = adamw_betas
     if not 0.0 <= beta1 < 1.0:
         raise ValueError(f"Invalid beta parameter at index 0: {beta1}")
     if not 0.0 <= beta2 < 1.0:
         raise ValueError(f"Invalid beta parameter at index 1: {beta2}")
-    if not 0.0 <= adamw_eps:
+    if not 0.0 <= adamw_eps or not math.isfinite(adamw_eps):
         raise ValueError(f"Invalid epsilon value: {adamw_eps}")
 
 
-def _check_group(group) -> None:
-    """The per-group checks (a group may override the defaults)."""
+def _check_step_hyperparameters(group) -> None:
+    """The numeric checks of _check_group, repeated at each step (a few comparisons per group):
+    an LR scheduler or the user may have written a bad value into the group since."""
     _check_hyperparameters(
         group["lr"],
         group["weight_decay"],
@@ -729,6 +886,25 @@ def _check_group(group) -> None:
         group["betas"],
         group["adamw_eps"],
     )
+
+
+def _check_grad(p: Tensor, name: str) -> None:
+    """A gradient the update can use, checked before anything is modified."""
+    if p.grad.is_sparse:
+        raise RuntimeError(
+            f"DropMuon does not support sparse gradients ({name}); use a dense embedding "
+            "(sparse=False) or put that parameter on another optimizer"
+        )
+    if p.grad.shape != p.shape or p.grad.dtype != p.dtype or p.grad.device != p.device:
+        raise RuntimeError(
+            f"the gradient of {name} is {p.grad.dtype} {tuple(p.grad.shape)} on {p.grad.device}, "
+            f"the parameter {p.dtype} {tuple(p.shape)} on {p.device}: they must match"
+        )
+
+
+def _check_group(group) -> None:
+    """The per-group checks (a group may override the defaults)."""
+    _check_step_hyperparameters(group)
     ops.ns_schedule(group["ns_coefficients"], group["ns_steps"])
     if group["norm"] != "auto":
         check_norms({"matrix": group["norm"]}, "sign")
@@ -754,6 +930,15 @@ def _group_key(group, norm: str) -> tuple:
     )
 
 
+def _as_matrix(t: Tensor) -> Tensor:
+    """t as the (rows x cols) matrix the kernels see: (size(0), numel / size(0)), 0-D as 1 x 1,
+    and zero-size tensors included (reshape cannot infer -1 for them)."""
+    if t.dim() == 0:
+        return t.reshape(1, 1)
+    rows = t.shape[0]
+    return t.reshape(rows, t.numel() // rows if rows else 0)
+
+
 def _geometry(norm: str) -> str:
     """The norm whose dual and primal values the smoothness secant uses."""
     return "frobenius" if norm == "adamw" else norm
@@ -761,7 +946,7 @@ def _geometry(norm: str) -> str:
 
 def _dual_norm(t: Tensor, norm: str) -> float:
     """||t||_* for the layer's norm: <t, sharp(t)> (nuclear norm for spectral, by NS)."""
-    matrix = t.reshape(t.shape[0], -1) if t.dim() >= 1 else t.reshape(1, 1)
+    matrix = _as_matrix(t)
     _, dual = ops.sharp(
         matrix.float(),
         norm=norm,
@@ -775,7 +960,9 @@ def _dual_norm(t: Tensor, norm: str) -> float:
 def _primal_norm(t: Tensor, norm: str) -> float:
     """||t|| in the layer's norm (the largest singular value, by power iteration, for
     spectral)."""
-    m = (t.reshape(t.shape[0], -1) if t.dim() >= 1 else t.reshape(1, 1)).double()
+    m = _as_matrix(t).double()
+    if m.numel() == 0:
+        return 0.0
     if norm == "spectral":
         v = torch.ones(m.shape[1], dtype=m.dtype, device=m.device)
         v[::2] = -0.5  # not orthogonal to typical top singular vectors; deterministic

@@ -369,6 +369,10 @@ TEST(Update, ZeroSizes) {
                   DM_OK);
         for (int64_t b = 0; b < 2; ++b) EXPECT_EQ(duals[b], b < s[0] ? 0.0 : 4.0);
     }
+    // batch 0 needs no arrays and no workspace at all (found by tests/fuzz: NULL + 0 before).
+    EXPECT_EQ(dm_update(&config, DM_FLOAT32, 0, 7, 7, nullptr, nullptr, nullptr, nullptr, nullptr,
+                        0, nullptr),
+              DM_OK);
 }
 
 // ---- one test per error code ----------------------------------------------------------------
