@@ -70,7 +70,8 @@ def ns_schedule(ns_coefficients="muon", ns_steps: int | None = 5) -> NewtonSchul
     values = list(ns_coefficients)
     if len(values) == 3 and all(isinstance(v, (int, float)) for v in values):
         return NewtonSchulzSchedule(_flatten([values] * (5 if ns_steps is None else ns_steps)))
-    if not values or any(len(t) != 3 for t in values):
+    # A short or long tuple of numbers is neither a triple nor a list of triples.
+    if not values or any(not isinstance(t, (list, tuple)) or len(t) != 3 for t in values):
         raise ValueError(f"ns_coefficients must be a triple or a list of triples, got {values!r}")
     if ns_steps is not None and ns_steps != len(values):
         raise ValueError(

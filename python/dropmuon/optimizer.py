@@ -533,10 +533,12 @@ class DropMuon(Optimizer):
         items = [(layer, p) for layer, entries in by_layer.items() for _, _, p in entries]
         if not items:
             return
-        finite = torch.stack([torch.isfinite(p.grad).all().cpu() for _, p in items]).tolist()
+        # A sum is NaN/Inf when an element is, and costs a fraction of isfinite().all(); it can
+        # also overflow on finite values, so a non-finite sum is confirmed element by element.
+        sums = torch.stack([p.grad.sum(dtype=torch.float32).cpu() for _, p in items]).tolist()
         bad_layers = {}
-        for (layer, p), ok in zip(items, finite):
-            if not ok:
+        for (layer, p), total in zip(items, sums):
+            if not math.isfinite(total) and not torch.isfinite(p.grad).all():
                 bad_layers.setdefault(layer, self._param_names[id(p)])
         for layer, name in bad_layers.items():
             if self._nonfinite == "raise":
@@ -727,6 +729,21 @@ class DropMuon(Optimizer):
                         f"parameter {self._param_names[id(p)]} has shape {tuple(p.shape)} here "
                         f"and {tuple(shape)} in the checkpoint: a different model"
                     )
+        # Each parameter's saved state must fit it, or the first step would fail half-way.
+        saved_ids = [key for saved in saved_groups for key in saved["params"]]
+        mine = [p for group in self.param_groups for p in group["params"]]
+        for key, p in zip(saved_ids, mine):
+            entry = state_dict["state"].get(key, {})
+            name = self._param_names[id(p)]
+            adamw = [k for k in ("step", "exp_avg", "exp_avg_sq") if k in entry]
+            if 0 < len(adamw) < 3:
+                raise ValueError(f"the checkpoint's AdamW state of {name} is incomplete: {adamw}")
+            for k, value in entry.items():
+                if k != "step" and isinstance(value, Tensor) and value.shape != p.shape:
+                    raise ValueError(
+                        f"the checkpoint's {k} of {name} has shape {tuple(value.shape)}, the "
+                        f"parameter {tuple(p.shape)}: a corrupted checkpoint"
+                    )
         # The sampler is restored on a copy first, so that a mismatch changes nothing.
         sampler = self.sampler
         if extra["sampler"] is not None and isinstance(self.sampler, LayerSampler):
@@ -871,8 +888,8 @@ def _check_hyperparameters(
 
 
 def _check_step_hyperparameters(group) -> None:
-    """The numeric checks of _check_group, repeated at each step (a few comparisons per group):
-    an LR scheduler or the user may have written a bad value into the group since."""
+    """The checks of _check_group but the norm, repeated at each step (a few comparisons per
+    group): an LR scheduler or the user may have written a bad value into the group since."""
     _check_hyperparameters(
         group["lr"],
         group["weight_decay"],
@@ -886,6 +903,7 @@ def _check_step_hyperparameters(group) -> None:
         group["betas"],
         group["adamw_eps"],
     )
+    ops.ns_schedule(group["ns_coefficients"], group["ns_steps"])
 
 
 def _check_grad(p: Tensor, name: str) -> None:
@@ -905,7 +923,6 @@ def _check_grad(p: Tensor, name: str) -> None:
 def _check_group(group) -> None:
     """The per-group checks (a group may override the defaults)."""
     _check_step_hyperparameters(group)
-    ops.ns_schedule(group["ns_coefficients"], group["ns_steps"])
     if group["norm"] != "auto":
         check_norms({"matrix": group["norm"]}, "sign")
     group["param_shapes"] = [list(p.shape) for p in group["params"]]

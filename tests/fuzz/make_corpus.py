@@ -63,8 +63,9 @@ def batch(n):
 PLAIN, PADDED, ALIASED = 8, 3 + 8 + (4 << 5), 0
 
 
-def sharp_seed(norm, dtype, precision, rows, cols, n=2, ld_mode=PLAIN, one_block=0, provider=0,
-               nan=False):
+def sharp_seed(
+    norm, dtype, precision, rows, cols, n=2, ld_mode=PLAIN, one_block=0, provider=0, nan=False
+):
     out = u8(SHARP) + sharp_config(norm, precision) + enum(dtype) + batch(n)
     out += size(rows) + size(cols) + u8(ld_mode) + u8(1) + u8(1) + u8(one_block) + u8(provider)
     if provider == 3:
@@ -75,8 +76,9 @@ def sharp_seed(norm, dtype, precision, rows, cols, n=2, ld_mode=PLAIN, one_block
     return out + u8(0) + u8(1)  # exact workspace, not NULL
 
 
-def update_seed(norm, dtype, precision, rows, cols, n=2, nesterov=1, adjust=1, radius=0,
-                provider=0):
+def update_seed(
+    norm, dtype, precision, rows, cols, n=2, nesterov=1, adjust=1, radius=0, provider=0
+):
     out = u8(UPDATE) + sharp_config(norm, precision)
     out += TYPICAL * 3 + u8(0) + u8(nesterov) + enum(adjust) + enum(radius) + TYPICAL * 2
     out += enum(dtype) + batch(n) + size(rows) + size(cols) + u8(1) + u8(1) + u8(provider)

@@ -583,3 +583,17 @@ def test_describe_lists_layers_and_norms():
     assert "0.weight (4, 2, 3, 3) spectral as 4x18" in text
     assert "0.bias (4,) adamw" in text
     assert text.count("0.333") == 3
+
+
+def test_huge_finite_gradients_are_not_taken_for_nonfinite():
+    # Their float32 sum overflows to inf (the cheap screen); the exact check must clear them.
+    model = small_net()
+    opt = dropmuon.Muon(model, lr=0.01, ns_precision="native")
+    before = [p.detach().clone() for p in model.parameters()]
+    for p in model.parameters():
+        p.grad = torch.full_like(p, 3e38)
+    opt.step()
+    for p, old in zip(model.parameters(), before):
+        assert torch.isfinite(p).all()
+        assert not torch.equal(p, old)
+    assert opt.skipped_nonfinite == [0] * len(opt.skipped_nonfinite)
