@@ -39,6 +39,11 @@ core_library = (
     },
 )
 
+# at::parallel_for is inline OpenMP in torch's CPU build: without -fopenmp the shim's passes
+# would run on one thread. The extension then uses the libgomp.so.1 torch has already loaded.
+CXX_FLAGS = ["-O3", "-Wall", "-fopenmp"]
+LINK_FLAGS = ["-fopenmp"]
+
 WITH_CUDA = (
     torch.version.cuda is not None
     and CUDA_HOME is not None
@@ -52,9 +57,10 @@ if WITH_CUDA:
         sources=sources("csrc/torch/*.cpp") + sources("csrc/*/*.cu"),
         include_dirs=[os.path.join(ROOT, "csrc/include"), os.path.join(ROOT, "csrc/core")],
         extra_compile_args={
-            "cxx": ["-O3", "-Wall"],
+            "cxx": CXX_FLAGS,
             "nvcc": ["-O3", "-lineinfo"],  # -std: torch picks the one its headers need
         },
+        extra_link_args=LINK_FLAGS,
         libraries=["dropmuon_core"],
     )
 else:
@@ -62,7 +68,8 @@ else:
         name="dropmuon._C",
         sources=sources("csrc/torch/*.cpp"),
         include_dirs=[os.path.join(ROOT, "csrc/include")],
-        extra_compile_args={"cxx": ["-O3", "-Wall"]},
+        extra_compile_args={"cxx": CXX_FLAGS},
+        extra_link_args=LINK_FLAGS,
         libraries=["dropmuon_core"],
     )
 

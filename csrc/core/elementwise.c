@@ -77,22 +77,68 @@ DEFINE_CONVERT(bf16, bf16, float)
     case DM_BFLOAT16 * 3 + DM_BFLOAT16: ASSIGN FN##_bf16_bf16 ARGS; break;                         \
     }
 
-void dm_convert(const void *src, dm_dtype src_dtype, void *dst, dm_dtype dst_dtype, size_t n,
-                double scale) {
-    DISPATCH_PAIR(convert, src_dtype, dst_dtype, (src, dst, n, scale), )
+/* The public passes below cut their range for the provider's threads; the typed functions
+ * above do each piece. */
+typedef struct pair_job {
+    const void *x;
+    dm_dtype x_dtype;
+    const void *y; /* dm_dot's second operand */
+    void *dst;
+    dm_dtype dst_dtype;
+    int64_t x_ld, dst_ld, cols; /* dm_convert_transposed */
+    double scale;
+} pair_job;
+
+static inline const void *dm_offset(const void *base, dm_dtype dtype, int64_t k) {
+    return (const unsigned char *)base + (size_t)k * dm_dtype_size(dtype);
 }
 
-void dm_convert_transposed(const void *src, dm_dtype src_dtype, int64_t src_ld, void *dst,
-                           dm_dtype dst_dtype, int64_t dst_ld, int64_t rows, int64_t cols,
-                           double scale) {
-    DISPATCH_PAIR(transpose, src_dtype, dst_dtype,
-                  (src, src_ld, dst, dst_ld, rows, cols, scale), )
+static void convert_range(void *arg, int64_t begin, int64_t end) {
+    const pair_job *job = arg;
+    DISPATCH_PAIR(convert, job->x_dtype, job->dst_dtype,
+                  (dm_offset(job->x, job->x_dtype, begin),
+                   (void *)dm_offset(job->dst, job->dst_dtype, begin), (size_t)(end - begin),
+                   job->scale), )
 }
 
-double dm_dot(const void *x, dm_dtype x_dtype, const void *y, dm_dtype y_dtype, size_t n) {
+void dm_convert(const dm_gemm_provider *threads, const void *src, dm_dtype src_dtype, void *dst,
+                dm_dtype dst_dtype, size_t n, double scale) {
+    const pair_job job = {.x = src, .x_dtype = src_dtype, .dst = dst, .dst_dtype = dst_dtype,
+                          .scale = scale};
+    dm_parallel_for(threads, (int64_t)n, DM_PARALLEL_GRAIN, convert_range, (void *)&job);
+}
+
+/* Source rows [begin, end): destination columns [begin, end). */
+static void transpose_range(void *arg, int64_t begin, int64_t end) {
+    const pair_job *job = arg;
+    DISPATCH_PAIR(transpose, job->x_dtype, job->dst_dtype,
+                  (dm_offset(job->x, job->x_dtype, begin * job->x_ld), job->x_ld,
+                   (void *)dm_offset(job->dst, job->dst_dtype, begin), job->dst_ld, end - begin,
+                   job->cols, job->scale), )
+}
+
+void dm_convert_transposed(const dm_gemm_provider *threads, const void *src, dm_dtype src_dtype,
+                           int64_t src_ld, void *dst, dm_dtype dst_dtype, int64_t dst_ld,
+                           int64_t rows, int64_t cols, double scale) {
+    const pair_job job = {.x = src, .x_dtype = src_dtype, .dst = dst, .dst_dtype = dst_dtype,
+                          .x_ld = src_ld, .dst_ld = dst_ld, .cols = cols, .scale = scale};
+    dm_parallel_for(threads, rows, dm_row_grain(cols), transpose_range, (void *)&job);
+}
+
+static double dot_chunk(void *arg, size_t begin, size_t end) {
+    const pair_job *job = arg;
     double result = NAN;
-    DISPATCH_PAIR(dot, x_dtype, y_dtype, (x, y, n), result =)
+    DISPATCH_PAIR(dot, job->x_dtype, job->dst_dtype,
+                  (dm_offset(job->x, job->x_dtype, (int64_t)begin),
+                   dm_offset(job->y, job->dst_dtype, (int64_t)begin), end - begin),
+                  result =)
     return result;
+}
+
+double dm_dot(const dm_gemm_provider *threads, const void *x, dm_dtype x_dtype, const void *y,
+              dm_dtype y_dtype, size_t n) {
+    pair_job job = {.x = x, .x_dtype = x_dtype, .y = y, .dst_dtype = y_dtype};
+    return dm_parallel_sum(threads, n, dot_chunk, &job);
 }
 
 #define SQUARE_f32(k) ((double)LOAD_f32(x, k) * (double)LOAD_f32(x, k))
@@ -101,13 +147,23 @@ double dm_dot(const void *x, dm_dtype x_dtype, const void *y, dm_dtype y_dtype, 
 #define ABS_f64(k) fabs(LOAD_f64(x, k))
 
 /* The compute types only: float32 or float64. */
-DM_VECTORIZE double dm_sum_squares(const void *x, dm_dtype dtype, size_t n) {
+DM_VECTORIZE static double sum_squares(const void *x, dm_dtype dtype, size_t n) {
     double acc;
     if (dtype == DM_FLOAT64)
         DM_REDUCE(n, SQUARE_f64, acc);
     else
         DM_REDUCE(n, SQUARE_f32, acc);
     return acc;
+}
+
+static double sum_squares_chunk(void *arg, size_t begin, size_t end) {
+    const pair_job *job = arg;
+    return sum_squares(dm_offset(job->x, job->x_dtype, (int64_t)begin), job->x_dtype, end - begin);
+}
+
+double dm_sum_squares(const dm_gemm_provider *threads, const void *x, dm_dtype dtype, size_t n) {
+    pair_job job = {.x = x, .x_dtype = dtype};
+    return dm_parallel_sum(threads, n, sum_squares_chunk, &job);
 }
 
 DM_VECTORIZE double dm_sum_abs(const void *x, dm_dtype dtype, size_t n) {
@@ -133,8 +189,23 @@ DM_VECTORIZE void dm_column_sum_squares(const void *x, dm_dtype dtype, int64_t r
     }
 }
 
-DM_VECTORIZE void dm_bf16_divide(uint16_t *x, size_t n, float d) {
+DM_VECTORIZE static void bf16_divide(uint16_t *x, size_t n, float d) {
     for (size_t k = 0; k < n; ++k) x[k] = d > 0.0f ? dm_f32_to_bf16(dm_bf16_to_f32(x[k]) / d) : 0;
+}
+
+typedef struct divide_job {
+    uint16_t *x;
+    float d;
+} divide_job;
+
+static void divide_range(void *arg, int64_t begin, int64_t end) {
+    const divide_job *job = arg;
+    bf16_divide(job->x + begin, (size_t)(end - begin), job->d);
+}
+
+void dm_bf16_divide(const dm_gemm_provider *threads, uint16_t *x, size_t n, float d) {
+    divide_job job = {x, d};
+    dm_parallel_for(threads, (int64_t)n, DM_PARALLEL_GRAIN, divide_range, &job);
 }
 
 DM_VECTORIZE double dm_sum_squares_bf16(const uint16_t *x, size_t n) {

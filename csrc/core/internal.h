@@ -17,10 +17,12 @@
 /* Visits (i, j) over rows x cols in 64 x 64 tiles: a transposing copy then touches whole cache
  * lines on both sides. Use as DM_FOR_TILED(rows, cols, i, j) { body } */
 #define DM_TILE 64
-#define DM_FOR_TILED(rows, cols, i, j)                                                             \
-    for (int64_t i##0 = 0; i##0 < (rows); i##0 += DM_TILE)                                         \
+#define DM_FOR_TILED(rows, cols, i, j) DM_FOR_TILED_ROWS(0, rows, cols, i, j)
+/* The same over rows [first, last) only: one thread's band. */
+#define DM_FOR_TILED_ROWS(first, last, cols, i, j)                                                 \
+    for (int64_t i##0 = (first); i##0 < (last); i##0 += DM_TILE)                                   \
         for (int64_t j##0 = 0; j##0 < (cols); j##0 += DM_TILE)                                     \
-            for (int64_t i = i##0; i < (i##0 + DM_TILE < (rows) ? i##0 + DM_TILE : (rows)); ++i)   \
+            for (int64_t i = i##0; i < (i##0 + DM_TILE < (last) ? i##0 + DM_TILE : (last)); ++i)   \
                 for (int64_t j = j##0; j < (j##0 + DM_TILE < (cols) ? j##0 + DM_TILE : (cols)); ++j)
 
 /* The O(mn) loops are compiled for several x86-64 levels and picked at load time (GCC/clang
@@ -110,6 +112,28 @@ static inline dm_status dm_check_sizes(int64_t batch, int64_t rows, int64_t cols
     return DM_OK;
 }
 
+/* ---- threads, in parallel.c ------------------------------------------------------------------ */
+
+/* Elements below which a pass stays on one thread (torch's at::internal::GRAIN_SIZE). */
+#define DM_PARALLEL_GRAIN ((int64_t)32768)
+
+/* body over [0, n) on the provider's threads (ranges of at least grain), or in one call on
+ * this thread when there are none or n <= grain. */
+void dm_parallel_for(const dm_gemm_provider *provider, int64_t n, int64_t grain,
+                     dm_parallel_body body, void *arg);
+
+/* Rows per range for a pass over a rows x cols matrix: about DM_PARALLEL_GRAIN elements. */
+static inline int64_t dm_row_grain(int64_t cols) {
+    return cols >= DM_PARALLEL_GRAIN ? 1 : DM_PARALLEL_GRAIN / (cols > 0 ? cols : 1);
+}
+
+/* sum of chunk(arg, begin, end) over fixed chunks of [0, n), added in chunk order. The chunks
+ * depend on n only (multiples of 4096 elements, at most 64 of them), so the sum has the same
+ * bits on any number of threads; chunk may also write elements [begin, end) of an output. */
+typedef double (*dm_chunk_sum_fn)(void *arg, size_t begin, size_t end);
+double dm_parallel_sum(const dm_gemm_provider *provider, size_t n, dm_chunk_sum_fn chunk,
+                       void *arg);
+
 /* ---- the spectral (Newton-Schulz) core, in newton_schulz.c ------------------------------------ */
 
 /* Validates the NS-specific fields of a spectral config. */
@@ -156,22 +180,25 @@ static inline dm_status dm_ns_scratch_bytes(int64_t batch, int64_t p, int64_t q,
 
 /* ---- typed O(mn) passes, in elementwise.c --------------------------------------------------- */
 
+/* Each pass taking `threads` runs on that provider's parallel_for (NULL: this thread only). */
+
 /* dst[k] = src[k] * scale for k < n, converting dtypes (float32 arithmetic unless float64). */
-void dm_convert(const void *src, dm_dtype src_dtype, void *dst, dm_dtype dst_dtype, size_t n,
-                double scale);
+void dm_convert(const dm_gemm_provider *threads, const void *src, dm_dtype src_dtype, void *dst,
+                dm_dtype dst_dtype, size_t n, double scale);
 /* dst[j * dst_ld + i] = src[i * src_ld + j] * scale over rows x cols, in cache tiles. */
-void dm_convert_transposed(const void *src, dm_dtype src_dtype, int64_t src_ld, void *dst,
-                           dm_dtype dst_dtype, int64_t dst_ld, int64_t rows, int64_t cols,
-                           double scale);
-/* sum_k x[k] * y[k], accumulated in double. */
-double dm_dot(const void *x, dm_dtype x_dtype, const void *y, dm_dtype y_dtype, size_t n);
+void dm_convert_transposed(const dm_gemm_provider *threads, const void *src, dm_dtype src_dtype,
+                           int64_t src_ld, void *dst, dm_dtype dst_dtype, int64_t dst_ld,
+                           int64_t rows, int64_t cols, double scale);
+/* sum_k x[k] * y[k], accumulated in double (fixed chunks: see dm_parallel_sum). */
+double dm_dot(const dm_gemm_provider *threads, const void *x, dm_dtype x_dtype, const void *y,
+              dm_dtype y_dtype, size_t n);
 /* sum_k x[k]^2 of bfloat16 values: float32 lanes (as torch accumulates bfloat16 norms) within
- * blocks, the blocks summed in double. */
+ * blocks of 4096, the blocks summed in double. */
 double dm_sum_squares_bf16(const uint16_t *x, size_t n);
 /* x[k] = bf16(float(x[k]) / d) for k < n (d > 0), or 0 everywhere when d == 0. */
-void dm_bf16_divide(uint16_t *x, size_t n, float d);
+void dm_bf16_divide(const dm_gemm_provider *threads, uint16_t *x, size_t n, float d);
 /* Sums over n contiguous elements of a compute type (float32 or float64), in double. */
-double dm_sum_squares(const void *x, dm_dtype dtype, size_t n);
+double dm_sum_squares(const dm_gemm_provider *threads, const void *x, dm_dtype dtype, size_t n);
 double dm_sum_abs(const void *x, dm_dtype dtype, size_t n);
 /* acc[j] = sum_i x[i][j]^2 for a contiguous rows x cols matrix of a compute type. */
 void dm_column_sum_squares(const void *x, dm_dtype dtype, int64_t rows, int64_t cols, double *acc);
@@ -196,6 +223,7 @@ typedef struct dm_panel {
     double *duals;             /* batch values <M, sharp(M)> after dm_panel_apply */
     int want_duals;            /* 0: SPECTRAL may skip the duals' extra pass */
     void *ns_scratch;          /* SPECTRAL only: see dm_ns_iterate */
+    const dm_gemm_provider *provider; /* the caller's products and threads (NULL: plain C) */
 } dm_panel;
 
 /* Validates a sharp config (not its dtype or sizes). */
@@ -207,7 +235,7 @@ dm_status dm_panel_workspace_size(const dm_sharp_config *config, dm_dtype dtype,
 
 /* Lays the panel out in the workspace (sizes already validated). */
 void dm_panel_init(dm_panel *panel, const dm_sharp_config *config, dm_dtype dtype, int64_t batch,
-                   int64_t rows, int64_t cols, void *workspace);
+                   int64_t rows, int64_t cols, void *workspace, const dm_gemm_provider *provider);
 
 /* Matrix b of a batch of panel-shaped matrices of a dtype starting at base (data or result). */
 static inline void *dm_panel_matrix(const dm_panel *panel, const void *base, dm_dtype dtype,
@@ -223,8 +251,7 @@ dm_status dm_panel_measure(dm_panel *panel, const dm_sharp_config *config);
 
 /* Puts sharp(M) at panel->result and fills panel->duals (after dm_panel_measure); may return
  * DM_ERR_NONFINITE or DM_ERR_GEMM, having touched only the workspace. */
-dm_status dm_panel_apply(dm_panel *panel, const dm_sharp_config *config,
-                         const dm_gemm_provider *gemm);
+dm_status dm_panel_apply(dm_panel *panel, const dm_sharp_config *config);
 
 /* ---- typed element access of user memory ------------------------------------------------------ */
 static inline double dm_load(const void *base, dm_dtype dtype, size_t k) {

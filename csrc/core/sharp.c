@@ -84,8 +84,9 @@ dm_status dm_panel_workspace_size(const dm_sharp_config *config, dm_dtype dtype,
 }
 
 void dm_panel_init(dm_panel *panel, const dm_sharp_config *config, dm_dtype dtype, int64_t batch,
-                   int64_t rows, int64_t cols, void *workspace) {
+                   int64_t rows, int64_t cols, void *workspace, const dm_gemm_provider *provider) {
     unsigned char *cursor = workspace;
+    panel->provider = provider;
     panel->norm = config->norm;
     panel->compute = dm_compute_dtype(dtype);
     panel->iteration = dm_ns_iteration_dtype(config, dtype);
@@ -155,7 +156,8 @@ dm_status dm_panel_measure(dm_panel *panel, const dm_sharp_config *config) {
             if (panel->iteration == DM_BFLOAT16) break; /* normalised (and checked) in apply */
             /* fall through */
         case DM_NORM_FROBENIUS: {
-            DM_RETURN_IF_ERROR(finish_norm(dm_sum_squares(m, t, p * q), m, t, p * q, 1, &norm));
+            const double sumsq = dm_sum_squares(panel->provider, m, t, p * q);
+            DM_RETURN_IF_ERROR(finish_norm(sumsq, m, t, p * q, 1, &norm));
             const int spectral = panel->norm == DM_NORM_SPECTRAL;
             const double inverse = inverse_divisor(norm, spectral ? config->norm_scale : 1.0,
                                                    spectral ? config->norm_offset : 0.0,
@@ -177,7 +179,8 @@ dm_status dm_panel_measure(dm_panel *panel, const dm_sharp_config *config) {
         case DM_NORM_ROW:
             for (size_t i = 0; i < p; ++i) {
                 const unsigned char *row = m + i * q * elem;
-                DM_RETURN_IF_ERROR(finish_norm(dm_sum_squares(row, t, q), row, t, q, 1, &norm));
+                const double sumsq = dm_sum_squares(NULL, row, t, q); /* short: one thread */
+                DM_RETURN_IF_ERROR(finish_norm(sumsq, row, t, q, 1, &norm));
                 panel->scale[(size_t)b * p + i] = inverse_divisor(norm, 1.0, 0.0, config->eps);
                 dual += norm * (norm * panel->scale[(size_t)b * p + i]);
             }
@@ -234,29 +237,36 @@ DEFINE_APPLY(double, f64)
  * X / bf16(max(norm_scale * bf16(||X||_F) + norm_offset, eps)) divided in float32 and rounded,
  * so that our bfloat16 iterates start from the very values torch's do. Rounding and the sum of
  * squares share one pass, which also rejects NaN/Inf (or a value bfloat16 overflows). */
-#define SQUARE_BF16(k) ((double)dm_bf16_to_f32(x[k]) * (double)dm_bf16_to_f32(x[k]))
-static dm_status normalise_like_torch_bf16(const void *m, dm_dtype compute, void *x0, size_t n,
+typedef struct round_job {
+    const void *m;
+    dm_dtype compute;
+    uint16_t *x;
+} round_job;
+
+/* Rounds a chunk, then sums its squares while it is still in cache. */
+static double round_and_sum_chunk(void *arg, size_t begin, size_t end) {
+    const round_job *job = arg;
+    const unsigned char *src = (const unsigned char *)job->m + begin * dm_dtype_size(job->compute);
+    dm_convert(NULL, src, job->compute, job->x + begin, DM_BFLOAT16, end - begin, 1.0);
+    return dm_sum_squares_bf16(job->x + begin, end - begin);
+}
+
+static dm_status normalise_like_torch_bf16(const dm_gemm_provider *threads, const void *m,
+                                           dm_dtype compute, void *x0, size_t n,
                                            const dm_sharp_config *config) {
     uint16_t *x = x0;
-    double sumsq = 0.0;
-    const size_t block = 4096; /* round a cache-sized block, then sum it while it is hot */
-    for (size_t start = 0; start < n; start += block) {
-        const size_t count = n - start < block ? n - start : block;
-        const unsigned char *src = (const unsigned char *)m + start * dm_dtype_size(compute);
-        dm_convert(src, compute, x + start, DM_BFLOAT16, count, 1.0);
-        sumsq += dm_sum_squares_bf16(x + start, count);
-    }
+    round_job job = {m, compute, x};
+    const double sumsq = dm_parallel_sum(threads, n, round_and_sum_chunk, &job);
     if (!isfinite(sumsq)) return DM_ERR_NONFINITE;
     const double norm = (double)dm_bf16_to_f32(dm_f32_to_bf16((float)sqrt(sumsq)));
     double divisor = config->norm_scale * norm + config->norm_offset;
     if (divisor < config->eps) divisor = config->eps;
     const float d = dm_bf16_to_f32(dm_f32_to_bf16((float)divisor));
-    dm_bf16_divide(x, n, d);
+    dm_bf16_divide(threads, x, n, d);
     return DM_OK;
 }
 
-dm_status dm_panel_apply(dm_panel *panel, const dm_sharp_config *config,
-                         const dm_gemm_provider *gemm) {
+dm_status dm_panel_apply(dm_panel *panel, const dm_sharp_config *config) {
     if (panel->norm != DM_NORM_SPECTRAL) {
         if (panel->compute == DM_FLOAT64)
             apply_f64(panel);
@@ -270,16 +280,19 @@ dm_status dm_panel_apply(dm_panel *panel, const dm_sharp_config *config,
         const void *m = dm_panel_matrix(panel, panel->data, panel->compute, b);
         void *x0 = dm_panel_matrix(panel, panel->ns_scratch, panel->iteration, b);
         if (panel->iteration == DM_BFLOAT16)
-            DM_RETURN_IF_ERROR(normalise_like_torch_bf16(m, panel->compute, x0, per, config));
+            DM_RETURN_IF_ERROR(normalise_like_torch_bf16(panel->provider, m, panel->compute, x0,
+                                                         per, config));
         else
-            dm_convert(m, panel->compute, x0, panel->iteration, per, panel->scale[b]);
+            dm_convert(panel->provider, m, panel->compute, x0, panel->iteration, per,
+                       panel->scale[b]);
     }
     DM_RETURN_IF_ERROR(dm_ns_iterate(config, panel->iteration, panel->batch, panel->p, panel->q,
-                                     panel->ns_scratch, &panel->result, gemm));
+                                     panel->ns_scratch, &panel->result, panel->provider));
     panel->result_dtype = panel->iteration;
     for (int64_t b = 0; panel->want_duals && b < panel->batch; ++b)
         panel->duals[b] =
-            dm_dot(dm_panel_matrix(panel, panel->data, panel->compute, b), panel->compute,
+            dm_dot(panel->provider, dm_panel_matrix(panel, panel->data, panel->compute, b),
+                   panel->compute,
                    dm_panel_matrix(panel, panel->result, panel->iteration, b), panel->iteration,
                    per);
     return DM_OK;
@@ -292,13 +305,14 @@ static void panel_load(dm_panel *panel, int64_t b, const void *matrix, dm_dtype 
     const size_t src_row = (size_t)ld * dm_dtype_size(dtype);
     const size_t dst_row = (size_t)panel->q * dm_dtype_size(panel->compute);
     if (panel->transposed) {
-        dm_convert_transposed(matrix, dtype, ld, dst, panel->compute, panel->q, panel->rows,
-                              panel->cols, 1.0);
+        dm_convert_transposed(panel->provider, matrix, dtype, ld, dst, panel->compute, panel->q,
+                              panel->rows, panel->cols, 1.0);
     } else if (ld == panel->cols) {
-        dm_convert(matrix, dtype, dst, panel->compute, (size_t)panel->rows * panel->cols, 1.0);
+        dm_convert(panel->provider, matrix, dtype, dst, panel->compute,
+                   (size_t)panel->rows * panel->cols, 1.0);
     } else {
         for (int64_t i = 0; i < panel->rows; ++i)
-            dm_convert((const unsigned char *)matrix + (size_t)i * src_row, dtype,
+            dm_convert(NULL, (const unsigned char *)matrix + (size_t)i * src_row, dtype,
                        dst + (size_t)i * dst_row, panel->compute, (size_t)panel->cols, 1.0);
     }
 }
@@ -311,12 +325,14 @@ static void panel_store(const dm_panel *panel, int64_t b, void *matrix, dm_dtype
     const size_t src_row = (size_t)panel->q * dm_dtype_size(from);
     const size_t dst_row = (size_t)ld * dm_dtype_size(dtype);
     if (panel->transposed) {
-        dm_convert_transposed(src, from, panel->q, matrix, dtype, ld, panel->p, panel->q, 1.0);
+        dm_convert_transposed(panel->provider, src, from, panel->q, matrix, dtype, ld, panel->p,
+                              panel->q, 1.0);
     } else if (ld == panel->cols) {
-        dm_convert(src, from, matrix, dtype, (size_t)panel->rows * panel->cols, 1.0);
+        dm_convert(panel->provider, src, from, matrix, dtype, (size_t)panel->rows * panel->cols,
+                   1.0);
     } else {
         for (int64_t i = 0; i < panel->rows; ++i)
-            dm_convert(src + (size_t)i * src_row, from,
+            dm_convert(NULL, src + (size_t)i * src_row, from,
                        (unsigned char *)matrix + (size_t)i * dst_row, dtype, (size_t)panel->cols,
                        1.0);
     }
@@ -364,14 +380,14 @@ dm_status dm_sharp(const dm_sharp_config *config, dm_dtype dtype, int64_t batch,
     }
     /* Every input is read before the first write, so outputs may alias inputs. */
     dm_panel panel;
-    dm_panel_init(&panel, config, dtype, batch, rows, cols, workspace);
+    dm_panel_init(&panel, config, dtype, batch, rows, cols, workspace, gemm);
     panel.want_duals = duals != NULL;
     if (spectral_reads_inputs_in_place(&panel, dtype, inputs, in_ld))
         panel.data = (void *)inputs[0]; /* only read: Newton-Schulz works in its scratch */
     else
         for (int64_t b = 0; b < batch; ++b) panel_load(&panel, b, inputs[b], dtype, in_ld);
     DM_RETURN_IF_ERROR(dm_panel_measure(&panel, config));
-    DM_RETURN_IF_ERROR(dm_panel_apply(&panel, config, gemm));
+    DM_RETURN_IF_ERROR(dm_panel_apply(&panel, config));
     for (int64_t b = 0; b < batch; ++b) panel_store(&panel, b, outputs[b], dtype, out_ld);
     for (int64_t b = 0; duals && b < batch; ++b) duals[b] = panel.duals[b];
     return DM_OK;

@@ -47,31 +47,33 @@ static double lr_ratio(dm_lr_adjust adjust, int64_t rows, int64_t cols) {
 #define LERP(CT, self, end, w)                                                                     \
     ((w) < (CT)0.5 ? (self) + (w) * ((end) - (self)) : (end) - ((end) - (self)) * ((CT)1 - (w)))
 
-/* The passes over user memory, per storage dtype S with compute type CT. Element k of a
- * matrix (row-major, rows x cols) sits at panel index k, or at (k % cols) * rows + k / cols
- * when the panel holds the transpose. */
+/* The passes over user memory, per storage dtype S with compute type CT, each over rows
+ * [r0, r1) of a matrix (one thread's band). Element k of a matrix (row-major, rows x cols) sits
+ * at panel index k, or at (k % cols) * rows + k / cols when the panel holds the transpose. */
 #define DEFINE_UPDATE_PASSES(S, CT)                                                                \
-    DM_VECTORIZE static void directions_##S(const void *g, const void *buf, int64_t rows, int64_t cols,         \
-                               int transposed, double mu, int nesterov, CT *panel) {               \
+    DM_VECTORIZE static void directions_##S(const void *g, const void *buf, int64_t rows,         \
+                                            int64_t cols, int transposed, double mu,               \
+                                            int nesterov, CT *panel, int64_t r0, int64_t r1) {     \
         const CT w = (CT)(1.0 - mu), mu_c = (CT)mu;                                                \
         if (!transposed) {                                                                         \
-            for (size_t k = 0; k < (size_t)rows * (size_t)cols; ++k) {                             \
+            for (size_t k = (size_t)(r0 * cols); k < (size_t)(r1 * cols); ++k) {                   \
                 const CT gk = LOAD_##S(g, k), bk = LOAD_##S(buf, k);                               \
                 const CT m = ROUND_##S(LERP(CT, bk, gk, w));                                       \
                 panel[k] = nesterov ? LERP(CT, gk, m, mu_c) : m;                                   \
             }                                                                                      \
             return;                                                                                \
         }                                                                                          \
-        DM_FOR_TILED(rows, cols, i, j) {                                                           \
+        DM_FOR_TILED_ROWS(r0, r1, cols, i, j) {                                                    \
             const size_t k = (size_t)(i * cols + j);                                               \
             const CT gk = LOAD_##S(g, k), bk = LOAD_##S(buf, k);                                   \
             const CT m = ROUND_##S(LERP(CT, bk, gk, w));                                           \
             panel[j * rows + i] = nesterov ? LERP(CT, gk, m, mu_c) : m;                            \
         }                                                                                          \
     }                                                                                              \
-    DM_VECTORIZE static void momentum_##S(const void *g, void *buf, size_t n, double mu) {                      \
+    DM_VECTORIZE static void momentum_##S(const void *g, void *buf, int64_t cols, double mu,      \
+                                          int64_t r0, int64_t r1) {                                \
         const CT w = (CT)(1.0 - mu);                                                               \
-        for (size_t k = 0; k < n; ++k) {                                                           \
+        for (size_t k = (size_t)(r0 * cols); k < (size_t)(r1 * cols); ++k) {                       \
             const CT gk = LOAD_##S(g, k), bk = LOAD_##S(buf, k);                                   \
             STORE_##S(buf, k, LERP(CT, bk, gk, w));                                                \
         }                                                                                          \
@@ -80,15 +82,16 @@ static double lr_ratio(dm_lr_adjust adjust, int64_t rows, int64_t cols) {
 /* Decay and step round separately, like torch's param.mul_(...).add_(...); the sharp result O
  * comes in the compute type, or in bfloat16 from bfloat16 iterates. */
 #define DEFINE_PARAMS_PASS(S, CT, O)                                                               \
-    DM_VECTORIZE static void params_##S##_##O(void *x, const void *o, int64_t rows, int64_t cols,               \
-                                 int transposed, double decay, double step) {                      \
+    DM_VECTORIZE static void params_##S##_##O(void *x, const void *o, int64_t rows, int64_t cols, \
+                                              int transposed, double decay, double step,           \
+                                              int64_t r0, int64_t r1) {                            \
         const CT decay_c = (CT)decay, step_c = (CT)step;                                           \
         if (!transposed) {                                                                         \
-            for (size_t k = 0; k < (size_t)rows * (size_t)cols; ++k)                               \
+            for (size_t k = (size_t)(r0 * cols); k < (size_t)(r1 * cols); ++k)                     \
                 STORE_##S(x, k, ROUND_##S(LOAD_##S(x, k) * decay_c) - step_c * LOAD_##O(o, k));    \
             return;                                                                                \
         }                                                                                          \
-        DM_FOR_TILED(rows, cols, i, j) {                                                           \
+        DM_FOR_TILED_ROWS(r0, r1, cols, i, j) {                                                    \
             const size_t k = (size_t)(i * cols + j), t = (size_t)(j * rows + i);                   \
             STORE_##S(x, k, ROUND_##S(LOAD_##S(x, k) * decay_c) - step_c * LOAD_##O(o, t));        \
         }                                                                                          \
@@ -103,6 +106,64 @@ DEFINE_PARAMS_PASS(f64, double, f64)
 DEFINE_PARAMS_PASS(f64, double, bf16)
 DEFINE_PARAMS_PASS(bf16, float, f32)
 DEFINE_PARAMS_PASS(bf16, float, bf16)
+
+/* One matrix's pass, cut into row bands for the provider's threads. */
+typedef struct pass_job {
+    dm_dtype dtype;
+    int64_t rows, cols;
+    int transposed, nesterov, o_bf16;
+    double mu, decay, step;
+    const void *g;
+    void *buf, *x, *panel;
+    const void *o;
+} pass_job;
+
+static void directions_range(void *arg, int64_t r0, int64_t r1) {
+    const pass_job *j = arg;
+    switch (j->dtype) {
+    case DM_FLOAT32:
+        directions_f32(j->g, j->buf, j->rows, j->cols, j->transposed, j->mu, j->nesterov,
+                       j->panel, r0, r1);
+        break;
+    case DM_FLOAT64:
+        directions_f64(j->g, j->buf, j->rows, j->cols, j->transposed, j->mu, j->nesterov,
+                       j->panel, r0, r1);
+        break;
+    case DM_BFLOAT16:
+        directions_bf16(j->g, j->buf, j->rows, j->cols, j->transposed, j->mu, j->nesterov,
+                        j->panel, r0, r1);
+        break;
+    }
+}
+
+static void momentum_range(void *arg, int64_t r0, int64_t r1) {
+    const pass_job *j = arg;
+    switch (j->dtype) {
+    case DM_FLOAT32: momentum_f32(j->g, j->buf, j->cols, j->mu, r0, r1); break;
+    case DM_FLOAT64: momentum_f64(j->g, j->buf, j->cols, j->mu, r0, r1); break;
+    case DM_BFLOAT16: momentum_bf16(j->g, j->buf, j->cols, j->mu, r0, r1); break;
+    }
+}
+
+static void params_range(void *arg, int64_t r0, int64_t r1) {
+    const pass_job *j = arg;
+    const int64_t m = j->rows, n = j->cols;
+    const int t = j->transposed;
+    switch (j->dtype) {
+    case DM_FLOAT32:
+        (j->o_bf16 ? params_f32_bf16 : params_f32_f32)(j->x, j->o, m, n, t, j->decay, j->step, r0,
+                                                       r1);
+        break;
+    case DM_FLOAT64:
+        (j->o_bf16 ? params_f64_bf16 : params_f64_f64)(j->x, j->o, m, n, t, j->decay, j->step, r0,
+                                                       r1);
+        break;
+    case DM_BFLOAT16:
+        (j->o_bf16 ? params_bf16_bf16 : params_bf16_f32)(j->x, j->o, m, n, t, j->decay, j->step,
+                                                         r0, r1);
+        break;
+    }
+}
 
 dm_status dm_update_workspace_size(const dm_update_config *config, dm_dtype dtype, int64_t batch,
                                    int64_t rows, int64_t cols, size_t *bytes) {
@@ -128,65 +189,44 @@ dm_status dm_update(const dm_update_config *config, dm_dtype dtype, int64_t batc
     }
 
     const double mu = config->momentum;
-    const size_t n = (size_t)rows * (size_t)cols;
     dm_panel panel;
-    dm_panel_init(&panel, &config->sharp, dtype, batch, rows, cols, workspace);
+    dm_panel_init(&panel, &config->sharp, dtype, batch, rows, cols, workspace, gemm);
     panel.want_duals = duals != NULL || config->radius == DM_RADIUS_ADAPTIVE;
 
     /* 1. Directions into the panel; user memory is only read. */
+    const int64_t grain = dm_row_grain(cols);
+    pass_job job = {.dtype = dtype, .rows = rows, .cols = cols, .transposed = panel.transposed,
+                    .nesterov = config->nesterov, .mu = mu};
     for (int64_t b = 0; b < batch; ++b) {
-        void *d = dm_panel_matrix(&panel, panel.data, panel.compute, b);
-        switch (dtype) {
-        case DM_FLOAT32:
-            directions_f32(grads[b], momentum_buffers[b], rows, cols, panel.transposed, mu,
-                           config->nesterov, d);
-            break;
-        case DM_FLOAT64:
-            directions_f64(grads[b], momentum_buffers[b], rows, cols, panel.transposed, mu,
-                           config->nesterov, d);
-            break;
-        case DM_BFLOAT16:
-            directions_bf16(grads[b], momentum_buffers[b], rows, cols, panel.transposed, mu,
-                            config->nesterov, d);
-            break;
-        }
+        job.g = grads[b];
+        job.buf = momentum_buffers[b];
+        job.panel = dm_panel_matrix(&panel, panel.data, panel.compute, b);
+        dm_parallel_for(gemm, rows, grain, directions_range, &job);
     }
     /* 2. NaN/Inf anywhere stops here, before the first write. */
     DM_RETURN_IF_ERROR(dm_panel_measure(&panel, &config->sharp));
 
     /* 3. The sharp operator (the products may fail: still nothing written), then momentum and
      *    parameters, which cannot fail. */
-    DM_RETURN_IF_ERROR(dm_panel_apply(&panel, &config->sharp, gemm));
+    DM_RETURN_IF_ERROR(dm_panel_apply(&panel, &config->sharp));
     for (int64_t b = 0; b < batch; ++b) {
-        switch (dtype) {
-        case DM_FLOAT32: momentum_f32(grads[b], momentum_buffers[b], n, mu); break;
-        case DM_FLOAT64: momentum_f64(grads[b], momentum_buffers[b], n, mu); break;
-        case DM_BFLOAT16: momentum_bf16(grads[b], momentum_buffers[b], n, mu); break;
-        }
+        job.g = grads[b];
+        job.buf = momentum_buffers[b];
+        dm_parallel_for(gemm, rows, grain, momentum_range, &job);
     }
 
-    const double decay = 1.0 - config->lr * config->weight_decay;
+    job.decay = 1.0 - config->lr * config->weight_decay;
+    job.o_bf16 = panel.result_dtype == DM_BFLOAT16;
     for (int64_t b = 0; b < batch; ++b) {
         const double dual = panel.duals[b];
         /* A zero direction has dual 0 and moves nothing (also when L0 = 0: no 0 / 0). */
-        const double step =
+        job.step =
             config->radius == DM_RADIUS_FIXED ? config->lr * lr_ratio(config->lr_adjust, rows, cols)
             : dual > 0.0 ? config->lr * dual / (config->radius_l0 + config->radius_l1 * dual)
                          : 0.0;
-        const void *o = dm_panel_matrix(&panel, panel.result, panel.result_dtype, b);
-        const int o_bf16 = panel.result_dtype == DM_BFLOAT16, t = panel.transposed;
-        switch (dtype) {
-        case DM_FLOAT32:
-            (o_bf16 ? params_f32_bf16 : params_f32_f32)(params[b], o, rows, cols, t, decay, step);
-            break;
-        case DM_FLOAT64:
-            (o_bf16 ? params_f64_bf16 : params_f64_f64)(params[b], o, rows, cols, t, decay, step);
-            break;
-        case DM_BFLOAT16:
-            (o_bf16 ? params_bf16_bf16 : params_bf16_f32)(params[b], o, rows, cols, t, decay,
-                                                          step);
-            break;
-        }
+        job.x = params[b];
+        job.o = dm_panel_matrix(&panel, panel.result, panel.result_dtype, b);
+        dm_parallel_for(gemm, rows, grain, params_range, &job);
         if (duals) duals[b] = dual;
     }
     return DM_OK;

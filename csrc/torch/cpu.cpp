@@ -1,6 +1,7 @@
 // cpu.cpp - CPU implementations of the dropmuon operators: checks, then the C core, with
-// torch's own BLAS (through ATen) as the matrix-product provider.
+// torch's own BLAS (through ATen) as the matrix-product provider and its thread pool for the rest.
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 #include <ATen/ops/addmm_cpu_dispatch.h>
 #include <ATen/ops/baddbmm_cpu_dispatch.h>
 #include <torch/library.h>
@@ -23,29 +24,41 @@ dm_status aten_gemm(void *, dm_dtype dtype, int trans_a, int trans_b, int64_t ba
     try {
         const auto options = at::TensorOptions().dtype(
             dtype == DM_FLOAT64 ? at::kDouble : dtype == DM_BFLOAT16 ? at::kBFloat16 : at::kFloat);
+        // op(X) of a stored rows x cols matrix (leading dimension ld) as a strided view, built
+        // with its final sizes and strides: no select or transpose (a TensorImpl each, which
+        // showed in small layers' products).
         auto view = [&](const void *p, int64_t rows, int64_t cols, int64_t ld, int64_t stride,
                         bool transpose) {
-            at::Tensor t = at::from_blob(const_cast<void *>(p), {batch, rows, cols},
-                                         {stride, ld, 1}, options);
-            return transpose ? t.transpose(1, 2) : t;
+            const int64_t r = transpose ? cols : rows, c = transpose ? rows : cols;
+            const int64_t row_stride = transpose ? 1 : ld, col_stride = transpose ? ld : 1;
+            void *data = const_cast<void *>(p);
+            return batch == 1 ? at::from_blob(data, {r, c}, {row_stride, col_stride}, options)
+                              : at::from_blob(data, {batch, r, c}, {stride, row_stride, col_stride},
+                                              options);
         };
-        at::Tensor A = view(a, trans_a ? k : m, trans_a ? m : k, lda, stride_a, trans_a);
-        at::Tensor B = view(b, trans_b ? n : k, trans_b ? k : n, ldb, stride_b, trans_b);
+        const at::Tensor A = view(a, trans_a ? k : m, trans_a ? m : k, lda, stride_a, trans_a);
+        const at::Tensor B = view(b, trans_b ? n : k, trans_b ? k : n, ldb, stride_b, trans_b);
         at::Tensor C = view(c, m, n, ldc, stride_c, false);
-        at::Tensor C_in = beta == 0.0 || c_in == c ? C : view(c_in, m, n, ldc, stride_c, false);
-        if (batch == 1) {
-            at::Tensor C0 = C.select(0, 0);
-            at::cpu::addmm_out(C0, C_in.select(0, 0), A.select(0, 0), B.select(0, 0), beta, alpha);
-        } else {
+        const at::Tensor C_in =
+            beta == 0.0 || c_in == c ? C : view(c_in, m, n, ldc, stride_c, false);
+        if (batch == 1)
+            at::cpu::addmm_out(C, C_in, A, B, beta, alpha);
+        else
             at::cpu::baddbmm_out(C, C_in, A, B, beta, alpha);
-        }
         return DM_OK;
     } catch (const std::exception &) {
         return DM_ERR_GEMM;
     }
 }
 
-const dm_gemm_provider kAtenGemm = {&aten_gemm, nullptr};
+// dm_parallel_for_fn over torch's intra-op thread pool (at::parallel_for): the core's passes
+// then use the threads torch.set_num_threads gives, like torch's own elementwise ops. The core's
+// bodies never throw, so neither does at::parallel_for here.
+void aten_parallel_for(void *, int64_t n, int64_t grain, dm_parallel_body body, void *arg) {
+    at::parallel_for(0, n, grain, [&](int64_t begin, int64_t end) { body(arg, begin, end); });
+}
+
+const dm_gemm_provider kAtenProvider = {&aten_gemm, nullptr, &aten_parallel_for};
 
 // The core's workspace, kept per thread and grown, never shrunk: large buffers from the system
 // allocator are fresh pages each time, and faulting them in cost more than the elementwise work
@@ -88,7 +101,7 @@ std::tuple<at::Tensor, at::Tensor> sharp_cpu(const at::Tensor &input, const std:
     DM_TORCH_CHECK_STATUS(dm_sharp(&config, dtype, batch, rows, cols, inputs.data(), cols,
                                    outputs.data(), cols,
                                    with_duals ? duals.mutable_data_ptr<double>() : nullptr,
-                                   workspace(bytes), bytes, &kAtenGemm),
+                                   workspace(bytes), bytes, &kAtenProvider),
                           "dm_sharp");
     return {out, duals};
 }
@@ -144,7 +157,7 @@ at::Tensor muon_update_cpu(at::TensorList params, at::TensorList grads,
     DM_TORCH_CHECK_STATUS(dm_update(&config, dtype, batch, rows, cols, param_ptrs.data(),
                                     grad_ptrs.data(), buffer_ptrs.data(),
                                     with_duals ? duals.mutable_data_ptr<double>() : nullptr,
-                                    workspace(bytes), bytes, &kAtenGemm),
+                                    workspace(bytes), bytes, &kAtenProvider),
                           "dm_update");
     return duals;
 }
@@ -225,7 +238,7 @@ at::Tensor muon_update_capturable_cpu(at::TensorList params, at::TensorList grad
     const dm_status st = dm_update(&config, dtype, batch, rows, cols, param_ptrs.data(),
                                    grad_ptrs.data(), buffer_ptrs.data(),
                                    with_duals ? duals.mutable_data_ptr<double>() : nullptr,
-                                   workspace(bytes), bytes, &kAtenGemm);
+                                   workspace(bytes), bytes, &kAtenProvider);
     if (st == DM_ERR_NONFINITE) {
         *flag = st;
         return duals;

@@ -151,7 +151,7 @@ std::tuple<at::Tensor, at::Tensor> sharp_cuda(const at::Tensor &input, const std
         duals.fill_(std::numeric_limits<double>::quiet_NaN());
     }
     GemmContext context{in.device().index(), {}};
-    const dm_gemm_provider gemm = {&aten_cuda_gemm, &context};
+    const dm_gemm_provider gemm = {&aten_cuda_gemm, &context, nullptr};
     const dm_cuda_tuning tuning = tuning_from_environment();
     const dm_status st = dm_cuda_sharp(
         &config, dtype, batch, rows, cols, inputs.data(), cols, outputs.data(), cols,
@@ -226,7 +226,7 @@ at::Tensor run_update(const dm_update_config &config, at::TensorList params, at:
                                       first.options().dtype(at::kDouble))
                            : at::empty({with_duals ? batch : 0}, first.options().dtype(at::kDouble));
     GemmContext context{first.device().index(), {}};
-    const dm_gemm_provider gemm = {&aten_cuda_gemm, &context};
+    const dm_gemm_provider gemm = {&aten_cuda_gemm, &context, nullptr};
     const dm_cuda_tuning tuning = tuning_from_environment();
     const dm_status st = dm_cuda_update(
         &config, dtype, batch, rows, cols, param_ptrs.data(), grad_ptrs.data(), buffer_ptrs.data(),

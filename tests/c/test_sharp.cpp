@@ -415,7 +415,7 @@ TEST(Sharp, UsesGemmProvider) {
             dm_sharp_config config = dmtest::muon_config(coefficients);
             config.ns_precision = precision ? DM_NS_BFLOAT16 : DM_NS_NATIVE;
             CountingGemm counter;
-            const dm_gemm_provider provider{counting_gemm, &counter};
+            const dm_gemm_provider provider{counting_gemm, &counter, nullptr};
             std::vector<Buffer> in, out, out_default;
             for (int64_t b = 0; b < 3; ++b) {
                 in.push_back(

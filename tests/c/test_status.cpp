@@ -96,7 +96,7 @@ TEST(Status, ErrGemmFromSharp) {
                          << dmtest::dtype_name(dtype) << " fail on call " << fail_on);
             FailingGemm state;
             state.fail_on = fail_on;
-            const dm_gemm_provider provider{failing_gemm, &state};
+            const dm_gemm_provider provider{failing_gemm, &state, nullptr};
             std::vector<Buffer> in, out;
             for (int b = 0; b < 2; ++b) {
                 in.push_back(dmtest::to_buffer(dmtest::random_normal(64, 7, 20 + b), dtype, 7));
@@ -119,7 +119,7 @@ TEST(Status, ErrGemmFromSharp) {
     // The other norms do no products: even a provider that always fails is never called.
     for (dm_norm norm : {DM_NORM_SIGN, DM_NORM_COLUMN, DM_NORM_ROW, DM_NORM_FROBENIUS}) {
         FailingGemm state;
-        const dm_gemm_provider provider{failing_gemm, &state};
+        const dm_gemm_provider provider{failing_gemm, &state, nullptr};
         std::vector<Buffer> in{dmtest::to_buffer(dmtest::random_normal(7, 64, 1), DM_FLOAT32, 64)};
         std::vector<Buffer> out{Buffer(DM_FLOAT32, 7 * 64)};
         EXPECT_EQ(dmtest::call_sharp(dmtest::simple_config(norm), DM_FLOAT32, 7, 64, in, 64, out,
@@ -140,7 +140,7 @@ TEST(Status, ErrGemmFromUpdate) {
     config.nesterov = 1;
     FailingGemm state;
     state.fail_on = 2;
-    const dm_gemm_provider provider{failing_gemm, &state};
+    const dm_gemm_provider provider{failing_gemm, &state, nullptr};
     std::vector<Buffer> x, g, m;
     for (int b = 0; b < 2; ++b) {
         x.push_back(dmtest::to_buffer(dmtest::random_normal(7, 64, 30 + b), DM_FLOAT32, 64));

@@ -226,13 +226,28 @@ static dm_status checking_gemm(void *vctx, dm_dtype dtype, int ta, int tb, int64
                              beta, c_in, c, ldc, sc);
 }
 
-/* NULL (the reference), a checking provider, or one that fails on some call. */
+/* A parallel_for on this thread that cuts [0, n) into grain-long ranges, last first: the
+ * passes must not depend on the order or the cut (sanitizers watch the ranges' bounds). */
+static void splitting_parallel_for(void *vctx, int64_t n, int64_t grain, dm_parallel_body body,
+                                   void *arg) {
+    (void)vctx;
+    CHECK(n > 0 && grain > 0);
+    for (int64_t end = n; end > 0;) {
+        const int64_t begin = (end - 1) / grain * grain;
+        body(arg, begin, end);
+        end = begin;
+    }
+}
+
+/* NULL (the reference), a checking provider (mode 2: with a splitting parallel_for), or one
+ * that fails on some call. */
 static const dm_gemm_provider *pick_provider(reader *r, provider_ctx *ctx, dm_gemm_provider *p) {
     memset(ctx, 0, sizeof *ctx);
     const uint8_t mode = u8(r) % 4;
     if (mode == 0) return NULL;
     p->gemm = checking_gemm;
     p->ctx = ctx;
+    p->parallel_for = mode == 2 ? splitting_parallel_for : NULL;
     if (mode == 3) {
         ctx->fail_after = 1 + u8(r) % 16;
         static const int statuses[] = {DM_ERR_GEMM, DM_ERR_INVALID_ARG, 1000, -1};

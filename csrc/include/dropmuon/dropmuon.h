@@ -75,9 +75,20 @@ typedef dm_status (*dm_gemm_fn)(void *ctx, dm_dtype dtype, int trans_a, int tran
                                 int64_t stride_b, double beta, const void *c_in, void *c,
                                 int64_t ldc, int64_t stride_c);
 
+/* Optional threads for the O(mn) passes around the products (conversions, norms, momentum,
+ * the parameter step): parallel_for must call body(arg, begin, end) on disjoint ranges that
+ * together cover [0, n) exactly once, each at least grain long where n allows, and return only
+ * when all have finished. It cannot fail: it may be called after writes to user memory began.
+ * Results never depend on how the range is split (sums use fixed chunks that depend on n only),
+ * so a provider without threads (parallel_for NULL) gives the same bits. */
+typedef void (*dm_parallel_body)(void *arg, int64_t begin, int64_t end);
+typedef void (*dm_parallel_for_fn)(void *ctx, int64_t n, int64_t grain, dm_parallel_body body,
+                                   void *arg);
+
 typedef struct dm_gemm_provider {
     dm_gemm_fn gemm;
-    void *ctx; /* passed back unchanged as the first argument */
+    void *ctx;                       /* passed back unchanged as the first argument */
+    dm_parallel_for_fn parallel_for; /* NULL: the passes run on the calling thread */
 } dm_gemm_provider;
 
 /* The plain C product (ctx unused). Same contract as dm_gemm_fn. */
