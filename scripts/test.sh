@@ -5,8 +5,11 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 start=$SECONDS
 
-echo "== ruff"
+echo "== ruff, clang-format"
 python3 -m ruff check python tests/python benchmarks examples
+python3 -m ruff format --check python tests benchmarks examples >/dev/null
+clang-format --dry-run --Werror csrc/*/*.c csrc/*/*.h csrc/*/*.cpp csrc/*/*.cu csrc/*/*.cuh \
+    csrc/include/dropmuon/*.h tests/c/*.cpp tests/c/*.h tests/fuzz/*.c
 
 echo "== C core + GoogleTest (Release)"
 cmake -S . -B build/c -DCMAKE_BUILD_TYPE=Release >/dev/null

@@ -22,20 +22,22 @@
 /* Scaled copies multiply in double: the scale (an inverse norm) need not fit a float, and the
  * result is then rounded once. Unscaled copies stay in CT. */
 #define DEFINE_CONVERT(S, D, CT)                                                                   \
-    DM_VECTORIZE static void convert_##S##_##D(const void *src, void *dst, size_t n, double scale) {            \
+    DM_VECTORIZE static void convert_##S##_##D(const void *src, void *dst, size_t n,               \
+                                               double scale) {                                     \
         if (scale == 1.0) {                                                                        \
             for (size_t k = 0; k < n; ++k) STORE_##D(dst, k, (CT)LOAD_##S(src, k));                \
             return;                                                                                \
         }                                                                                          \
         for (size_t k = 0; k < n; ++k) STORE_##D(dst, k, (double)LOAD_##S(src, k) * scale);        \
     }                                                                                              \
-    DM_VECTORIZE static void transpose_##S##_##D(const void *src, int64_t src_ld, void *dst, int64_t dst_ld,    \
-                                    int64_t rows, int64_t cols, double scale) {                    \
+    DM_VECTORIZE static void transpose_##S##_##D(const void *src, int64_t src_ld, void *dst,       \
+                                                 int64_t dst_ld, int64_t rows, int64_t cols,       \
+                                                 double scale) {                                   \
         DM_FOR_TILED(rows, cols, i, j) {                                                           \
             STORE_##D(dst, j * dst_ld + i, (double)LOAD_##S(src, i * src_ld + j) * scale);         \
         }                                                                                          \
     }                                                                                              \
-    DM_VECTORIZE static double dot_##S##_##D(const void *x, const void *y, size_t n) {                          \
+    DM_VECTORIZE static double dot_##S##_##D(const void *x, const void *y, size_t n) {             \
         double acc;                                                                                \
         DM_REDUCE(n, DOT_TERM_##S##_##D, acc);                                                     \
         return acc;                                                                                \
@@ -103,8 +105,8 @@ static void convert_range(void *arg, int64_t begin, int64_t end) {
 
 void dm_convert(const dm_gemm_provider *threads, const void *src, dm_dtype src_dtype, void *dst,
                 dm_dtype dst_dtype, size_t n, double scale) {
-    const pair_job job = {.x = src, .x_dtype = src_dtype, .dst = dst, .dst_dtype = dst_dtype,
-                          .scale = scale};
+    const pair_job job = {
+        .x = src, .x_dtype = src_dtype, .dst = dst, .dst_dtype = dst_dtype, .scale = scale};
     dm_parallel_for(threads, (int64_t)n, DM_PARALLEL_GRAIN, convert_range, (void *)&job);
 }
 
@@ -120,8 +122,14 @@ static void transpose_range(void *arg, int64_t begin, int64_t end) {
 void dm_convert_transposed(const dm_gemm_provider *threads, const void *src, dm_dtype src_dtype,
                            int64_t src_ld, void *dst, dm_dtype dst_dtype, int64_t dst_ld,
                            int64_t rows, int64_t cols, double scale) {
-    const pair_job job = {.x = src, .x_dtype = src_dtype, .dst = dst, .dst_dtype = dst_dtype,
-                          .x_ld = src_ld, .dst_ld = dst_ld, .cols = cols, .scale = scale};
+    const pair_job job = {.x = src,
+                          .x_dtype = src_dtype,
+                          .dst = dst,
+                          .dst_dtype = dst_dtype,
+                          .x_ld = src_ld,
+                          .dst_ld = dst_ld,
+                          .cols = cols,
+                          .scale = scale};
     dm_parallel_for(threads, rows, dm_row_grain(cols), transpose_range, (void *)&job);
 }
 
@@ -176,7 +184,7 @@ DM_VECTORIZE double dm_sum_abs(const void *x, dm_dtype dtype, size_t n) {
 }
 
 DM_VECTORIZE void dm_column_sum_squares(const void *x, dm_dtype dtype, int64_t rows, int64_t cols,
-                           double *acc) {
+                                        double *acc) {
     for (int64_t j = 0; j < cols; ++j) acc[j] = 0.0;
     for (int64_t i = 0; i < rows; ++i) {
         if (dtype == DM_FLOAT64) {

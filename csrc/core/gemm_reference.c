@@ -57,8 +57,8 @@ static void gemm_bf16(int trans_a, int trans_b, int64_t m, int64_t n, int64_t k,
 dm_status dm_gemm_reference(void *ctx, dm_dtype dtype, int trans_a, int trans_b, int64_t batch,
                             int64_t m, int64_t n, int64_t k, double alpha, const void *a,
                             int64_t lda, int64_t stride_a, const void *b, int64_t ldb,
-                            int64_t stride_b, double beta, const void *c_in, void *c,
-                            int64_t ldc, int64_t stride_c) {
+                            int64_t stride_b, double beta, const void *c_in, void *c, int64_t ldc,
+                            int64_t stride_c) {
     (void)ctx;
     if (batch < 0 || m < 0 || n < 0 || k < 0) return DM_ERR_SHAPE;
     if (!dm_dtype_valid(dtype)) return DM_ERR_DTYPE;

@@ -73,7 +73,8 @@ static inline dm_dtype dm_compute_dtype(dm_dtype dtype) {
     return dtype == DM_FLOAT64 ? DM_FLOAT64 : DM_FLOAT32;
 }
 
-/* ---- overflow-checked size arithmetic --------------------------------------------------------- */
+/* ---- overflow-checked size arithmetic ---------------------------------------------------------
+ */
 static inline int dm_mul_overflows(size_t a, size_t b, size_t *out) {
     if (a != 0 && b > SIZE_MAX / a) return 1;
     *out = a * b;
@@ -134,7 +135,8 @@ typedef double (*dm_chunk_sum_fn)(void *arg, size_t begin, size_t end);
 double dm_parallel_sum(const dm_gemm_provider *provider, size_t n, dm_chunk_sum_fn chunk,
                        void *arg);
 
-/* ---- the spectral (Newton-Schulz) core, in newton_schulz.c ------------------------------------ */
+/* ---- the spectral (Newton-Schulz) core, in newton_schulz.c ------------------------------------
+ */
 
 /* Validates the NS-specific fields of a spectral config. */
 dm_status dm_ns_check_config(const dm_sharp_config *config);
@@ -147,9 +149,8 @@ static inline dm_dtype dm_ns_iteration_dtype(const dm_sharp_config *config, dm_d
 /* Runs the iterations on batch matrices p x q (p <= q). The scratch is laid out as
  * [X (batch*p*q) | X' (batch*p*q) | A (batch*p*p) | P (batch*p*p)] in the iteration dtype, each
  * region 64-byte aligned, and X holds X0 / d on entry. *result points at the final iterate. */
-dm_status dm_ns_iterate(const dm_sharp_config *config, dm_dtype iteration, int64_t batch,
-                        int64_t p, int64_t q, void *scratch, void **result,
-                        const dm_gemm_provider *gemm);
+dm_status dm_ns_iterate(const dm_sharp_config *config, dm_dtype iteration, int64_t batch, int64_t p,
+                        int64_t q, void *scratch, void **result, const dm_gemm_provider *gemm);
 
 /* Bytes of that scratch. */
 static inline dm_status dm_ns_scratch_bytes(int64_t batch, int64_t p, int64_t q, size_t elem,
@@ -253,7 +254,8 @@ dm_status dm_panel_measure(dm_panel *panel, const dm_sharp_config *config);
  * DM_ERR_NONFINITE or DM_ERR_GEMM, having touched only the workspace. */
 dm_status dm_panel_apply(dm_panel *panel, const dm_sharp_config *config);
 
-/* ---- typed element access of user memory ------------------------------------------------------ */
+/* ---- typed element access of user memory ------------------------------------------------------
+ */
 static inline double dm_load(const void *base, dm_dtype dtype, size_t k) {
     switch (dtype) {
     case DM_FLOAT32: return (double)((const float *)base)[k];

@@ -32,7 +32,7 @@ dm_status dm_ns_check_config(const dm_sharp_config *config) {
 
 /* P = b A + a I for rows consecutive rows of p x p matrices (float32 or float64). */
 DM_VECTORIZE static void polynomial_base(dm_dtype dtype, int64_t rows, int64_t p, const void *a_mat,
-                            void *p_mat, double a, double b) {
+                                         void *p_mat, double a, double b) {
     for (int64_t r = 0; r < rows; ++r) {
         const int64_t diagonal = r % p;
         if (dtype == DM_FLOAT64) {
@@ -50,9 +50,8 @@ DM_VECTORIZE static void polynomial_base(dm_dtype dtype, int64_t rows, int64_t p
     }
 }
 
-dm_status dm_ns_iterate(const dm_sharp_config *config, dm_dtype iteration, int64_t batch,
-                        int64_t p, int64_t q, void *scratch, void **result,
-                        const dm_gemm_provider *gemm) {
+dm_status dm_ns_iterate(const dm_sharp_config *config, dm_dtype iteration, int64_t batch, int64_t p,
+                        int64_t q, void *scratch, void **result, const dm_gemm_provider *gemm) {
     const size_t elem = dm_dtype_size(iteration);
     const int64_t pq = p * q, pp = p * p;
     const size_t x_bytes = (size_t)batch * (size_t)pq * elem, a_bytes = (size_t)batch * pp * elem;

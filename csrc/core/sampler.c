@@ -4,7 +4,8 @@
  * as counter. There is no generator state to save, resume or broadcast. */
 #include "internal.h"
 
-/* ---- Philox4x32-10 (Salmon et al., SC'11; constants of Random123) ----------------------------- */
+/* ---- Philox4x32-10 (Salmon et al., SC'11; constants of Random123) -----------------------------
+ */
 static void philox4x32_10(uint32_t ctr[4], uint32_t key0, uint32_t key1) {
     for (int round = 0; round < 10; ++round) {
         if (round > 0) {
@@ -82,22 +83,30 @@ static dm_status prepare(const dm_sampler_config *config, double *normaliser) {
     return DM_ERR_INVALID_ARG;
 }
 
-/* P(cutoff = i) for a prepared config. For COST_OPTIMAL, running_max carries R_{i-1} between
- * consecutive calls (i = 0, 1, ...). */
+/* What probability_at carries from layer i - 1 to layer i: the calls go i = 0, 1, ... so that
+ * a whole distribution costs O(num_layers). */
+typedef struct layer_walk {
+    double running_max; /* COST_OPTIMAL: R_{i-1} */
+    double at_least;    /* TAU_NICE: P(lowest chosen layer >= i) */
+} layer_walk;
+
+static const layer_walk kWalkStart = {0.0, 1.0};
+
+/* P(cutoff = i) for a prepared config, i = 0, 1, ... in turn with the same walk. */
 static double probability_at(const dm_sampler_config *config, double normaliser, int64_t i,
-                             double *running_max) {
+                             layer_walk *walk) {
     const int64_t n = config->num_layers;
     switch (config->kind) {
     case DM_SAMPLING_FULL: return i == 0 ? 1.0 : 0.0;
     case DM_SAMPLING_UNIFORM: return 1.0 / (double)n;
     case DM_SAMPLING_CUSTOM: return config->probabilities[i];
     case DM_SAMPLING_TAU_NICE: {
-        /* P(min >= i) = C(n - i, tau) / C(n, tau), built as a product of ratios. */
-        double at_least_i = 1.0;
-        for (int64_t k = 0; k < i; ++k)
-            at_least_i *= (double)(n - k - config->tau) / (double)(n - k);
-        const double at_least_next = at_least_i * (double)(n - i - config->tau) / (double)(n - i);
-        return at_least_i - (at_least_next > 0.0 ? at_least_next : 0.0);
+        /* P(min >= i) = C(n - i, tau) / C(n, tau), a product of ratios, one more per layer. */
+        const double at_least_i = walk->at_least;
+        double at_least_next = at_least_i * (double)(n - i - config->tau) / (double)(n - i);
+        if (at_least_next < 0.0) at_least_next = 0.0;
+        walk->at_least = at_least_next;
+        return at_least_i - at_least_next;
     }
     case DM_SAMPLING_EPOCH_SHIFT: {
         const double tilt = config->shift_strength * (2.0 * config->progress - 1.0);
@@ -106,26 +115,28 @@ static double probability_at(const dm_sampler_config *config, double normaliser,
     }
     case DM_SAMPLING_COST_OPTIMAL: {
         const double l = config->smoothness[i];
-        const double previous = *running_max;
-        if (l > *running_max) *running_max = l;
-        return (*running_max - previous) / normaliser;
+        const double previous = walk->running_max;
+        if (l > walk->running_max) walk->running_max = l;
+        return (walk->running_max - previous) / normaliser;
     }
     }
     return 0.0;
 }
 
 dm_status dm_sampler_distribution(const dm_sampler_config *config, double *cutoff_probabilities) {
-    double normaliser, running_max = 0.0;
+    double normaliser;
+    layer_walk walk = kWalkStart;
     DM_RETURN_IF_ERROR(prepare(config, &normaliser));
     if (!cutoff_probabilities) return DM_ERR_INVALID_ARG;
     for (int64_t i = 0; i < config->num_layers; ++i)
-        cutoff_probabilities[i] = probability_at(config, normaliser, i, &running_max);
+        cutoff_probabilities[i] = probability_at(config, normaliser, i, &walk);
     return DM_OK;
 }
 
 dm_status dm_sample_layers(const dm_sampler_config *config, uint64_t step, uint8_t *active_mask,
                            int64_t *cutoff) {
-    double normaliser, running_max = 0.0;
+    double normaliser;
+    layer_walk walk = kWalkStart;
     DM_RETURN_IF_ERROR(prepare(config, &normaliser));
     const int64_t n = config->num_layers;
     int64_t lowest = -1;
@@ -135,9 +146,9 @@ dm_status dm_sample_layers(const dm_sampler_config *config, uint64_t step, uint8
          * (still needed) / (still available); uniform over tau-subsets, one draw per layer. */
         int64_t needed = config->tau;
         for (int64_t i = 0; i < n; ++i) {
-            const int take = needed > 0 && (double)(n - i) * dm_random_uniform(config->seed, step,
-                                                                              (uint64_t)i) <
-                                               (double)needed;
+            const int take =
+                needed > 0 && (double)(n - i) * dm_random_uniform(config->seed, step, (uint64_t)i) <
+                                  (double)needed;
             if (take) {
                 --needed;
                 if (lowest < 0) lowest = i;
@@ -146,23 +157,18 @@ dm_status dm_sample_layers(const dm_sampler_config *config, uint64_t step, uint8
         }
     } else {
         /* Inverse CDF; rounding can leave the total a hair under u, then the deepest layer with
-         * positive probability is the answer. */
-        const double u = config->kind == DM_SAMPLING_FULL
-                             ? 0.0
-                             : dm_random_uniform(config->seed, step, 0);
+         * positive probability is the answer (the loop has then seen every layer). */
+        const double u =
+            config->kind == DM_SAMPLING_FULL ? 0.0 : dm_random_uniform(config->seed, step, 0);
         double cumulative = 0.0;
         int64_t last_positive = 0;
         for (int64_t i = 0; i < n && lowest < 0; ++i) {
-            const double p = probability_at(config, normaliser, i, &running_max);
+            const double p = probability_at(config, normaliser, i, &walk);
             if (p > 0.0) last_positive = i;
             cumulative += p;
             if (p > 0.0 && u < cumulative) lowest = i;
         }
-        if (lowest < 0) {
-            for (int64_t i = last_positive + 1; i < n; ++i)
-                if (probability_at(config, normaliser, i, &running_max) > 0.0) last_positive = i;
-            lowest = last_positive;
-        }
+        if (lowest < 0) lowest = last_positive;
         for (int64_t i = 0; active_mask && i < n; ++i) active_mask[i] = (uint8_t)(i >= lowest);
     }
     if (cutoff) *cutoff = lowest;

@@ -66,8 +66,8 @@ dm_status dm_panel_workspace_size(const dm_sharp_config *config, dm_dtype dtype,
     if (!dm_dtype_valid(dtype)) return DM_ERR_DTYPE;
     DM_RETURN_IF_ERROR(dm_check_sizes(batch, rows, cols, &elems));
     panel_shape(config->norm, rows, cols, &transposed, &p, &q);
-    if (dm_mul_overflows((size_t)batch,
-                         (size_t)divisors_per_matrix(config->norm, rows, cols), &divisors))
+    if (dm_mul_overflows((size_t)batch, (size_t)divisors_per_matrix(config->norm, rows, cols),
+                         &divisors))
         return DM_ERR_SHAPE;
     DM_RETURN_IF_ERROR(dm_ws_add(&total, elems, dm_dtype_size(dm_compute_dtype(dtype))));
     DM_RETURN_IF_ERROR(dm_ws_add(&total, divisors, sizeof(double)));
@@ -96,9 +96,9 @@ void dm_panel_init(dm_panel *panel, const dm_sharp_config *config, dm_dtype dtyp
     panel_shape(config->norm, rows, cols, &panel->transposed, &panel->p, &panel->q);
     panel->data = dm_ws_take(&cursor, (size_t)batch * (size_t)rows * (size_t)cols,
                              dm_dtype_size(panel->compute));
-    panel->scale = dm_ws_take(
-        &cursor, (size_t)batch * (size_t)divisors_per_matrix(config->norm, rows, cols),
-        sizeof(double));
+    panel->scale =
+        dm_ws_take(&cursor, (size_t)batch * (size_t)divisors_per_matrix(config->norm, rows, cols),
+                   sizeof(double));
     panel->result = panel->data;
     panel->result_dtype = panel->compute;
     panel->duals = dm_ws_take(&cursor, (size_t)batch, sizeof(double));
@@ -159,9 +159,9 @@ dm_status dm_panel_measure(dm_panel *panel, const dm_sharp_config *config) {
             const double sumsq = dm_sum_squares(panel->provider, m, t, p * q);
             DM_RETURN_IF_ERROR(finish_norm(sumsq, m, t, p * q, 1, &norm));
             const int spectral = panel->norm == DM_NORM_SPECTRAL;
-            const double inverse = inverse_divisor(norm, spectral ? config->norm_scale : 1.0,
-                                                   spectral ? config->norm_offset : 0.0,
-                                                   config->eps);
+            const double inverse =
+                inverse_divisor(norm, spectral ? config->norm_scale : 1.0,
+                                spectral ? config->norm_offset : 0.0, config->eps);
             panel->scale[b] = inverse;
             dual = norm * (norm * inverse); /* FROBENIUS (no overflow); SPECTRAL: see apply */
             break;
@@ -198,7 +198,7 @@ dm_status dm_panel_measure(dm_panel *panel, const dm_sharp_config *config) {
 
 /* In place: sign, or multiplication by the divisor selected by (b, i, j) for the norm kind. */
 #define DEFINE_APPLY(T, SUFFIX)                                                                    \
-    DM_VECTORIZE static void apply_##SUFFIX(dm_panel *panel) {                                                  \
+    DM_VECTORIZE static void apply_##SUFFIX(dm_panel *panel) {                                     \
         T *x = panel->data;                                                                        \
         const size_t p = (size_t)panel->p, q = (size_t)panel->q;                                   \
         for (size_t b = 0; b < (size_t)panel->batch; ++b) {                                        \
@@ -208,7 +208,7 @@ dm_status dm_panel_measure(dm_panel *panel, const dm_sharp_config *config) {
             case DM_NORM_SIGN:                                                                     \
                 for (size_t k = 0; k < p * q; ++k) m[k] = (T)((m[k] > 0) - (m[k] < 0));            \
                 break;                                                                             \
-            /* Products in double: 1 / ||x|| of a tiny float32 x need not fit a float. */         \
+            /* Products in double: 1 / ||x|| of a tiny float32 x need not fit a float. */          \
             case DM_NORM_COLUMN:                                                                   \
                 for (size_t i = 0; i < p; ++i)                                                     \
                     for (size_t j = 0; j < q; ++j)                                                 \
@@ -280,8 +280,8 @@ dm_status dm_panel_apply(dm_panel *panel, const dm_sharp_config *config) {
         const void *m = dm_panel_matrix(panel, panel->data, panel->compute, b);
         void *x0 = dm_panel_matrix(panel, panel->ns_scratch, panel->iteration, b);
         if (panel->iteration == DM_BFLOAT16)
-            DM_RETURN_IF_ERROR(normalise_like_torch_bf16(panel->provider, m, panel->compute, x0,
-                                                         per, config));
+            DM_RETURN_IF_ERROR(
+                normalise_like_torch_bf16(panel->provider, m, panel->compute, x0, per, config));
         else
             dm_convert(panel->provider, m, panel->compute, x0, panel->iteration, per,
                        panel->scale[b]);
@@ -290,17 +290,14 @@ dm_status dm_panel_apply(dm_panel *panel, const dm_sharp_config *config) {
                                      panel->ns_scratch, &panel->result, panel->provider));
     panel->result_dtype = panel->iteration;
     for (int64_t b = 0; panel->want_duals && b < panel->batch; ++b)
-        panel->duals[b] =
-            dm_dot(panel->provider, dm_panel_matrix(panel, panel->data, panel->compute, b),
-                   panel->compute,
-                   dm_panel_matrix(panel, panel->result, panel->iteration, b), panel->iteration,
-                   per);
+        panel->duals[b] = dm_dot(
+            panel->provider, dm_panel_matrix(panel, panel->data, panel->compute, b), panel->compute,
+            dm_panel_matrix(panel, panel->result, panel->iteration, b), panel->iteration, per);
     return DM_OK;
 }
 
 /* Copies user matrix b (rows x cols, leading dimension ld) into the panel. */
-static void panel_load(dm_panel *panel, int64_t b, const void *matrix, dm_dtype dtype,
-                       int64_t ld) {
+static void panel_load(dm_panel *panel, int64_t b, const void *matrix, dm_dtype dtype, int64_t ld) {
     unsigned char *dst = dm_panel_matrix(panel, panel->data, panel->compute, b);
     const size_t src_row = (size_t)ld * dm_dtype_size(dtype);
     const size_t dst_row = (size_t)panel->q * dm_dtype_size(panel->compute);

@@ -51,9 +51,9 @@ static double lr_ratio(dm_lr_adjust adjust, int64_t rows, int64_t cols) {
  * [r0, r1) of a matrix (one thread's band). Element k of a matrix (row-major, rows x cols) sits
  * at panel index k, or at (k % cols) * rows + k / cols when the panel holds the transpose. */
 #define DEFINE_UPDATE_PASSES(S, CT)                                                                \
-    DM_VECTORIZE static void directions_##S(const void *g, const void *buf, int64_t rows,         \
-                                            int64_t cols, int transposed, double mu,               \
-                                            int nesterov, CT *panel, int64_t r0, int64_t r1) {     \
+    DM_VECTORIZE static void directions_##S(const void *g, const void *buf, int64_t rows,          \
+                                            int64_t cols, int transposed, double mu, int nesterov, \
+                                            CT *panel, int64_t r0, int64_t r1) {                   \
         const CT w = (CT)(1.0 - mu), mu_c = (CT)mu;                                                \
         if (!transposed) {                                                                         \
             for (size_t k = (size_t)(r0 * cols); k < (size_t)(r1 * cols); ++k) {                   \
@@ -70,7 +70,7 @@ static double lr_ratio(dm_lr_adjust adjust, int64_t rows, int64_t cols) {
             panel[j * rows + i] = nesterov ? LERP(CT, gk, m, mu_c) : m;                            \
         }                                                                                          \
     }                                                                                              \
-    DM_VECTORIZE static void momentum_##S(const void *g, void *buf, int64_t cols, double mu,      \
+    DM_VECTORIZE static void momentum_##S(const void *g, void *buf, int64_t cols, double mu,       \
                                           int64_t r0, int64_t r1) {                                \
         const CT w = (CT)(1.0 - mu);                                                               \
         for (size_t k = (size_t)(r0 * cols); k < (size_t)(r1 * cols); ++k) {                       \
@@ -82,7 +82,7 @@ static double lr_ratio(dm_lr_adjust adjust, int64_t rows, int64_t cols) {
 /* Decay and step round separately, like torch's param.mul_(...).add_(...); the sharp result O
  * comes in the compute type, or in bfloat16 from bfloat16 iterates. */
 #define DEFINE_PARAMS_PASS(S, CT, O)                                                               \
-    DM_VECTORIZE static void params_##S##_##O(void *x, const void *o, int64_t rows, int64_t cols, \
+    DM_VECTORIZE static void params_##S##_##O(void *x, const void *o, int64_t rows, int64_t cols,  \
                                               int transposed, double decay, double step,           \
                                               int64_t r0, int64_t r1) {                            \
         const CT decay_c = (CT)decay, step_c = (CT)step;                                           \
@@ -122,16 +122,16 @@ static void directions_range(void *arg, int64_t r0, int64_t r1) {
     const pass_job *j = arg;
     switch (j->dtype) {
     case DM_FLOAT32:
-        directions_f32(j->g, j->buf, j->rows, j->cols, j->transposed, j->mu, j->nesterov,
-                       j->panel, r0, r1);
+        directions_f32(j->g, j->buf, j->rows, j->cols, j->transposed, j->mu, j->nesterov, j->panel,
+                       r0, r1);
         break;
     case DM_FLOAT64:
-        directions_f64(j->g, j->buf, j->rows, j->cols, j->transposed, j->mu, j->nesterov,
-                       j->panel, r0, r1);
+        directions_f64(j->g, j->buf, j->rows, j->cols, j->transposed, j->mu, j->nesterov, j->panel,
+                       r0, r1);
         break;
     case DM_BFLOAT16:
-        directions_bf16(j->g, j->buf, j->rows, j->cols, j->transposed, j->mu, j->nesterov,
-                        j->panel, r0, r1);
+        directions_bf16(j->g, j->buf, j->rows, j->cols, j->transposed, j->mu, j->nesterov, j->panel,
+                        r0, r1);
         break;
     }
 }
@@ -159,8 +159,8 @@ static void params_range(void *arg, int64_t r0, int64_t r1) {
                                                        r1);
         break;
     case DM_BFLOAT16:
-        (j->o_bf16 ? params_bf16_bf16 : params_bf16_f32)(j->x, j->o, m, n, t, j->decay, j->step,
-                                                         r0, r1);
+        (j->o_bf16 ? params_bf16_bf16 : params_bf16_f32)(j->x, j->o, m, n, t, j->decay, j->step, r0,
+                                                         r1);
         break;
     }
 }
@@ -195,8 +195,12 @@ dm_status dm_update(const dm_update_config *config, dm_dtype dtype, int64_t batc
 
     /* 1. Directions into the panel; user memory is only read. */
     const int64_t grain = dm_row_grain(cols);
-    pass_job job = {.dtype = dtype, .rows = rows, .cols = cols, .transposed = panel.transposed,
-                    .nesterov = config->nesterov, .mu = mu};
+    pass_job job = {.dtype = dtype,
+                    .rows = rows,
+                    .cols = cols,
+                    .transposed = panel.transposed,
+                    .nesterov = config->nesterov,
+                    .mu = mu};
     for (int64_t b = 0; b < batch; ++b) {
         job.g = grads[b];
         job.buf = momentum_buffers[b];
@@ -220,10 +224,10 @@ dm_status dm_update(const dm_update_config *config, dm_dtype dtype, int64_t batc
     for (int64_t b = 0; b < batch; ++b) {
         const double dual = panel.duals[b];
         /* A zero direction has dual 0 and moves nothing (also when L0 = 0: no 0 / 0). */
-        job.step =
-            config->radius == DM_RADIUS_FIXED ? config->lr * lr_ratio(config->lr_adjust, rows, cols)
-            : dual > 0.0 ? config->lr * dual / (config->radius_l0 + config->radius_l1 * dual)
-                         : 0.0;
+        job.step = config->radius == DM_RADIUS_FIXED
+                       ? config->lr * lr_ratio(config->lr_adjust, rows, cols)
+                   : dual > 0.0 ? config->lr * dual / (config->radius_l0 + config->radius_l1 * dual)
+                                : 0.0;
         job.x = params[b];
         job.o = dm_panel_matrix(&panel, panel.result, panel.result_dtype, b);
         dm_parallel_for(gemm, rows, grain, params_range, &job);

@@ -123,12 +123,12 @@ struct dm_cuda_layout {
 
 /* The per-norm constants of the finish pass. */
 struct dm_cuda_norm_params {
-    int mode;                 /* DM_CUDA_SQUARES* or DM_CUDA_ABS */
-    int spectral;             /* SPECTRAL: the dual comes later, from the iterates */
-    int float64;              /* compute precision is float64 (sums of squares may underflow) */
-    double norm_scale;        /* SPECTRAL: config's; 1 otherwise */
-    double norm_offset;       /* SPECTRAL: config's; 0 otherwise */
-    double eps;               /* every divisor's lower bound */
+    int mode;           /* DM_CUDA_SQUARES* or DM_CUDA_ABS */
+    int spectral;       /* SPECTRAL: the dual comes later, from the iterates */
+    int float64;        /* compute precision is float64 (sums of squares may underflow) */
+    double norm_scale;  /* SPECTRAL: config's; 1 otherwise */
+    double norm_offset; /* SPECTRAL: config's; 0 otherwise */
+    double eps;         /* every divisor's lower bound */
 };
 
 /* ---- storage types ------------------------------------------------------------------------ */
@@ -197,8 +197,8 @@ template <typename T> __device__ __forceinline__ T dm_cuda_lerp(T self, T end, T
 }
 
 /* 1 / max(scale * norm + offset, eps), and 0 where that divisor is 0 (sharp.c). */
-__device__ __forceinline__ double dm_cuda_inverse_divisor(double norm, double scale,
-                                                          double offset, double eps) {
+__device__ __forceinline__ double dm_cuda_inverse_divisor(double norm, double scale, double offset,
+                                                          double eps) {
     double divisor = __dadd_rn(__dmul_rn(scale, norm), offset);
     if (divisor < eps) divisor = eps;
     return divisor > 0.0 && isfinite(divisor) ? __ddiv_rn(1.0, divisor) : 0.0;
@@ -240,7 +240,9 @@ __device__ __forceinline__ dm_cuda_partial dm_cuda_block_reduce(double sum, doub
 
 /* ---- host helpers ------------------------------------------------------------------------- */
 
-__host__ __device__ inline int64_t dm_cuda_ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+__host__ __device__ inline int64_t dm_cuda_ceil_div(int64_t a, int64_t b) {
+    return (a + b - 1) / b;
+}
 __host__ __device__ inline int64_t dm_cuda_min64(int64_t a, int64_t b) { return a < b ? a : b; }
 static inline size_t dm_cuda_align_up(size_t n) {
     return (n + DM_CUDA_ALIGN - 1) & ~(DM_CUDA_ALIGN - 1);
@@ -300,13 +302,11 @@ struct dm_cuda_gemm_args {
     void *c;
     int64_t ldc, stride_c;
 };
-dm_status dm_cuda_gemm_batched(dm_dtype dtype, const dm_cuda_gemm_args *args,
-                               cudaStream_t stream);
+dm_status dm_cuda_gemm_batched(dm_dtype dtype, const dm_cuda_gemm_args *args, cudaStream_t stream);
 
 /* Scratch bytes of dm_cuda_ns_iterate: [X | X' (batch p q) | A | P (batch p p)], each region
  * 256-byte aligned, in the iteration dtype. */
-dm_status dm_cuda_ns_scratch_bytes(int64_t batch, int64_t p, int64_t q, size_t elem,
-                                   size_t *bytes);
+dm_status dm_cuda_ns_scratch_bytes(int64_t batch, int64_t p, int64_t q, size_t elem, size_t *bytes);
 
 /* The Newton-Schulz iterations on batch p x q matrices (p <= q) whose X region holds X0;
  * *result is the final iterate (X or X'). Products as the header's "Products" paragraph says. */

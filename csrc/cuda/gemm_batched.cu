@@ -94,15 +94,13 @@ __global__ void __launch_bounds__(DM_GEMM_THREADS)
                 if (TRANS_B) {
                     const int kk = idx % BK, jj = idx / BK;
                     const int64_t row = n0 + jj, col = k0 + kk;
-                    rb[r] = row < prm.n && col < prm.k
-                                ? (Acc)dm_cuda_value(B[row * prm.ldb + col])
-                                : (Acc)0;
+                    rb[r] = row < prm.n && col < prm.k ? (Acc)dm_cuda_value(B[row * prm.ldb + col])
+                                                       : (Acc)0;
                 } else {
                     const int jj = idx % BN, kk = idx / BN;
                     const int64_t row = k0 + kk, col = n0 + jj;
-                    rb[r] = row < prm.k && col < prm.n
-                                ? (Acc)dm_cuda_value(B[row * prm.ldb + col])
-                                : (Acc)0;
+                    rb[r] = row < prm.k && col < prm.n ? (Acc)dm_cuda_value(B[row * prm.ldb + col])
+                                                       : (Acc)0;
                 }
             }
         };
@@ -161,7 +159,8 @@ __global__ void __launch_bounds__(DM_GEMM_THREADS)
                 if (row >= prm.m || col >= prm.n) continue;
                 Acc v = prm.alpha * acc[i][j];
                 /* c_in may be c: this thread reads the element before it writes it. */
-                if (prm.beta != (Acc)0) v += prm.beta * (Acc)dm_cuda_value(Cin[row * prm.ldc + col]);
+                if (prm.beta != (Acc)0)
+                    v += prm.beta * (Acc)dm_cuda_value(Cin[row * prm.ldc + col]);
                 const T out = dm_cuda_to<T>(v);
                 C[row * prm.ldc + col] = out;
                 /* The mirror lies in a block below the diagonal: no launched tile reads or
@@ -219,8 +218,7 @@ template <typename T> dm_status dm_cuda_gemm_typed(const dm_cuda_gemm_args *args
 
 } // namespace
 
-dm_status dm_cuda_gemm_batched(dm_dtype dtype, const dm_cuda_gemm_args *args,
-                               cudaStream_t stream) {
+dm_status dm_cuda_gemm_batched(dm_dtype dtype, const dm_cuda_gemm_args *args, cudaStream_t stream) {
     if (!args || args->batch < 0 || args->m < 0 || args->n < 0 || args->k < 0)
         return DM_ERR_INVALID_ARG;
     if (args->symmetric && args->m != args->n) return DM_ERR_INVALID_ARG;

@@ -55,8 +55,7 @@ __global__ void __launch_bounds__(DM_CUDA_BLOCK)
 template <typename T>
 dm_status dm_cuda_mirror(void *c, int64_t p, int64_t h, int64_t stride, int64_t batch,
                          cudaStream_t stream) {
-    const int64_t tiles =
-        dm_cuda_ceil_div(p - h, DM_CUDA_TILE) * dm_cuda_ceil_div(h, DM_CUDA_TILE);
+    const int64_t tiles = dm_cuda_ceil_div(p - h, DM_CUDA_TILE) * dm_cuda_ceil_div(h, DM_CUDA_TILE);
     if (tiles == 0 || batch == 0) return DM_OK;
     if (tiles > (int64_t)INT32_MAX) return DM_ERR_SHAPE;
     const dim3 grid((unsigned)tiles, (unsigned)dm_cuda_min64(batch, DM_CUDA_MAX_GRID_Y), 1);
@@ -128,20 +127,20 @@ dm_status dm_cuda_ns_iterate(const dm_sharp_config *config, dm_dtype iteration, 
     unsigned char *p_mat = a_mat + dm_cuda_align_up((size_t)(batch * pp) * elem);
     const int has_provider = gemm != NULL && gemm->gemm != NULL;
     const int batched = !has_provider || p <= tuning->batched_max_p;
-    const int split = !batched && tuning->symmetric_min_p > 0 && p >= tuning->symmetric_min_p &&
-                      p >= 2;
+    const int split =
+        !batched && tuning->symmetric_min_p > 0 && p >= tuning->symmetric_min_p && p >= 2;
 
     for (int64_t j = 0; j < config->ns_steps && batch > 0 && p > 0; ++j) {
         const double a = config->ns_coefficients[3 * j];
         const double b = config->ns_coefficients[3 * j + 1];
         const double c = config->ns_coefficients[3 * j + 2];
         if (batched) {
-            const dm_cuda_gemm_args gram = {1,     1, batch, p, p, q,     1.0,   0.0, x, q, pq,
-                                            x,     q, pq,    NULL, a_mat, p, pp};
-            const dm_cuda_gemm_args poly = {1, 1, batch, p, p, p, c, b, a_mat, p, pp,
-                                            a_mat, p, pp,  a_mat, p_mat, p, pp};
-            const dm_cuda_gemm_args next = {0, 0, batch, p, q, p, 1.0, a, p_mat, p, pp,
-                                            x, q, pq,    x, x_next, q, pq};
+            const dm_cuda_gemm_args gram = {1, 1,  batch, p, p,  q,    1.0,   0.0, x,
+                                            q, pq, x,     q, pq, NULL, a_mat, p,   pp};
+            const dm_cuda_gemm_args poly = {1, 1,  batch, p, p,  p,     c,     b, a_mat,
+                                            p, pp, a_mat, p, pp, a_mat, p_mat, p, pp};
+            const dm_cuda_gemm_args next = {0, 0,  batch, p, q,  p, 1.0,    a, p_mat,
+                                            p, pp, x,     q, pq, x, x_next, q, pq};
             DM_RETURN_IF_ERROR(dm_cuda_gemm_batched(iteration, &gram, stream));
             DM_RETURN_IF_ERROR(dm_cuda_gemm_batched(iteration, &poly, stream));
             DM_RETURN_IF_ERROR(dm_cuda_gemm_batched(iteration, &next, stream));
@@ -149,14 +148,14 @@ dm_status dm_cuda_ns_iterate(const dm_sharp_config *config, dm_dtype iteration, 
             DM_RETURN_IF_ERROR(dm_cuda_provider_gram(gemm, iteration, batch, p, q, 1.0, x, pq, 0.0,
                                                      NULL, a_mat, pp, split, stream));
             if (split) {
-                DM_RETURN_IF_ERROR(dm_cuda_provider_gram(gemm, iteration, batch, p, p, c, a_mat,
-                                                         pp, b, a_mat, p_mat, pp, 1, stream));
+                DM_RETURN_IF_ERROR(dm_cuda_provider_gram(gemm, iteration, batch, p, p, c, a_mat, pp,
+                                                         b, a_mat, p_mat, pp, 1, stream));
             } else if (gemm->gemm(gemm->ctx, iteration, 0, 0, batch, p, p, p, c, a_mat, p, pp,
                                   a_mat, p, pp, b, a_mat, p_mat, p, pp) != DM_OK) {
                 return DM_ERR_GEMM;
             }
-            if (gemm->gemm(gemm->ctx, iteration, 0, 0, batch, p, q, p, 1.0, p_mat, p, pp, x, q,
-                           pq, a, x, x_next, q, pq) != DM_OK)
+            if (gemm->gemm(gemm->ctx, iteration, 0, 0, batch, p, q, p, 1.0, p_mat, p, pp, x, q, pq,
+                           a, x, x_next, q, pq) != DM_OK)
                 return DM_ERR_GEMM;
         }
         unsigned char *t = x;

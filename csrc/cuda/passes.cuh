@@ -186,8 +186,8 @@ __global__ void __launch_bounds__(DM_CUDA_BLOCK)
         norm = 0.0;
     } else {
         const typename Src::context ctx = src.begin(header);
-        norm = __dmul_rn(max, sqrt(dm_cuda_rescaled_sum<Src, GROUP>(src, ctx, pass, b, g, max,
-                                                                    lane)));
+        norm =
+            __dmul_rn(max, sqrt(dm_cuda_rescaled_sum<Src, GROUP>(src, ctx, pass, b, g, max, lane)));
     }
     if (lane != 0) return;
     const double inverse = dm_cuda_inverse_divisor(norm, np.norm_scale, np.norm_offset, np.eps);
@@ -233,7 +233,8 @@ __global__ void __launch_bounds__(DM_CUDA_BLOCK)
 #pragma unroll
     for (int k = 0; k < DM_CUDA_TILE_STEPS; ++k) {
         const int64_t j = c0 + ty + DM_CUDA_TILE_ROWS * k, i = r0 + tx;
-        if (i < pass.rows && j < pass.cols) x[j * pass.rows + i] = tile[tx][ty + DM_CUDA_TILE_ROWS * k];
+        if (i < pass.rows && j < pass.cols)
+            x[j * pass.rows + i] = tile[tx][ty + DM_CUDA_TILE_ROWS * k];
     }
 }
 
@@ -247,7 +248,8 @@ __device__ __forceinline__ void dm_cuda_load_transposed_tile(IT (*tile)[DM_CUDA_
 #pragma unroll
     for (int k = 0; k < DM_CUDA_TILE_STEPS; ++k) {
         const int64_t j = c0 + ty + DM_CUDA_TILE_ROWS * k, i = r0 + tx;
-        if (i < pass.rows && j < pass.cols) tile[ty + DM_CUDA_TILE_ROWS * k][tx] = x[j * pass.rows + i];
+        if (i < pass.rows && j < pass.cols)
+            tile[ty + DM_CUDA_TILE_ROWS * k][tx] = x[j * pass.rows + i];
     }
     __syncthreads();
 }
@@ -255,9 +257,9 @@ __device__ __forceinline__ void dm_cuda_load_transposed_tile(IT (*tile)[DM_CUDA_
 /* Element (i, j) of the user's layout from the panel x (through the staged tile if
  * transposed), in its own precision widened to float or double. */
 template <typename IT>
-__device__ __forceinline__ auto dm_cuda_panel_value(const IT (*tile)[DM_CUDA_TILE + 1],
-                                                    const IT *x, const dm_cuda_pass &pass,
-                                                    int64_t i, int64_t j, int64_t r0, int64_t c0) {
+__device__ __forceinline__ auto dm_cuda_panel_value(const IT (*tile)[DM_CUDA_TILE + 1], const IT *x,
+                                                    const dm_cuda_pass &pass, int64_t i, int64_t j,
+                                                    int64_t r0, int64_t c0) {
     return dm_cuda_value(pass.transposed ? tile[j - c0][i - r0] : x[i * pass.cols + j]);
 }
 

@@ -107,7 +107,7 @@ dm_cuda_norm_params dm_cuda_norm_constants(const dm_sharp_config *config,
                                            const dm_cuda_layout *layout) {
     dm_cuda_norm_params np;
     const int spectral = config->norm == DM_NORM_SPECTRAL;
-    np.mode = config->norm == DM_NORM_SIGN                          ? DM_CUDA_ABS
+    np.mode = config->norm == DM_NORM_SIGN                   ? DM_CUDA_ABS
               : spectral && layout->iteration == DM_BFLOAT16 ? DM_CUDA_SQUARES_BF16
                                                              : DM_CUDA_SQUARES;
     np.spectral = spectral;
@@ -183,15 +183,15 @@ dm_status dm_cuda_launch_sum_parts(const double *parts, int64_t per_group, int64
     if (groups <= 0) return DM_OK;
     const int64_t blocks = dm_cuda_ceil_div(groups, DM_CUDA_WARPS);
     dm_cuda_sum_parts_kernel<<<(unsigned)blocks, DM_CUDA_BLOCK, 0, stream>>>(parts, per_group,
-                                                                            groups, out);
+                                                                             groups, out);
     DM_CUDA_LAUNCHED();
     return DM_OK;
 }
 
 dm_status dm_cuda_wait_for_status(const dm_cuda_header *header, cudaStream_t stream) {
     unsigned flags = 0;
-    DM_CUDA_TRY(cudaMemcpyAsync(&flags, &header->flags, sizeof flags, cudaMemcpyDeviceToHost,
-                                stream));
+    DM_CUDA_TRY(
+        cudaMemcpyAsync(&flags, &header->flags, sizeof flags, cudaMemcpyDeviceToHost, stream));
     DM_CUDA_TRY(cudaStreamSynchronize(stream));
     return (dm_status)dm_cuda_flag_status(flags);
 }

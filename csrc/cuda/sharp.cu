@@ -46,7 +46,8 @@ __global__ void __launch_bounds__(DM_CUDA_BLOCK)
         const int64_t i = r0 + ty + DM_CUDA_TILE_ROWS * k, j = c0 + tx;
         if (i >= pass.rows || j >= pass.cols) continue;
         if constexpr (KIND == DM_KIND_SPECTRAL) {
-            out[i * io.out_ld + j] = dm_cuda_to<S>(dm_cuda_panel_value(tile, x, pass, i, j, r0, c0));
+            out[i * io.out_ld + j] =
+                dm_cuda_to<S>(dm_cuda_panel_value(tile, x, pass, i, j, r0, c0));
         } else {
             const CT m = dm_cuda_value(in[i * io.in_ld + j]);
             CT o;
@@ -81,9 +82,8 @@ dm_status dm_cuda_store(const dm_cuda_layout &L, const void *const *inputs, int6
         io.out_ld = out_ld;
         dm_cuda_sharp_store_kernel<S, IT, KIND>
             <<<dm_cuda_tile_grid(pass), dm_cuda_tile_block(), 0, stream>>>(
-                io, pass, (const dm_cuda_header *)(ws + L.header),
-                (const double *)(ws + L.scale), panel, (const double *)(ws + L.duals), duals,
-                status);
+                io, pass, (const dm_cuda_header *)(ws + L.header), (const double *)(ws + L.scale),
+                panel, (const double *)(ws + L.duals), duals, status);
         DM_CUDA_LAUNCHED();
     }
     return DM_OK;
@@ -104,8 +104,8 @@ dm_status dm_cuda_sharp_typed(const dm_sharp_config *config, const dm_cuda_layou
         return src;
     };
     const dm_cuda_update_hyperparameters unused = {0.0, 0.0, 0.0, 0.0, 0.0};
-    DM_RETURN_IF_ERROR(dm_cuda_launch_init((dm_cuda_header *)(ws + L.header), NULL, unused, 0, 0,
-                                           stream));
+    DM_RETURN_IF_ERROR(
+        dm_cuda_launch_init((dm_cuda_header *)(ws + L.header), NULL, unused, 0, 0, stream));
     const dm_cuda_norm_params np = dm_cuda_norm_constants(config, &L);
     DM_RETURN_IF_ERROR(dm_cuda_run_norms<Src>(L, np, ws, make_source, stream));
     const int want_duals = duals != NULL;
@@ -123,29 +123,29 @@ dm_status dm_cuda_sharp_typed(const dm_sharp_config *config, const dm_cuda_layou
             const IT *o = NULL;
             DM_RETURN_IF_ERROR(dm_cuda_run_spectral<Src>(config, L, ws, make_source, want_duals,
                                                          gemm, tuning, &o, stream));
-            return dm_cuda_store<S, IT, DM_KIND_SPECTRAL>(L, inputs, in_ld, outputs, out_ld, ws,
-                                                          o, duals, status, stream);
+            return dm_cuda_store<S, IT, DM_KIND_SPECTRAL>(L, inputs, in_ld, outputs, out_ld, ws, o,
+                                                          duals, status, stream);
         }
     case DM_NORM_SIGN:
-        return dm_cuda_store<S, S, DM_KIND_SIGN>(L, inputs, in_ld, outputs, out_ld, ws, NULL,
-                                                 duals, status, stream);
+        return dm_cuda_store<S, S, DM_KIND_SIGN>(L, inputs, in_ld, outputs, out_ld, ws, NULL, duals,
+                                                 status, stream);
     case DM_NORM_COLUMN:
         return dm_cuda_store<S, S, DM_KIND_COLUMN>(L, inputs, in_ld, outputs, out_ld, ws, NULL,
                                                    duals, status, stream);
     case DM_NORM_ROW:
-        return dm_cuda_store<S, S, DM_KIND_ROW>(L, inputs, in_ld, outputs, out_ld, ws, NULL,
-                                                duals, status, stream);
+        return dm_cuda_store<S, S, DM_KIND_ROW>(L, inputs, in_ld, outputs, out_ld, ws, NULL, duals,
+                                                status, stream);
     case DM_NORM_FROBENIUS:
-        return dm_cuda_store<S, S, DM_KIND_FROBENIUS>(L, inputs, in_ld, outputs, out_ld, ws,
-                                                      NULL, duals, status, stream);
+        return dm_cuda_store<S, S, DM_KIND_FROBENIUS>(L, inputs, in_ld, outputs, out_ld, ws, NULL,
+                                                      duals, status, stream);
     }
     return DM_ERR_INVALID_ARG;
 }
 
 } // namespace
 
-dm_status dm_cuda_sharp_workspace_size(const dm_sharp_config *config, dm_dtype dtype,
-                                       int64_t batch, int64_t rows, int64_t cols, size_t *bytes) {
+dm_status dm_cuda_sharp_workspace_size(const dm_sharp_config *config, dm_dtype dtype, int64_t batch,
+                                       int64_t rows, int64_t cols, size_t *bytes) {
     size_t cpu_bytes;
     dm_cuda_layout L;
     if (!bytes) return DM_ERR_INVALID_ARG;
@@ -170,8 +170,8 @@ dm_status dm_cuda_sharp(const dm_sharp_config *config, dm_dtype dtype, int64_t b
     if (rows > 0 && cols > 0)
         for (int64_t b = 0; b < batch; ++b)
             if (!inputs[b] || !outputs[b]) return DM_ERR_INVALID_ARG;
-    if (needed > 0 && (!workspace || workspace_bytes < needed ||
-                       (uintptr_t)workspace % DM_CUDA_ALIGN != 0))
+    if (needed > 0 &&
+        (!workspace || workspace_bytes < needed || (uintptr_t)workspace % DM_CUDA_ALIGN != 0))
         return DM_ERR_WORKSPACE;
     if (batch > 0 && rows > 0 && cols > 0 &&
         (rows - 1 > (INT64_MAX - cols) / in_ld || rows - 1 > (INT64_MAX - cols) / out_ld))
@@ -195,8 +195,8 @@ dm_status dm_cuda_sharp(const dm_sharp_config *config, dm_dtype dtype, int64_t b
                                         status, t, stream);
         break;
     case DM_FLOAT64:
-        st = dm_cuda_sharp_typed<double>(config, L, inputs, in_ld, outputs, out_ld, duals, ws,
-                                         gemm, status, t, stream);
+        st = dm_cuda_sharp_typed<double>(config, L, inputs, in_ld, outputs, out_ld, duals, ws, gemm,
+                                         status, t, stream);
         break;
     case DM_BFLOAT16:
         st = dm_cuda_sharp_typed<__nv_bfloat16>(config, L, inputs, in_ld, outputs, out_ld, duals,

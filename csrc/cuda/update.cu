@@ -29,9 +29,8 @@ template <typename S, typename IT, int KIND>
 __global__ void __launch_bounds__(DM_CUDA_BLOCK)
     dm_cuda_update_final_kernel(const __grid_constant__ dm_cuda_update_io<S> io,
                                 const dm_cuda_pass pass, const dm_cuda_header *header,
-                                const dm_cuda_step_params sp, const double *scale,
-                                const IT *panel, const double *duals_ws, double *duals,
-                                int32_t *status) {
+                                const dm_cuda_step_params sp, const double *scale, const IT *panel,
+                                const double *duals_ws, double *duals, int32_t *status) {
     using CT = typename dm_cuda_storage<S>::compute;
     __shared__ IT tile[DM_CUDA_TILE][DM_CUDA_TILE + 1];
     const int tx = threadIdx.x, ty = threadIdx.y, b = blockIdx.y;
@@ -136,8 +135,7 @@ dm_status dm_cuda_update_typed(const dm_update_config *config, const dm_cuda_lay
                                void *const *momentum_buffers, double *duals, unsigned char *ws,
                                const dm_gemm_provider *gemm,
                                const dm_cuda_update_hyperparameters *hyperparameters,
-                               int32_t *status, const dm_cuda_tuning *tuning,
-                               cudaStream_t stream) {
+                               int32_t *status, const dm_cuda_tuning *tuning, cudaStream_t stream) {
     using Src = dm_cuda_direction_source<S>;
     auto make_source = [&](const dm_cuda_pass &pass) {
         Src src;
@@ -151,9 +149,8 @@ dm_status dm_cuda_update_typed(const dm_update_config *config, const dm_cuda_lay
         return src;
     };
     const int adaptive = config->radius == DM_RADIUS_ADAPTIVE;
-    const dm_cuda_update_hyperparameters values = {config->lr, config->weight_decay,
-                                                   config->momentum, config->radius_l0,
-                                                   config->radius_l1};
+    const dm_cuda_update_hyperparameters values = {
+        config->lr, config->weight_decay, config->momentum, config->radius_l0, config->radius_l1};
     DM_RETURN_IF_ERROR(dm_cuda_launch_init((dm_cuda_header *)(ws + L.header), hyperparameters,
                                            values, 1, adaptive, stream));
     const dm_cuda_norm_params np = dm_cuda_norm_constants(&config->sharp, &L);
@@ -183,8 +180,8 @@ dm_status dm_cuda_update_typed(const dm_update_config *config, const dm_cuda_lay
         return dm_cuda_final<S, S, DM_KIND_SIGN>(L, params, grads, momentum_buffers, sp, ws, NULL,
                                                  duals, status, stream);
     case DM_NORM_COLUMN:
-        return dm_cuda_final<S, S, DM_KIND_COLUMN>(L, params, grads, momentum_buffers, sp, ws,
-                                                   NULL, duals, status, stream);
+        return dm_cuda_final<S, S, DM_KIND_COLUMN>(L, params, grads, momentum_buffers, sp, ws, NULL,
+                                                   duals, status, stream);
     case DM_NORM_ROW:
         return dm_cuda_final<S, S, DM_KIND_ROW>(L, params, grads, momentum_buffers, sp, ws, NULL,
                                                 duals, status, stream);
@@ -223,8 +220,8 @@ dm_status dm_cuda_update(const dm_update_config *config, dm_dtype dtype, int64_t
     if (rows > 0 && cols > 0)
         for (int64_t b = 0; b < batch; ++b)
             if (!params[b] || !grads[b] || !momentum_buffers[b]) return DM_ERR_INVALID_ARG;
-    if (needed > 0 && (!workspace || workspace_bytes < needed ||
-                       (uintptr_t)workspace % DM_CUDA_ALIGN != 0))
+    if (needed > 0 &&
+        (!workspace || workspace_bytes < needed || (uintptr_t)workspace % DM_CUDA_ALIGN != 0))
         return DM_ERR_WORKSPACE;
     if (!status) DM_RETURN_IF_ERROR(dm_cuda_require_not_capturing(stream));
     if (batch == 0) return DM_OK;
@@ -249,9 +246,8 @@ dm_status dm_cuda_update(const dm_update_config *config, dm_dtype dtype, int64_t
                                           gemm, hyperparameters, status, t, stream);
         break;
     case DM_BFLOAT16:
-        st = dm_cuda_update_typed<__nv_bfloat16>(config, L, params, grads, momentum_buffers,
-                                                 duals, ws, gemm, hyperparameters, status, t,
-                                                 stream);
+        st = dm_cuda_update_typed<__nv_bfloat16>(config, L, params, grads, momentum_buffers, duals,
+                                                 ws, gemm, hyperparameters, status, t, stream);
         break;
     }
     if (st != DM_OK || status) return st;

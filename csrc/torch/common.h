@@ -75,14 +75,13 @@ inline std::pair<int64_t, int64_t> matrix_shape(const at::Tensor &t) {
 inline dm_ns_precision parse_ns_precision(const std::string &name) {
     if (name == "native") return DM_NS_NATIVE;
     if (name == "bfloat16") return DM_NS_BFLOAT16;
-    TORCH_CHECK(false, "dropmuon: unknown ns_precision '", name,
-                "'; expected native or bfloat16");
+    TORCH_CHECK(false, "dropmuon: unknown ns_precision '", name, "'; expected native or bfloat16");
 }
 
 // Builds the sharp config; coefficients must outlive the config (it points into them).
 inline dm_sharp_config make_sharp_config(const std::string &norm,
-                                         const std::vector<double> &coefficients,
-                                         double norm_scale, double norm_offset, double eps,
+                                         const std::vector<double> &coefficients, double norm_scale,
+                                         double norm_offset, double eps,
                                          const std::string &ns_precision) {
     dm_sharp_config config{};
     config.norm = parse_norm(norm);
@@ -104,8 +103,8 @@ inline void check_tensor_list(at::TensorList list, const at::Tensor &like, const
     for (size_t i = 0; i < list.size(); ++i) {
         const at::Tensor &t = list[i];
         TORCH_CHECK(t.defined(), "dropmuon: ", name, "[", i, "] is undefined");
-        TORCH_CHECK(t.device() == like.device(), "dropmuon: ", name, "[", i, "] is on ",
-                    t.device(), " but params[0] is on ", like.device());
+        TORCH_CHECK(t.device() == like.device(), "dropmuon: ", name, "[", i, "] is on ", t.device(),
+                    " but params[0] is on ", like.device());
         TORCH_CHECK(t.scalar_type() == like.scalar_type(), "dropmuon: ", name, "[", i,
                     "] has dtype ", t.scalar_type(), " but params[0] has ", like.scalar_type());
         TORCH_CHECK(t.sizes() == like.sizes(), "dropmuon: ", name, "[", i, "] has shape ",

@@ -22,8 +22,9 @@ dm_status aten_gemm(void *, dm_dtype dtype, int trans_a, int trans_b, int64_t ba
                     int64_t stride_a, const void *b, int64_t ldb, int64_t stride_b, double beta,
                     const void *c_in, void *c, int64_t ldc, int64_t stride_c) {
     try {
-        const auto options = at::TensorOptions().dtype(
-            dtype == DM_FLOAT64 ? at::kDouble : dtype == DM_BFLOAT16 ? at::kBFloat16 : at::kFloat);
+        const auto options = at::TensorOptions().dtype(dtype == DM_FLOAT64    ? at::kDouble
+                                                       : dtype == DM_BFLOAT16 ? at::kBFloat16
+                                                                              : at::kFloat);
         // op(X) of a stored rows x cols matrix (leading dimension ld) as a strided view, built
         // with its final sizes and strides: no select or transpose (a TensorImpl each, which
         // showed in small layers' products).
@@ -111,8 +112,8 @@ at::Tensor muon_update_cpu(at::TensorList params, at::TensorList grads,
                            double momentum, bool nesterov, const std::string &norm,
                            at::ArrayRef<double> ns_coefficients, double norm_scale,
                            double norm_offset, double eps, const std::string &ns_precision,
-                           const std::string &adjust_lr_fn,
-                           const std::string &radius, double L0, double L1, bool with_duals) {
+                           const std::string &adjust_lr_fn, const std::string &radius, double L0,
+                           double L1, bool with_duals) {
     const int64_t batch = static_cast<int64_t>(params.size());
     TORCH_CHECK(grads.size() == params.size() && momentum_buffers.size() == params.size(),
                 "dropmuon.muon_update_: params, grads and momentum_buffers must have the same "
@@ -120,8 +121,8 @@ at::Tensor muon_update_cpu(at::TensorList params, at::TensorList grads,
                 params.size(), ", ", grads.size(), ", ", momentum_buffers.size());
     if (batch == 0) return at::empty({0}, at::TensorOptions().dtype(at::kDouble));
     const at::Tensor &first = params[0];
-    TORCH_CHECK(first.device().is_cpu(), "dropmuon.muon_update_: params[0] is on ",
-                first.device(), ", this is the CPU kernel");
+    TORCH_CHECK(first.device().is_cpu(), "dropmuon.muon_update_: params[0] is on ", first.device(),
+                ", this is the CPU kernel");
     const dm_dtype dtype = to_dm_dtype(first, "params[0]");
     check_tensor_list(params, first, "params", true);
     check_tensor_list(grads, first, "grads", false);
@@ -166,15 +167,12 @@ at::Tensor muon_update_cpu(at::TensorList params, at::TensorList grads,
 // NaN/Inf or out-of-range values reported into `status` (int32 [1]) instead of raised: the CPU
 // twin of the CUDA-graph-capturable kernel (cuda.cu), so that the same optimizer code runs on
 // both. Nothing is written when status is nonzero on entry or an error is found.
-at::Tensor muon_update_capturable_cpu(at::TensorList params, at::TensorList grads,
-                                      at::TensorList momentum_buffers,
-                                      const at::Tensor &hyperparameters, const at::Tensor &status,
-                                      bool nesterov, const std::string &norm,
-                                      at::ArrayRef<double> ns_coefficients, double norm_scale,
-                                      double norm_offset, double eps,
-                                      const std::string &ns_precision,
-                                      const std::string &adjust_lr_fn, const std::string &radius,
-                                      bool with_duals) {
+at::Tensor muon_update_capturable_cpu(
+    at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
+    const at::Tensor &hyperparameters, const at::Tensor &status, bool nesterov,
+    const std::string &norm, at::ArrayRef<double> ns_coefficients, double norm_scale,
+    double norm_offset, double eps, const std::string &ns_precision,
+    const std::string &adjust_lr_fn, const std::string &radius, bool with_duals) {
     const char *op = "dropmuon.muon_update_capturable_";
     TORCH_CHECK(hyperparameters.device().is_cpu() && status.device().is_cpu(), op,
                 ": hyperparameters and status are on ", hyperparameters.device(), " and ",
@@ -235,10 +233,10 @@ at::Tensor muon_update_capturable_cpu(at::TensorList params, at::TensorList grad
         buffer_ptrs[i] = momentum_buffers[i].mutable_data_ptr();
         grad_ptrs[i] = grads_contiguous.back().const_data_ptr();
     }
-    const dm_status st = dm_update(&config, dtype, batch, rows, cols, param_ptrs.data(),
-                                   grad_ptrs.data(), buffer_ptrs.data(),
-                                   with_duals ? duals.mutable_data_ptr<double>() : nullptr,
-                                   workspace(bytes), bytes, &kAtenProvider);
+    const dm_status st =
+        dm_update(&config, dtype, batch, rows, cols, param_ptrs.data(), grad_ptrs.data(),
+                  buffer_ptrs.data(), with_duals ? duals.mutable_data_ptr<double>() : nullptr,
+                  workspace(bytes), bytes, &kAtenProvider);
     if (st == DM_ERR_NONFINITE) {
         *flag = st;
         return duals;

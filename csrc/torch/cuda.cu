@@ -40,16 +40,15 @@ dm_status aten_cuda_gemm(void *ctx, dm_dtype dtype, int trans_a, int trans_b, in
                          double beta, const void *c_in, void *c, int64_t ldc, int64_t stride_c) {
     auto *context = static_cast<GemmContext *>(ctx);
     try {
-        const auto options =
-            at::TensorOptions()
-                .dtype(dtype == DM_FLOAT64    ? at::kDouble
-                       : dtype == DM_BFLOAT16 ? at::kBFloat16
-                                              : at::kFloat)
-                .device(at::Device(at::kCUDA, context->device));
+        const auto options = at::TensorOptions()
+                                 .dtype(dtype == DM_FLOAT64    ? at::kDouble
+                                        : dtype == DM_BFLOAT16 ? at::kBFloat16
+                                                               : at::kFloat)
+                                 .device(at::Device(at::kCUDA, context->device));
         auto view = [&](const void *p, int64_t rows, int64_t cols, int64_t ld, int64_t stride,
                         bool transpose) {
-            at::Tensor t = at::from_blob(const_cast<void *>(p), {batch, rows, cols},
-                                         {stride, ld, 1}, options);
+            at::Tensor t =
+                at::from_blob(const_cast<void *>(p), {batch, rows, cols}, {stride, ld, 1}, options);
             return transpose ? t.transpose(1, 2) : t;
         };
         at::Tensor A = view(a, trans_a ? k : m, trans_a ? m : k, lda, stride_a, trans_a);
@@ -58,8 +57,7 @@ dm_status aten_cuda_gemm(void *ctx, dm_dtype dtype, int trans_a, int trans_b, in
         at::Tensor C_in = beta == 0.0 || c_in == c ? C : view(c_in, m, n, ldc, stride_c, false);
         if (batch == 1) {
             at::Tensor C0 = C.select(0, 0);
-            at::cuda::addmm_out(C0, C_in.select(0, 0), A.select(0, 0), B.select(0, 0), beta,
-                                alpha);
+            at::cuda::addmm_out(C0, C_in.select(0, 0), A.select(0, 0), B.select(0, 0), beta, alpha);
         } else {
             at::cuda::baddbmm_out(C, C_in, A, B, beta, alpha);
         }
@@ -179,9 +177,8 @@ const at::Tensor &check_update_lists(at::TensorList params, at::TensorList grads
 
 dm_update_config make_update_config(const std::vector<double> &coefficients, double lr,
                                     double weight_decay, double momentum, bool nesterov,
-                                    const std::string &norm, double norm_scale,
-                                    double norm_offset, double eps,
-                                    const std::string &ns_precision,
+                                    const std::string &norm, double norm_scale, double norm_offset,
+                                    double eps, const std::string &ns_precision,
                                     const std::string &adjust_lr_fn, const std::string &radius,
                                     double L0, double L1) {
     dm_update_config config{};
@@ -221,10 +218,11 @@ at::Tensor run_update(const dm_update_config &config, at::TensorList params, at:
                           "dm_cuda_update_workspace_size");
     const at::Tensor ws = workspace(bytes, first.device());
     // With a status the kernels may skip every write: the duals then read NaN, not garbage.
-    at::Tensor duals = with_duals && status
-                           ? at::full({batch}, std::numeric_limits<double>::quiet_NaN(),
-                                      first.options().dtype(at::kDouble))
-                           : at::empty({with_duals ? batch : 0}, first.options().dtype(at::kDouble));
+    at::Tensor duals =
+        with_duals && status
+            ? at::full({batch}, std::numeric_limits<double>::quiet_NaN(),
+                       first.options().dtype(at::kDouble))
+            : at::empty({with_duals ? batch : 0}, first.options().dtype(at::kDouble));
     GemmContext context{first.device().index(), {}};
     const dm_gemm_provider gemm = {&aten_cuda_gemm, &context, nullptr};
     const dm_cuda_tuning tuning = tuning_from_environment();
@@ -262,36 +260,34 @@ at::Tensor muon_update_cuda(at::TensorList params, at::TensorList grads,
     return run_update(config, params, grads, momentum_buffers, nullptr, nullptr, with_duals);
 }
 
-at::Tensor muon_update_capturable_cuda(at::TensorList params, at::TensorList grads,
-                                       at::TensorList momentum_buffers,
-                                       const at::Tensor &hyperparameters, const at::Tensor &status,
-                                       bool nesterov, const std::string &norm,
-                                       at::ArrayRef<double> ns_coefficients, double norm_scale,
-                                       double norm_offset, double eps,
-                                       const std::string &ns_precision,
-                                       const std::string &adjust_lr_fn, const std::string &radius,
-                                       bool with_duals) {
+at::Tensor muon_update_capturable_cuda(
+    at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
+    const at::Tensor &hyperparameters, const at::Tensor &status, bool nesterov,
+    const std::string &norm, at::ArrayRef<double> ns_coefficients, double norm_scale,
+    double norm_offset, double eps, const std::string &ns_precision,
+    const std::string &adjust_lr_fn, const std::string &radius, bool with_duals) {
     const char *op = "dropmuon.muon_update_capturable_";
     TORCH_CHECK(hyperparameters.is_cuda() && status.is_cuda(), op,
-                ": hyperparameters and status must be CUDA tensors, got ",
-                hyperparameters.device(), " and ", status.device());
+                ": hyperparameters and status must be CUDA tensors, got ", hyperparameters.device(),
+                " and ", status.device());
     TORCH_CHECK(hyperparameters.scalar_type() == at::kDouble && hyperparameters.numel() == 5 &&
                     hyperparameters.is_contiguous(),
-                op, ": hyperparameters must be a contiguous float64 tensor of 5 values "
-                    "(lr, weight_decay, momentum, L0, L1), got ",
+                op,
+                ": hyperparameters must be a contiguous float64 tensor of 5 values "
+                "(lr, weight_decay, momentum, L0, L1), got ",
                 hyperparameters.scalar_type(), " ", hyperparameters.sizes());
     TORCH_CHECK(status.scalar_type() == at::kInt && status.numel() == 1, op,
-                ": status must be an int32 tensor of one element, got ", status.scalar_type(),
-                " ", status.sizes());
+                ": status must be an int32 tensor of one element, got ", status.scalar_type(), " ",
+                status.sizes());
     if (params.empty()) {
         TORCH_CHECK(grads.empty() && momentum_buffers.empty(), op,
                     ": params, grads and momentum_buffers must have the same length");
         return at::empty({0}, hyperparameters.options());
     }
     const at::Tensor &first = check_update_lists(params, grads, momentum_buffers, op);
-    TORCH_CHECK(hyperparameters.device() == first.device() && status.device() == first.device(),
-                op, ": hyperparameters (", hyperparameters.device(), ") and status (",
-                status.device(), ") must be on params[0]'s device ", first.device());
+    TORCH_CHECK(hyperparameters.device() == first.device() && status.device() == first.device(), op,
+                ": hyperparameters (", hyperparameters.device(), ") and status (", status.device(),
+                ") must be on params[0]'s device ", first.device());
     const std::vector<double> coefficients = ns_coefficients.vec();
     // The five device values replace these placeholders, which only have to be valid.
     const dm_update_config config =

@@ -8,8 +8,8 @@
 extern "C" {
 // An empty module, so that `import dropmuon._C` loads this library and registers the ops.
 PyObject *PyInit__C(void) {
-    static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr,
-                                            nullptr, nullptr, nullptr, nullptr};
+    static struct PyModuleDef module_def = {
+        PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr, nullptr, nullptr, nullptr, nullptr};
     return PyModule_Create(&module_def);
 }
 }
@@ -21,8 +21,8 @@ static at::Tensor sampler_distribution(int64_t num_layers, const std::string &ki
                                        double progress, double shift_strength,
                                        at::ArrayRef<double> smoothness) {
     const std::vector<double> probs = probabilities.vec(), smooth = smoothness.vec();
-    const dm_sampler_config config = make_sampler_config(num_layers, 0, kind, probs, tau, progress,
-                                                         shift_strength, smooth);
+    const dm_sampler_config config =
+        make_sampler_config(num_layers, 0, kind, probs, tau, progress, shift_strength, smooth);
     at::Tensor out = at::empty({num_layers}, at::TensorOptions().dtype(at::kDouble));
     DM_TORCH_CHECK_STATUS(dm_sampler_distribution(&config, out.data_ptr<double>()),
                           "dm_sampler_distribution");
@@ -35,8 +35,8 @@ static at::Tensor sample_layers(int64_t num_layers, int64_t seed, int64_t step,
                                 at::ArrayRef<double> smoothness) {
     TORCH_CHECK(step >= 0, "dropmuon: step must be >= 0, got ", step);
     const std::vector<double> probs = probabilities.vec(), smooth = smoothness.vec();
-    const dm_sampler_config config = make_sampler_config(num_layers, seed, kind, probs, tau,
-                                                         progress, shift_strength, smooth);
+    const dm_sampler_config config =
+        make_sampler_config(num_layers, seed, kind, probs, tau, progress, shift_strength, smooth);
     at::Tensor mask = at::empty({num_layers}, at::TensorOptions().dtype(at::kBool));
     static_assert(sizeof(bool) == sizeof(uint8_t), "bool tensors are one byte per element");
     DM_TORCH_CHECK_STATUS(dm_sample_layers(&config, static_cast<uint64_t>(step),

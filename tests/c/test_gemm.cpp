@@ -181,8 +181,8 @@ TEST(Gemm, SeparateCinIsReadNotWritten) {
         const double expected[4] = {4.0, 10.5, 5.0, 20.5};
         for (size_t k = 0; k < 4; ++k) EXPECT_EQ(c.get(k), expected[k]) << "element " << k;
         EXPECT_EQ(c_in.bytes(), c_in_before.bytes());
-        EXPECT_EQ(dm_gemm_reference(nullptr, dtype, 0, 0, 1, 2, 2, 3, 1.0, a.data(), 3, 0,
-                                    b.data(), 2, 0, 0.5, nullptr, c.data(), 2, 0),
+        EXPECT_EQ(dm_gemm_reference(nullptr, dtype, 0, 0, 1, 2, 2, 3, 1.0, a.data(), 3, 0, b.data(),
+                                    2, 0, 0.5, nullptr, c.data(), 2, 0),
                   DM_ERR_INVALID_ARG);
     }
 }

@@ -65,8 +65,8 @@ TEST(ParallelFor, SharpGivesTheSameBitsOnThreads) {
                 const dm_sharp_config config = spectral_without_steps(coefficients, precision);
                 std::vector<Buffer> in;
                 for (uint64_t b = 0; b < 2; ++b)
-                    in.push_back(dmtest::to_buffer(dmtest::random_normal(rows, cols, 7 + b), dtype,
-                                                   cols));
+                    in.push_back(
+                        dmtest::to_buffer(dmtest::random_normal(rows, cols, 7 + b), dtype, cols));
                 const size_t n = static_cast<size_t>(rows * cols);
                 std::vector<Buffer> serial{Buffer(dtype, n), Buffer(dtype, n)};
                 std::vector<Buffer> threaded{Buffer(dtype, n), Buffer(dtype, n)};
@@ -112,8 +112,8 @@ TEST(ParallelFor, UpdateGivesTheSameBitsOnThreads) {
                     for (uint64_t b = 0; b < 2; ++b) {
                         s.params.push_back(dmtest::to_buffer(
                             dmtest::random_normal(rows, cols, 20 + b, 0.1), dtype, cols));
-                        s.grads.push_back(
-                            dmtest::to_buffer(dmtest::random_normal(rows, cols, 30 + b), dtype, cols));
+                        s.grads.push_back(dmtest::to_buffer(
+                            dmtest::random_normal(rows, cols, 30 + b), dtype, cols));
                         s.momentum.push_back(dmtest::to_buffer(
                             dmtest::random_normal(rows, cols, 40 + b, 0.5), dtype, cols));
                     }
@@ -123,9 +123,11 @@ TEST(ParallelFor, UpdateGivesTheSameBitsOnThreads) {
                 for (int r = 0; r < 2; ++r) {
                     State &s = runs[r];
                     size_t bytes = 0;
-                    ASSERT_EQ(dm_update_workspace_size(&config, dtype, 2, rows, cols, &bytes), DM_OK);
+                    ASSERT_EQ(dm_update_workspace_size(&config, dtype, 2, rows, cols, &bytes),
+                              DM_OK);
                     std::vector<unsigned char> workspace(bytes);
-                    std::vector<void *> x = dmtest::pointers(s.params), m = dmtest::pointers(s.momentum);
+                    std::vector<void *> x = dmtest::pointers(s.params),
+                                        m = dmtest::pointers(s.momentum);
                     std::vector<const void *> g = dmtest::const_pointers(s.grads);
                     ASSERT_EQ(dm_update(&config, dtype, 2, rows, cols, x.data(), g.data(), m.data(),
                                         duals[r], workspace.data(), bytes, r ? &provider : nullptr),
@@ -146,13 +148,14 @@ TEST(ParallelFor, RangesCoverEachIndexOnce) {
     double coefficients[15];
     const dm_sharp_config config = spectral_without_steps(coefficients, DM_NS_NATIVE);
     const int64_t rows = 160, cols = 300;
-    std::vector<Buffer> in{dmtest::to_buffer(dmtest::random_normal(rows, cols, 3), DM_FLOAT32, cols)};
+    std::vector<Buffer> in{
+        dmtest::to_buffer(dmtest::random_normal(rows, cols, 3), DM_FLOAT32, cols)};
     std::vector<Buffer> out{Buffer(DM_FLOAT32, static_cast<size_t>(rows * cols))};
     SplittingThreads threads;
     const dm_gemm_provider provider{nullptr, &threads, &SplittingThreads::parallel_for};
-    ASSERT_EQ(dmtest::call_sharp(config, DM_FLOAT32, rows, cols, in, cols, out, cols, nullptr,
-                                 &provider),
-              DM_OK);
+    ASSERT_EQ(
+        dmtest::call_sharp(config, DM_FLOAT32, rows, cols, in, cols, out, cols, nullptr, &provider),
+        DM_OK);
     // Reads the input in place (wide, contiguous): sum of squares over 48000 elements in 2
     // chunks, the scaled copy (48000), the store (48000).
     EXPECT_EQ(threads.covered.load(), 2 + 48000 + 48000);

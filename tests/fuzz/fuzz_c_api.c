@@ -39,15 +39,14 @@
     } while (0)
 
 /* Caps on what one input may make the harness allocate or compute. */
-#define MAX_ELEMENTS (1 << 18)          /* per allocation, elements */
-#define MAX_WORKSPACE (64u << 20)       /* bytes */
-#define MAX_FLOPS 4.0e7                 /* Newton-Schulz work of one call */
-#define MAX_POINTERS 4096               /* entries of a pointer array */
-#define MAX_LAYERS (1 << 16)            /* sampler layers */
+#define MAX_ELEMENTS (1 << 18)    /* per allocation, elements */
+#define MAX_WORKSPACE (64u << 20) /* bytes */
+#define MAX_FLOPS 4.0e7           /* Newton-Schulz work of one call */
+#define MAX_POINTERS 4096         /* entries of a pointer array */
+#define MAX_LAYERS (1 << 16)      /* sampler layers */
 /* Finite data below this must go through: its squares sum in float32 without overflow (the
  * bfloat16 iterates normalise like torch, accumulating in float32). */
 #define MODERATE 1e15
-
 
 /* ---- reading the input ---------------------------------------------------------------------- */
 
@@ -61,10 +60,11 @@ static uint16_t u16(reader *r) { return (uint16_t)(u8(r) | (u8(r) << 8)); }
 static uint32_t u32(reader *r) { return (uint32_t)u16(r) | ((uint32_t)u16(r) << 16); }
 static uint64_t u64(reader *r) { return (uint64_t)u32(r) | ((uint64_t)u32(r) << 32); }
 
-static const int64_t kSizes[] = {0, 1, 2, 3, 4, 5, 7, 8, 9, 15, 16, 17, 31, 32, 33, 63, 64, 65, 127, 128, 255, 256, 4097};
-static const int64_t kWildSizes[] = {-1,         -2,          INT64_MIN,  INT64_MAX,  INT64_MAX / 2,
-                                     1LL << 31,  (1LL << 31) - 1,        1LL << 32,  1LL << 40,
-                                     1LL << 62,  3037000500LL, 4294967297LL, 100000, 1000000};
+static const int64_t kSizes[] = {0,  1,  2,  3,  4,  5,  7,   8,   9,   15,  16,  17,
+                                 31, 32, 33, 63, 64, 65, 127, 128, 255, 256, 4097};
+static const int64_t kWildSizes[] = {
+    -1,        -2,        INT64_MIN, INT64_MAX,    INT64_MAX / 2, 1LL << 31, (1LL << 31) - 1,
+    1LL << 32, 1LL << 40, 1LL << 62, 3037000500LL, 4294967297LL,  100000,    1000000};
 
 /* A size: mostly the usual suspects, sometimes anything up to 5000, sometimes absurd. */
 static int64_t pick_size(reader *r) {
@@ -79,11 +79,11 @@ static int64_t pick_size(reader *r) {
 }
 
 static double special(reader *r) {
-    static const double values[] = {0.0,      -0.0,     NAN,      -NAN,     INFINITY,   -INFINITY,
-                                    1.0,      -1.0,     0.5,      2.0,      1e-7,       1e-45,
-                                    1e-310,   4.9e-324, FLT_MIN,  FLT_MAX,  DBL_MIN,    DBL_MAX,
-                                    -DBL_MAX, 1e30,     -1e30,    1e38,     3.4e38,     1e300,
-                                    65504.0,  0.95,     1.0000001, 0.9999999, 1e-300,  -1e-310};
+    static const double values[] = {0.0,      -0.0,     NAN,       -NAN,      INFINITY, -INFINITY,
+                                    1.0,      -1.0,     0.5,       2.0,       1e-7,     1e-45,
+                                    1e-310,   4.9e-324, FLT_MIN,   FLT_MAX,   DBL_MIN,  DBL_MAX,
+                                    -DBL_MAX, 1e30,     -1e30,     1e38,      3.4e38,   1e300,
+                                    65504.0,  0.95,     1.0000001, 0.9999999, 1e-300,   -1e-310};
     return values[u8(r) % (sizeof values / sizeof values[0])];
 }
 
@@ -116,9 +116,13 @@ static int64_t add_sat(int64_t a, int64_t b) {
 
 /* ---- typed data ------------------------------------------------------------------------------ */
 
-static int dtype_ok(int dtype) { return dtype == DM_FLOAT32 || dtype == DM_FLOAT64 || dtype == DM_BFLOAT16; }
+static int dtype_ok(int dtype) {
+    return dtype == DM_FLOAT32 || dtype == DM_FLOAT64 || dtype == DM_BFLOAT16;
+}
 /* Element bytes; invalid dtypes get 8 so that a (wrong) read would stay in bounds. */
-static size_t elem_size(int dtype) { return dtype == DM_FLOAT32 ? 4 : dtype == DM_BFLOAT16 ? 2 : 8; }
+static size_t elem_size(int dtype) {
+    return dtype == DM_FLOAT32 ? 4 : dtype == DM_BFLOAT16 ? 2 : 8;
+}
 
 static uint16_t to_bf16(float f) {
     uint32_t bits;
@@ -178,14 +182,17 @@ static int fill_matrix(reader *r, void *m, int dtype, int64_t rows, int64_t cols
         }
     const int injections = rows > 0 && cols > 0 ? u8(r) % 4 : 0;
     for (int n = 0; n < injections; ++n) {
-        const int64_t i = (int64_t)(u32(r) % (uint64_t)rows), j = (int64_t)(u32(r) % (uint64_t)cols);
+        const int64_t i = (int64_t)(u32(r) % (uint64_t)rows),
+                      j = (int64_t)(u32(r) % (uint64_t)cols);
         store(m, dtype, (size_t)i * (size_t)ld + (size_t)j, special(r));
     }
     for (int64_t i = 0; i < rows; ++i)
         for (int64_t j = 0; j < cols; ++j) {
             const double v = load(m, dtype, (size_t)i * (size_t)ld + (size_t)j);
-            if (!isfinite(v)) nonfinite = 1;
-            else if (fabs(v) > *max_abs) *max_abs = fabs(v);
+            if (!isfinite(v))
+                nonfinite = 1;
+            else if (fabs(v) > *max_abs)
+                *max_abs = fabs(v);
         }
     return nonfinite;
 }
@@ -193,8 +200,8 @@ static int fill_matrix(reader *r, void *m, int dtype, int64_t rows, int64_t cols
 /* ---- matrix-product providers ---------------------------------------------------------------- */
 
 typedef struct provider_ctx {
-    int fail_after;  /* fail on call number fail_after (counting from 1); 0: never */
-    int status;      /* what a failure returns (any nonzero value) */
+    int fail_after; /* fail on call number fail_after (counting from 1); 0: never */
+    int status;     /* what a failure returns (any nonzero value) */
     int calls;
     const unsigned char *ws;
     size_t ws_bytes;
@@ -210,10 +217,10 @@ static int inside(const provider_ctx *ctx, const void *p, int dtype, int64_t bat
     return begin >= 0 && begin + last * (__int128)elem_size(dtype) <= (__int128)ctx->ws_bytes;
 }
 
-static dm_status checking_gemm(void *vctx, dm_dtype dtype, int ta, int tb, int64_t batch,
-                               int64_t m, int64_t n, int64_t k, double alpha, const void *a,
-                               int64_t lda, int64_t sa, const void *b, int64_t ldb, int64_t sb,
-                               double beta, const void *c_in, void *c, int64_t ldc, int64_t sc) {
+static dm_status checking_gemm(void *vctx, dm_dtype dtype, int ta, int tb, int64_t batch, int64_t m,
+                               int64_t n, int64_t k, double alpha, const void *a, int64_t lda,
+                               int64_t sa, const void *b, int64_t ldb, int64_t sb, double beta,
+                               const void *c_in, void *c, int64_t ldc, int64_t sc) {
     provider_ctx *ctx = vctx;
     ++ctx->calls;
     if (ctx->fail_after && ctx->calls >= ctx->fail_after) return (dm_status)ctx->status;
@@ -256,7 +263,8 @@ static const dm_gemm_provider *pick_provider(reader *r, provider_ctx *ctx, dm_ge
     return p;
 }
 
-/* ---- helpers ---------------------------------------------------------------------------------- */
+/* ---- helpers ----------------------------------------------------------------------------------
+ */
 
 static void check_status(dm_status st) {
     CHECK((int)st >= DM_OK && (int)st <= DM_ERR_CUDA);
@@ -327,7 +335,8 @@ static double ns_flops(const dm_sharp_config *c, int64_t batch, int64_t rows, in
     return (double)batch * (double)c->ns_steps * (4.0 * p * p * q + 2.0 * p * p * p);
 }
 
-/* ---- dm_sharp --------------------------------------------------------------------------------- */
+/* ---- dm_sharp ---------------------------------------------------------------------------------
+ */
 
 static void fuzz_sharp(reader *r) {
     double coefficients[3 * 8];
@@ -350,7 +359,8 @@ static void fuzz_sharp(reader *r) {
     const dm_gemm_provider *gemm = pick_provider(r, &ctx, &provider);
 
     size_t needed = 0;
-    const dm_status query = dm_sharp_workspace_size(&config, (dm_dtype)dtype, batch, rows, cols, &needed);
+    const dm_status query =
+        dm_sharp_workspace_size(&config, (dm_dtype)dtype, batch, rows, cols, &needed);
     check_status(query);
     const int64_t in_span = span(rows, cols, in_ld), out_span = span(rows, cols, out_ld);
     const int fits = batch >= 0 && batch <= MAX_POINTERS && in_span >= 0 && out_span >= 0 &&
@@ -363,9 +373,9 @@ static void fuzz_sharp(reader *r) {
         const void *dummy_in[1] = {coefficients};
         void *dummy_out[1] = {coefficients};
         const int have_arrays = batch >= 0 && batch <= 1;
-        const dm_status st = dm_sharp(&config, (dm_dtype)dtype, batch, rows, cols,
-                                      have_arrays ? dummy_in : NULL, in_ld,
-                                      have_arrays ? dummy_out : NULL, out_ld, NULL, NULL, 0, gemm);
+        const dm_status st =
+            dm_sharp(&config, (dm_dtype)dtype, batch, rows, cols, have_arrays ? dummy_in : NULL,
+                     in_ld, have_arrays ? dummy_out : NULL, out_ld, NULL, NULL, 0, gemm);
         check_status(st);
         CHECK(st != DM_OK);
         if (query != DM_OK) CHECK(st == query);
@@ -384,8 +394,10 @@ static void fuzz_sharp(reader *r) {
     for (int64_t b = 0; b < batch; ++b) {
         double m;
         in[b] = one_block ? in_block + (size_t)b * in_bytes : xmalloc(in_bytes);
-        if (dtype_ok(dtype)) nonfinite |= fill_matrix(r, in[b], dtype, rows, cols, in_ld, &m);
-        else memset(in[b], 0x7f, in_bytes), m = 0.0;
+        if (dtype_ok(dtype))
+            nonfinite |= fill_matrix(r, in[b], dtype, rows, cols, in_ld, &m);
+        else
+            memset(in[b], 0x7f, in_bytes), m = 0.0;
         if (m > max_abs) max_abs = m;
         if (aliased) {
             out[b] = in[b];
@@ -402,7 +414,10 @@ static void fuzz_sharp(reader *r) {
     void *saved = NULL;
     if (null_at >= 0) {
         saved = (u8(r) % 2) ? in[null_at] : out[null_at];
-        if (saved == in[null_at]) in[null_at] = NULL; else out[null_at] = NULL;
+        if (saved == in[null_at])
+            in[null_at] = NULL;
+        else
+            out[null_at] = NULL;
     }
     int adequate;
     const size_t ws_bytes = pick_workspace(r, needed, &adequate);
@@ -411,24 +426,30 @@ static void fuzz_sharp(reader *r) {
     ctx.ws = ws;
     ctx.ws_bytes = ws_bytes;
 
-    const dm_status st = dm_sharp(&config, (dm_dtype)dtype, batch, rows, cols,
-                                  (const void *const *)in, in_ld, out, out_ld, duals, ws, ws_bytes,
-                                  gemm);
+    const dm_status st =
+        dm_sharp(&config, (dm_dtype)dtype, batch, rows, cols, (const void *const *)in, in_ld, out,
+                 out_ld, duals, ws, ws_bytes, gemm);
     check_status(st);
     if (null_at >= 0) {
-        if (in[null_at] == NULL) in[null_at] = saved; else out[null_at] = saved;
+        if (in[null_at] == NULL)
+            in[null_at] = saved;
+        else
+            out[null_at] = saved;
     }
 
     /* The contract, as far as the arguments let us know the answer. */
     if (query != DM_OK) CHECK(st == query);
     const int empty = batch == 0 || rows == 0 || cols == 0;
-    const int valid_args = query == DM_OK && in_ld >= cols && out_ld >= cols && (null_at < 0 || empty);
+    const int valid_args =
+        query == DM_OK && in_ld >= cols && out_ld >= cols && (null_at < 0 || empty);
     const int workspace_ok = needed == 0 || (!null_ws && adequate);
     if (valid_args && !workspace_ok) CHECK(st == DM_ERR_WORKSPACE);
     if (valid_args && workspace_ok && !empty) {
         /* NaN/Inf is found before any product; moderate finite data always goes through. */
-        if (nonfinite) CHECK(st == DM_ERR_NONFINITE);
-        else if (ctx.fail_after == 0 && max_abs <= MODERATE) CHECK(st == DM_OK);
+        if (nonfinite)
+            CHECK(st == DM_ERR_NONFINITE);
+        else if (ctx.fail_after == 0 && max_abs <= MODERATE)
+            CHECK(st == DM_OK);
         if (ctx.calls >= ctx.fail_after && ctx.fail_after) CHECK(st == DM_ERR_GEMM);
     }
     if (valid_args && workspace_ok && empty) CHECK(st == DM_OK);
@@ -453,7 +474,8 @@ static void fuzz_sharp(reader *r) {
     free(in), free(out), free(in_copy), free(out_copy), free(duals), free(ws), free(in_block);
 }
 
-/* ---- dm_update -------------------------------------------------------------------------------- */
+/* ---- dm_update --------------------------------------------------------------------------------
+ */
 
 static void fuzz_update(reader *r) {
     double coefficients[3 * 8];
@@ -477,7 +499,8 @@ static void fuzz_update(reader *r) {
     const dm_gemm_provider *gemm = pick_provider(r, &ctx, &provider);
 
     size_t needed = 0;
-    const dm_status query = dm_update_workspace_size(&config, (dm_dtype)dtype, batch, rows, cols, &needed);
+    const dm_status query =
+        dm_update_workspace_size(&config, (dm_dtype)dtype, batch, rows, cols, &needed);
     check_status(query);
     const int64_t n = span(rows, cols, cols);
     const int fits = batch >= 0 && batch <= MAX_POINTERS && n >= 0 &&
@@ -487,10 +510,10 @@ static void fuzz_update(reader *r) {
         if (query == DM_OK && needed == 0) return;
         void *dummy[1] = {coefficients};
         const int have_arrays = batch >= 0 && batch <= 1;
-        const dm_status st = dm_update(&config, (dm_dtype)dtype, batch, rows, cols,
-                                       have_arrays ? dummy : NULL,
-                                       have_arrays ? (const void *const *)dummy : NULL,
-                                       have_arrays ? dummy : NULL, NULL, NULL, 0, gemm);
+        const dm_status st =
+            dm_update(&config, (dm_dtype)dtype, batch, rows, cols, have_arrays ? dummy : NULL,
+                      have_arrays ? (const void *const *)dummy : NULL, have_arrays ? dummy : NULL,
+                      NULL, NULL, 0, gemm);
         check_status(st);
         CHECK(st != DM_OK);
         if (query != DM_OK) CHECK(st == query);
@@ -544,8 +567,10 @@ static void fuzz_update(reader *r) {
     const int workspace_ok = needed == 0 || (!null_ws && adequate);
     if (valid_args && !workspace_ok) CHECK(st == DM_ERR_WORKSPACE);
     if (valid_args && workspace_ok && !empty) {
-        if (nonfinite) CHECK(st == DM_ERR_NONFINITE);
-        else if (ctx.fail_after == 0 && max_abs <= MODERATE) CHECK(st == DM_OK);
+        if (nonfinite)
+            CHECK(st == DM_ERR_NONFINITE);
+        else if (ctx.fail_after == 0 && max_abs <= MODERATE)
+            CHECK(st == DM_OK);
         if (ctx.calls >= ctx.fail_after && ctx.fail_after) CHECK(st == DM_ERR_GEMM);
     }
     if (valid_args && workspace_ok && empty) CHECK(st == DM_OK);
@@ -564,7 +589,8 @@ static void fuzz_update(reader *r) {
     free(params), free(grads), free(bufs), free(copies), free(duals), free(ws);
 }
 
-/* ---- dm_gemm_reference ------------------------------------------------------------------------ */
+/* ---- dm_gemm_reference ------------------------------------------------------------------------
+ */
 
 static void fuzz_gemm(reader *r) {
     const int dtype = pick_enum(r, 3);
@@ -578,10 +604,11 @@ static void fuzz_gemm(reader *r) {
     const int64_t ldb = add_sat(tb ? k : n, pads[u8(r) % 6]);
     const int64_t ldc = add_sat(n, pads[u8(r) % 6]);
     const double alpha = pick_double(r, 1.0), beta = pick_double(r, u8(r) % 2 ? 0.0 : 1.0);
-    const uint8_t c_in_mode = u8(r) % 3; /* separate, aliasing c, NULL */
+    const uint8_t c_in_mode = u8(r) % 3;   /* separate, aliasing c, NULL */
     const uint8_t stride_mode = u8(r) % 4; /* 0 packed, 1 padded, 2 zero (shared A and B) */
 
-    const int64_t a_rows = ta ? k : m, a_cols = ta ? m : k, b_rows = tb ? n : k, b_cols = tb ? k : n;
+    const int64_t a_rows = ta ? k : m, a_cols = ta ? m : k, b_rows = tb ? n : k,
+                  b_cols = tb ? k : n;
     const int64_t a_span = span(a_rows, a_cols, lda), b_span = span(b_rows, b_cols, ldb);
     const int64_t c_span = span(m, n, ldc);
     const int sizes_ok = batch >= 0 && m >= 0 && n >= 0 && k >= 0 && dtype_ok(dtype);
@@ -589,18 +616,23 @@ static void fuzz_gemm(reader *r) {
     if (!sizes_ok || !lds_ok || a_span < 0 || b_span < 0 || c_span < 0 || batch > 64 ||
         (double)batch * (double)m * (double)n * (double)(k + 1) > MAX_FLOPS) {
         /* Arguments the library must refuse (or that do nothing): no memory behind them. */
-        const dm_status st = dm_gemm_reference(NULL, (dm_dtype)dtype, ta, tb, batch, m, n, k,
-                                               alpha, NULL, lda, 0, NULL, ldb, 0, beta, NULL,
-                                               NULL, ldc, 0);
+        const dm_status st =
+            dm_gemm_reference(NULL, (dm_dtype)dtype, ta, tb, batch, m, n, k, alpha, NULL, lda, 0,
+                              NULL, ldb, 0, beta, NULL, NULL, ldc, 0);
         check_status(st);
-        if (batch < 0 || m < 0 || n < 0 || k < 0) CHECK(st == DM_ERR_SHAPE);
-        else if (!dtype_ok(dtype)) CHECK(st == DM_ERR_DTYPE);
-        else if (batch == 0 || m == 0 || n == 0) CHECK(st == DM_OK);
-        else CHECK(st != DM_OK);
+        if (batch < 0 || m < 0 || n < 0 || k < 0)
+            CHECK(st == DM_ERR_SHAPE);
+        else if (!dtype_ok(dtype))
+            CHECK(st == DM_ERR_DTYPE);
+        else if (batch == 0 || m == 0 || n == 0)
+            CHECK(st == DM_OK);
+        else
+            CHECK(st != DM_OK);
         return;
     }
     const int64_t pad = stride_mode == 1 ? 3 : 0;
-    const int64_t sa = stride_mode == 2 ? 0 : a_span + pad, sb = stride_mode == 2 ? 0 : b_span + pad;
+    const int64_t sa = stride_mode == 2 ? 0 : a_span + pad,
+                  sb = stride_mode == 2 ? 0 : b_span + pad;
     const int64_t sc = c_span + pad; /* C batches never overlap */
     const size_t es = elem_size(dtype);
     const size_t a_n = (size_t)(batch ? (batch - 1) * sa + a_span : 0) + 1;
@@ -615,12 +647,14 @@ static void fuzz_gemm(reader *r) {
     if (c_in_mode == 0) fill_matrix(r, c_in, dtype, 1, (int64_t)c_n, (int64_t)c_n, &ignored);
     void *a0 = copy_of(a, a_n * es), *b0 = copy_of(b, b_n * es), *c0 = copy_of(c, c_n * es);
 
-    const dm_status st = dm_gemm_reference(NULL, (dm_dtype)dtype, ta, tb, batch, m, n, k, alpha,
-                                           a, lda, sa, b, ldb, sb, beta, c_in, c, ldc, sc);
+    const dm_status st = dm_gemm_reference(NULL, (dm_dtype)dtype, ta, tb, batch, m, n, k, alpha, a,
+                                           lda, sa, b, ldb, sb, beta, c_in, c, ldc, sc);
     check_status(st);
     const int needs_c_in = beta != 0.0 && batch > 0 && m > 0 && n > 0;
-    if (needs_c_in && c_in == NULL) CHECK(st == DM_ERR_INVALID_ARG);
-    else CHECK(st == DM_OK);
+    if (needs_c_in && c_in == NULL)
+        CHECK(st == DM_ERR_INVALID_ARG);
+    else
+        CHECK(st == DM_OK);
     CHECK(memcmp(a, a0, a_n * es) == 0 && memcmp(b, b0, b_n * es) == 0);
     if (st != DM_OK) CHECK(memcmp(c, c0, c_n * es) == 0);
     if (st == DM_OK && dtype == DM_FLOAT64 && c_in_mode == 0 && isfinite(alpha) && isfinite(beta)) {
@@ -629,13 +663,16 @@ static void fuzz_gemm(reader *r) {
             const int64_t i = m - 1, j = n - 1;
             long double acc = 0, bound = 0, b_sum = 0;
             for (int64_t l = 0; l < k; ++l) {
-                const double av = load(a, dtype, (size_t)(bi * sa + (ta ? l * lda + i : i * lda + l)));
-                const double bv = load(b, dtype, (size_t)(bi * sb + (tb ? j * ldb + l : l * ldb + j)));
+                const double av =
+                    load(a, dtype, (size_t)(bi * sa + (ta ? l * lda + i : i * lda + l)));
+                const double bv =
+                    load(b, dtype, (size_t)(bi * sb + (tb ? j * ldb + l : l * ldb + j)));
                 acc += (long double)av * bv;
                 bound += fabsl((long double)av * bv);
                 b_sum += fabsl((long double)bv);
             }
-            const double cin = beta == 0.0 ? 0.0 : load(c_in, dtype, (size_t)(bi * sc + i * ldc + j));
+            const double cin =
+                beta == 0.0 ? 0.0 : load(c_in, dtype, (size_t)(bi * sc + i * ldc + j));
             const long double want = alpha * acc + (beta == 0.0 ? 0 : (long double)beta * cin);
             const double got = load(c, dtype, (size_t)(bi * sc + i * ldc + j));
             /* alpha * A[i][l] is rounded before it multiplies B[l][j]; when it falls among the
@@ -643,7 +680,8 @@ static void fuzz_gemm(reader *r) {
             const long double tol =
                 1e-12L * (fabsl(alpha) * bound * (k + 2) + fabsl((long double)beta * cin)) +
                 (long double)DBL_TRUE_MIN * (b_sum + 2) + 1e-300L;
-            if (isfinite((double)want) && isfinite((double)bound) && isfinite(got) && fabs(cin) < 1e300)
+            if (isfinite((double)want) && isfinite((double)bound) && isfinite(got) &&
+                fabs(cin) < 1e300)
                 CHECK(fabsl((long double)got - want) <= tol);
         }
     }
@@ -651,7 +689,8 @@ static void fuzz_gemm(reader *r) {
     if (c_in_mode == 0) free(c_in);
 }
 
-/* ---- the sampler ------------------------------------------------------------------------------ */
+/* ---- the sampler ------------------------------------------------------------------------------
+ */
 
 static void fuzz_sampler(reader *r, int draw) {
     dm_sampler_config config;
@@ -662,7 +701,9 @@ static void fuzz_sampler(reader *r, int draw) {
     config.num_layers = layers;
     config.seed = u64(r);
     const uint8_t tau_mode = u8(r) % 4;
-    config.tau = tau_mode == 0 ? pick_size(r) : layers > 0 ? 1 + (int64_t)(u32(r) % (uint64_t)layers) : 1;
+    config.tau = tau_mode == 0 ? pick_size(r)
+                 : layers > 0  ? 1 + (int64_t)(u32(r) % (uint64_t)layers)
+                               : 1;
     config.progress = pick_double(r, (double)(u8(r) % 11) / 10.0);
     config.shift_strength = pick_double(r, 4.0);
     const int64_t n = layers > 0 && layers <= MAX_LAYERS ? layers : 0;
@@ -679,12 +720,15 @@ static void fuzz_sampler(reader *r, int draw) {
             smoothness[i] = u < 0.2 ? 0.0 : u * 10.0;
             sum += probabilities[i];
         }
-        for (int64_t i = 0; i < n; ++i) probabilities[i] = sum > 0 ? probabilities[i] / sum : 1.0 / (double)n;
+        for (int64_t i = 0; i < n; ++i)
+            probabilities[i] = sum > 0 ? probabilities[i] / sum : 1.0 / (double)n;
         const int specials = u8(r) % 4;
         for (int s = 0; s < specials; ++s) {
             const size_t at = u32(r) % (uint64_t)n;
-            if (u8(r) % 2) probabilities[at] = special(r);
-            else smoothness[at] = special(r);
+            if (u8(r) % 2)
+                probabilities[at] = special(r);
+            else
+                smoothness[at] = special(r);
         }
         if (arrays == 7) probabilities[0] += 1e-7 * (double)(u8(r) % 30); /* near the tolerance */
     }
@@ -692,7 +736,8 @@ static void fuzz_sampler(reader *r, int draw) {
     config.smoothness = smoothness;
 
     if (n == 0) { /* no buffer can be provided: only the argument checks may run */
-        if (layers >= 1 && (config.kind == DM_SAMPLING_CUSTOM || config.kind == DM_SAMPLING_COST_OPTIMAL))
+        if (layers >= 1 &&
+            (config.kind == DM_SAMPLING_CUSTOM || config.kind == DM_SAMPLING_COST_OPTIMAL))
             check_status(dm_sampler_distribution(&config, NULL));
         check_status(dm_sampler_distribution(NULL, NULL));
         const dm_status st = dm_sample_layers(NULL, 0, NULL, NULL);
@@ -707,7 +752,8 @@ static void fuzz_sampler(reader *r, int draw) {
     if (st_d == DM_OK) {
         long double sum = 0;
         for (int64_t i = 0; i < n; ++i) {
-            CHECK(distribution[i] >= 0.0 && distribution[i] <= 1.0 + 2e-6); /* custom: unnormalised */
+            CHECK(distribution[i] >= 0.0 &&
+                  distribution[i] <= 1.0 + 2e-6); /* custom: unnormalised */
             sum += distribution[i];
         }
         CHECK(fabsl(sum - 1.0L) <= 1e-6L * (1 + (long double)n * 1e-9L) + 1e-9L);
@@ -736,8 +782,10 @@ static void fuzz_sampler(reader *r, int draw) {
                 active += again[i];
             }
             CHECK(lowest == cutoff);
-            if (config.kind == DM_SAMPLING_TAU_NICE) CHECK(active == config.tau);
-            else CHECK(active == n - cutoff); /* a suffix */
+            if (config.kind == DM_SAMPLING_TAU_NICE)
+                CHECK(active == config.tau);
+            else
+                CHECK(active == n - cutoff); /* a suffix */
             if (st_d == DM_OK) CHECK(distribution[cutoff] > 0.0);
         } else if (with_mask) {
             for (int64_t i = 0; i < n; ++i) CHECK(mask[i] == 0xEE); /* nothing written */
@@ -747,7 +795,8 @@ static void fuzz_sampler(reader *r, int draw) {
     free(distribution), free(probabilities), free(smoothness);
 }
 
-/* ---- workspace queries with absurd arguments, and the small functions ------------------------- */
+/* ---- workspace queries with absurd arguments, and the small functions -------------------------
+ */
 
 static void fuzz_queries(reader *r) {
     double coefficients[3 * 8];
@@ -770,7 +819,8 @@ static void fuzz_queries(reader *r) {
     if (null_bytes || null_config) CHECK(st == DM_ERR_INVALID_ARG);
     if (batch < 0 || rows < 0 || cols < 0) CHECK(st != DM_OK);
     if (st == DM_OK && dtype_ok(dtype)) /* at least the data panel */
-        CHECK((double)bytes >= (double)batch * (double)rows * (double)cols * (dtype == DM_FLOAT64 ? 8 : 4));
+        CHECK((double)bytes >=
+              (double)batch * (double)rows * (double)cols * (dtype == DM_FLOAT64 ? 8 : 4));
     if (st != DM_OK && !null_bytes) CHECK(bytes == 12345 || bytes == 0);
     bytes = 12345;
     st = dm_update_workspace_size(null_config ? NULL : &config, (dm_dtype)dtype, batch, rows, cols,

@@ -95,8 +95,8 @@ typedef struct dm_gemm_provider {
 dm_status dm_gemm_reference(void *ctx, dm_dtype dtype, int trans_a, int trans_b, int64_t batch,
                             int64_t m, int64_t n, int64_t k, double alpha, const void *a,
                             int64_t lda, int64_t stride_a, const void *b, int64_t ldb,
-                            int64_t stride_b, double beta, const void *c_in, void *c,
-                            int64_t ldc, int64_t stride_c);
+                            int64_t stride_b, double beta, const void *c_in, void *c, int64_t ldc,
+                            int64_t stride_c);
 
 /* ---------------------------------------------------------------------------------------------
  * Sharp operators (notes section 4). For a matrix M (rows x cols):
@@ -331,8 +331,8 @@ typedef struct dm_cuda_update_hyperparameters {
 } dm_cuda_update_hyperparameters;
 
 /* Workspace bytes for dm_cuda_sharp (validates like dm_sharp_workspace_size). */
-dm_status dm_cuda_sharp_workspace_size(const dm_sharp_config *config, dm_dtype dtype,
-                                       int64_t batch, int64_t rows, int64_t cols, size_t *bytes);
+dm_status dm_cuda_sharp_workspace_size(const dm_sharp_config *config, dm_dtype dtype, int64_t batch,
+                                       int64_t rows, int64_t cols, size_t *bytes);
 
 /* dm_sharp on the device: the same arguments plus status, tuning (may be NULL) and stream. */
 dm_status dm_cuda_sharp(const dm_sharp_config *config, dm_dtype dtype, int64_t batch, int64_t rows,
