@@ -1,14 +1,16 @@
 """Spectral sharp operator (Newton-Schulz, 5 Muon steps) on the CPU: ours vs the pure-PyTorch
 reference vs torch.optim.Muon's own Newton-Schulz vs the raw matrix products alone.
 
-Every timing is the median of --repeats runs after a warm-up, all in this one process, so the
-ratios compare like with like. Two precisions, each against its own limit:
+Every timing is the median of --repeats runs after a warm-up, all in this one process, the
+three contenders of a row timed in turn within each round, so the ratios compare like with like.
+Two precisions, each against its own limit:
   - float32 iterates: ours (ns_precision="native") vs dropmuon.reference.newton_schulz in float32;
   - bfloat16 iterates: ours (ns_precision="bfloat16") vs torch.optim.Muon's
     _zeropower_via_newtonschulz (which always iterates in bfloat16).
 The raw-product limit runs the same 15 GEMMs (X X^T, A A, P X per step) into preallocated
 outputs with nothing else. Accuracy is the relative Frobenius distance to the exact polar factor
-U V^T (float64 SVD) of the same Gaussian matrix.
+U V^T (float64 SVD) of the same Gaussian matrix; the last column is our operator with the Polar
+Express schedule (5 steps, same cost) instead of Muon's.
 
     python benchmarks/bench_sharp.py [--repeats 7] [--threads 2] [--output table.md]
 """
@@ -29,14 +31,18 @@ SHAPES = [(64, 576), (128, 1152), (256, 2304), (512, 512), (1024, 1024), (2048, 
 STEPS = 5
 
 
-def median_seconds(fn, repeats: int) -> float:
-    fn()  # warm-up: allocator, BLAS packing buffers, thread pool
-    times = []
+def median_seconds(fns: list, repeats: int) -> list[float]:
+    """Median time of each function, timed round-robin (one run of each per round) so that a
+    slow spell of the machine falls on all of them alike instead of on one."""
+    for fn in fns:
+        fn()  # warm-up: allocator, BLAS packing buffers, thread pool
+    times = [[] for _ in fns]
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for fn, spent in zip(fns, times):
+            start = time.perf_counter()
+            fn()
+            spent.append(time.perf_counter() - start)
+    return [statistics.median(spent) for spent in times]
 
 
 def raw_products(m: int, n: int, dtype: torch.dtype):
@@ -68,6 +74,8 @@ def bench_shape(m: int, n: int, repeats: int) -> list[dict]:
     polar = u @ vh
     coefficients = list(ops.MUON_COEFFICIENTS) * STEPS
     batch = x.unsqueeze(0)
+    # Polar Express (5 steps, its own normalisation) for the accuracy column only: same cost.
+    pe = ops.ns_schedule("polar_express", STEPS)
     rows = []
     for precision in ("float32", "bfloat16"):
         ns_precision = "native" if precision == "float32" else "bfloat16"
@@ -88,10 +96,20 @@ def bench_shape(m: int, n: int, repeats: int) -> list[dict]:
             def baseline():
                 return torch_muon_newton_schulz(x, ops.MUON_COEFFICIENTS, STEPS, 1e-7)
 
+        def polar_express(ns_precision=ns_precision):
+            return torch.ops.dropmuon.sharp(
+                batch,
+                "spectral",
+                list(pe.coefficients),
+                pe.norm_scale,
+                pe.norm_offset,
+                1e-7,
+                ns_precision,
+                False,
+            )[0][0]
+
         dtype = torch.float32 if precision == "float32" else torch.bfloat16
-        t_ours = median_seconds(ours, repeats)
-        t_base = median_seconds(baseline, repeats)
-        t_raw = median_seconds(raw_products(m, n, dtype), repeats)
+        t_ours, t_base, t_raw = median_seconds([ours, baseline, raw_products(m, n, dtype)], repeats)
         rows.append(
             dict(
                 shape=f"{m}x{n}",
@@ -102,6 +120,7 @@ def bench_shape(m: int, n: int, repeats: int) -> list[dict]:
                 raw_ms=t_raw * 1e3,
                 err_ours=relative_error(ours(), polar),
                 err_base=relative_error(baseline(), polar),
+                err_pe=relative_error(polar_express(), polar),
             )
         )
     return rows
@@ -123,8 +142,8 @@ def main() -> None:
         f"median of {args.repeats}; error = ||O - UV^T||_F / ||UV^T||_F",
         "",
         "| shape | iterates | ours ms | baseline | baseline ms | raw GEMMs ms "
-        "| ours/raw | ours/baseline | error ours | error baseline |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| ours/raw | ours/baseline | error ours | error baseline | error ours, Polar Express |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     print("\n".join(lines), flush=True)
     for m, n in shapes:
@@ -133,7 +152,7 @@ def main() -> None:
                 f"| {r['shape']} | {r['precision']} | {r['ours_ms']:.2f} | {r['baseline']} "
                 f"| {r['baseline_ms']:.2f} | {r['raw_ms']:.2f} "
                 f"| {r['ours_ms'] / r['raw_ms']:.2f} | {r['ours_ms'] / r['baseline_ms']:.2f} "
-                f"| {r['err_ours']:.4f} | {r['err_base']:.4f} |"
+                f"| {r['err_ours']:.4f} | {r['err_base']:.4f} | {r['err_pe']:.4f} |"
             )
             print(line, flush=True)
             lines.append(line)
