@@ -14,7 +14,8 @@ that the Muon-family runs differ only in which layers they update.
 
 Wall-clock is the training steps only (batch gather, forward, backward, optimizer step; the
 device synchronised around each phase), not evaluation. Train accuracy is measured on a fixed
-subset of the training set (``--eval-train-size``), test accuracy on the whole test set.
+subset of the training set (``--eval-train-size``), test accuracy on the whole test set (or a
+fixed subset of it, ``--test-size``).
 
 Each finished run is written at once (``runs/<name>.json``); ``runs.csv``, ``summary.md`` and
 the plots are rewritten after every run, so an interrupted comparison leaves complete files for
@@ -262,6 +263,12 @@ def parse_lr(values: list[str]) -> dict[str, float]:
     return table
 
 
+def fixed_subset(x: torch.Tensor, y: torch.Tensor, size: int):
+    """The first `size` images of a fixed shuffle (the same for every run and optimizer)."""
+    keep = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))[:size]
+    return x[keep], y[keep]
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dropmuon-compare",
@@ -306,6 +313,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=None,
         help="use only the first N training images (a fixed shuffled subset)",
+    )
+    parser.add_argument(
+        "--test-size",
+        type=int,
+        default=None,
+        help="measure test accuracy on N test images only (a fixed shuffled subset)",
     )
     parser.add_argument(
         "--lr",
@@ -365,6 +378,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(error))
     if args.batch_size < 1 or args.epochs < 1:
         parser.error("--batch-size and --epochs must be positive")
+    for option in ("train_size", "test_size", "eval_train_size"):
+        value = getattr(args, option)
+        if value is not None and value < 1:
+            parser.error(f"--{option.replace('_', '-')} must be positive, got {value}")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available")
     if args.threads:
@@ -375,9 +392,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"dropmuon-compare: {error}", file=sys.stderr)
         return 2
     if args.train_size:
-        keep = torch.randperm(len(data.train_x), generator=torch.Generator().manual_seed(0))
-        keep = keep[: args.train_size]
-        data.train_x, data.train_y = data.train_x[keep], data.train_y[keep]
+        data.train_x, data.train_y = fixed_subset(data.train_x, data.train_y, args.train_size)
+    if args.test_size:
+        data.test_x, data.test_y = fixed_subset(data.test_x, data.test_y, args.test_size)
     data = data.to(args.device)
     train_targets, test_targets = DEFAULT_TARGETS[args.dataset]
     args.train_targets = args.train_targets or train_targets

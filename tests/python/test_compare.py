@@ -60,6 +60,29 @@ def test_dropmuon_runs_record_their_cutoffs(tmp_path):
     assert sum(run["update_counts"]) > 16
 
 
+def test_train_and_test_subsets_are_fixed_and_recorded(tmp_path):
+    assert (
+        run_compare(tmp_path, "--optimizers", "muon", "--train-size", "384", "--test-size", "100")
+        == 0
+    )
+    first = json.loads((tmp_path / "runs" / "muon_seed0.json").read_text())
+    assert first["meta"]["train_size"] == 384 and first["meta"]["test_size"] == 100
+    assert first["steps_per_epoch"] == 3  # 384 images at batch 128
+    # Test accuracy is counted over those 100 images: a multiple of 1/100.
+    for record in first["epochs"]:
+        assert abs(record["test_acc"] * 100 - round(record["test_acc"] * 100)) < 1e-9
+    x, y = compare.fixed_subset(torch.arange(10.0), torch.arange(10), 4)
+    again = compare.fixed_subset(torch.arange(10.0), torch.arange(10), 4)
+    assert torch.equal(x, again[0]) and torch.equal(x.long(), y)
+
+
+@pytest.mark.parametrize("option", ["--train-size", "--test-size", "--eval-train-size"])
+def test_subset_sizes_must_be_positive(tmp_path, option, capsys):
+    with pytest.raises(SystemExit):
+        run_compare(tmp_path, option, "0")
+    assert f"{option} must be positive, got 0" in capsys.readouterr().err
+
+
 def test_wrong_dataset_name_and_path(tmp_path, capsys):
     with pytest.raises(SystemExit):
         compare.main(["--dataset", "imagenet", "--output", str(tmp_path)])
