@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The main job (README's first command): Drop-Muon vs our Muon vs torch.optim.Muon on
-# Fashion-MNIST with the paper's CNN, 3 seeds. Sized for about 10 minutes on 2 CPU cores: batch
+# Fashion-MNIST with the paper's CNN, 3 seeds. Sized for 10-12 minutes on 2 CPU cores: batch
 # 1024 on a fixed 10,240-image training subset for 3 epochs (the paper's batch 8192 costs ~17 s a
 # step here), accuracy after each epoch on fixed subsets of 2,000 training and 4,000 test images
 # (with 5,000 + 10,000 the evaluations took 40% of the job). Extra arguments are passed on

@@ -55,92 +55,92 @@ dm_sharp_config spectral_without_steps(double coefficients[15], dm_ns_precision 
     return config;
 }
 
-TEST(ParallelFor, SharpGivesTheSameBitsOnThreads) {
-    double coefficients[15];
+// body(dtype, precision, rows, cols) for every dtype, iteration precision and shape.
+template <typename Body> void for_each_case(Body body) {
     for (dm_dtype dtype : kDtypes)
         for (dm_ns_precision precision : {DM_NS_NATIVE, DM_NS_BFLOAT16})
             for (auto [rows, cols] : kShapes) {
                 SCOPED_TRACE(testing::Message() << dmtest::dtype_name(dtype) << " precision "
                                                 << precision << " " << rows << "x" << cols);
-                const dm_sharp_config config = spectral_without_steps(coefficients, precision);
-                std::vector<Buffer> in;
-                for (uint64_t b = 0; b < 2; ++b)
-                    in.push_back(
-                        dmtest::to_buffer(dmtest::random_normal(rows, cols, 7 + b), dtype, cols));
-                const size_t n = static_cast<size_t>(rows * cols);
-                std::vector<Buffer> serial{Buffer(dtype, n), Buffer(dtype, n)};
-                std::vector<Buffer> threaded{Buffer(dtype, n), Buffer(dtype, n)};
-                double serial_duals[2], threaded_duals[2];
-                SplittingThreads threads;
-                const dm_gemm_provider provider{nullptr, &threads, &SplittingThreads::parallel_for};
-                ASSERT_EQ(dmtest::call_sharp(config, dtype, rows, cols, in, cols, serial, cols,
-                                             serial_duals),
-                          DM_OK);
-                ASSERT_EQ(dmtest::call_sharp(config, dtype, rows, cols, in, cols, threaded, cols,
-                                             threaded_duals, &provider),
-                          DM_OK);
-                EXPECT_GT(threads.calls.load(), 0);
-                for (int b = 0; b < 2; ++b) {
-                    EXPECT_EQ(serial[b].bytes(), threaded[b].bytes()) << "matrix " << b;
-                    EXPECT_EQ(std::memcmp(&serial_duals[b], &threaded_duals[b], sizeof(double)), 0)
-                        << serial_duals[b] << " vs " << threaded_duals[b];
-                }
+                body(dtype, precision, rows, cols);
             }
+}
+
+TEST(ParallelFor, SharpGivesTheSameBitsOnThreads) {
+    double coefficients[15];
+    for_each_case([&](dm_dtype dtype, dm_ns_precision precision, int64_t rows, int64_t cols) {
+        const dm_sharp_config config = spectral_without_steps(coefficients, precision);
+        std::vector<Buffer> in;
+        for (uint64_t b = 0; b < 2; ++b)
+            in.push_back(dmtest::to_buffer(dmtest::random_normal(rows, cols, 7 + b), dtype, cols));
+        const size_t n = static_cast<size_t>(rows * cols);
+        std::vector<Buffer> serial{Buffer(dtype, n), Buffer(dtype, n)};
+        std::vector<Buffer> threaded{Buffer(dtype, n), Buffer(dtype, n)};
+        double serial_duals[2], threaded_duals[2];
+        SplittingThreads threads;
+        const dm_gemm_provider provider{nullptr, &threads, &SplittingThreads::parallel_for};
+        ASSERT_EQ(
+            dmtest::call_sharp(config, dtype, rows, cols, in, cols, serial, cols, serial_duals),
+            DM_OK);
+        ASSERT_EQ(dmtest::call_sharp(config, dtype, rows, cols, in, cols, threaded, cols,
+                                     threaded_duals, &provider),
+                  DM_OK);
+        EXPECT_GT(threads.calls.load(), 0);
+        for (int b = 0; b < 2; ++b) {
+            EXPECT_EQ(serial[b].bytes(), threaded[b].bytes()) << "matrix " << b;
+            EXPECT_EQ(std::memcmp(&serial_duals[b], &threaded_duals[b], sizeof(double)), 0)
+                << serial_duals[b] << " vs " << threaded_duals[b];
+        }
+    });
 }
 
 TEST(ParallelFor, UpdateGivesTheSameBitsOnThreads) {
     double coefficients[15];
-    for (dm_dtype dtype : kDtypes)
-        for (dm_ns_precision precision : {DM_NS_NATIVE, DM_NS_BFLOAT16})
-            for (auto [rows, cols] : kShapes) {
-                SCOPED_TRACE(testing::Message() << dmtest::dtype_name(dtype) << " precision "
-                                                << precision << " " << rows << "x" << cols);
-                dm_update_config config{};
-                config.sharp = spectral_without_steps(coefficients, precision);
-                config.lr = 0.05;
-                config.weight_decay = 0.1;
-                config.momentum = 0.9;
-                config.nesterov = 1;
-                config.lr_adjust = DM_LR_ADJUST_ORIGINAL;
-                config.radius = DM_RADIUS_ADAPTIVE; // the duals' pass too
-                config.radius_l0 = 1.0;
-                config.radius_l1 = 0.5;
-                struct State {
-                    std::vector<Buffer> params, grads, momentum;
-                } runs[2];
-                for (State &s : runs)
-                    for (uint64_t b = 0; b < 2; ++b) {
-                        s.params.push_back(dmtest::to_buffer(
-                            dmtest::random_normal(rows, cols, 20 + b, 0.1), dtype, cols));
-                        s.grads.push_back(dmtest::to_buffer(
-                            dmtest::random_normal(rows, cols, 30 + b), dtype, cols));
-                        s.momentum.push_back(dmtest::to_buffer(
-                            dmtest::random_normal(rows, cols, 40 + b, 0.5), dtype, cols));
-                    }
-                SplittingThreads threads;
-                const dm_gemm_provider provider{nullptr, &threads, &SplittingThreads::parallel_for};
-                double duals[2][2];
-                for (int r = 0; r < 2; ++r) {
-                    State &s = runs[r];
-                    size_t bytes = 0;
-                    ASSERT_EQ(dm_update_workspace_size(&config, dtype, 2, rows, cols, &bytes),
-                              DM_OK);
-                    std::vector<unsigned char> workspace(bytes);
-                    std::vector<void *> x = dmtest::pointers(s.params),
-                                        m = dmtest::pointers(s.momentum);
-                    std::vector<const void *> g = dmtest::const_pointers(s.grads);
-                    ASSERT_EQ(dm_update(&config, dtype, 2, rows, cols, x.data(), g.data(), m.data(),
-                                        duals[r], workspace.data(), bytes, r ? &provider : nullptr),
-                              DM_OK);
-                }
-                // directions, momentum and parameters: one call per matrix each, plus the sharp
-                EXPECT_GE(threads.calls.load(), 6);
-                for (int b = 0; b < 2; ++b) {
-                    EXPECT_EQ(runs[0].params[b].bytes(), runs[1].params[b].bytes()) << b;
-                    EXPECT_EQ(runs[0].momentum[b].bytes(), runs[1].momentum[b].bytes()) << b;
-                    EXPECT_EQ(std::memcmp(&duals[0][b], &duals[1][b], sizeof(double)), 0) << b;
-                }
+    for_each_case([&](dm_dtype dtype, dm_ns_precision precision, int64_t rows, int64_t cols) {
+        dm_update_config config{};
+        config.sharp = spectral_without_steps(coefficients, precision);
+        config.lr = 0.05;
+        config.weight_decay = 0.1;
+        config.momentum = 0.9;
+        config.nesterov = 1;
+        config.lr_adjust = DM_LR_ADJUST_ORIGINAL;
+        config.radius = DM_RADIUS_ADAPTIVE; // the duals' pass too
+        config.radius_l0 = 1.0;
+        config.radius_l1 = 0.5;
+        struct State {
+            std::vector<Buffer> params, grads, momentum;
+        } runs[2];
+        for (State &s : runs)
+            for (uint64_t b = 0; b < 2; ++b) {
+                s.params.push_back(
+                    dmtest::to_buffer(dmtest::random_normal(rows, cols, 20 + b, 0.1), dtype, cols));
+                s.grads.push_back(
+                    dmtest::to_buffer(dmtest::random_normal(rows, cols, 30 + b), dtype, cols));
+                s.momentum.push_back(
+                    dmtest::to_buffer(dmtest::random_normal(rows, cols, 40 + b, 0.5), dtype, cols));
             }
+        SplittingThreads threads;
+        const dm_gemm_provider provider{nullptr, &threads, &SplittingThreads::parallel_for};
+        double duals[2][2];
+        for (int r = 0; r < 2; ++r) {
+            State &s = runs[r];
+            size_t bytes = 0;
+            ASSERT_EQ(dm_update_workspace_size(&config, dtype, 2, rows, cols, &bytes), DM_OK);
+            std::vector<unsigned char> workspace(bytes);
+            std::vector<void *> x = dmtest::pointers(s.params), m = dmtest::pointers(s.momentum);
+            std::vector<const void *> g = dmtest::const_pointers(s.grads);
+            ASSERT_EQ(dm_update(&config, dtype, 2, rows, cols, x.data(), g.data(), m.data(),
+                                duals[r], workspace.data(), bytes, r ? &provider : nullptr),
+                      DM_OK);
+        }
+        // directions, momentum and parameters: one call per matrix each, plus the sharp
+        EXPECT_GE(threads.calls.load(), 6);
+        for (int b = 0; b < 2; ++b) {
+            EXPECT_EQ(runs[0].params[b].bytes(), runs[1].params[b].bytes()) << b;
+            EXPECT_EQ(runs[0].momentum[b].bytes(), runs[1].momentum[b].bytes()) << b;
+            EXPECT_EQ(std::memcmp(&duals[0][b], &duals[1][b], sizeof(double)), 0) << b;
+        }
+    });
 }
 
 // A provider that covers the range exactly once: the ranges it was handed add up to n.
