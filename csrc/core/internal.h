@@ -73,8 +73,7 @@ static inline dm_dtype dm_compute_dtype(dm_dtype dtype) {
     return dtype == DM_FLOAT64 ? DM_FLOAT64 : DM_FLOAT32;
 }
 
-/* ---- overflow-checked size arithmetic ---------------------------------------------------------
- */
+/* ---- overflow-checked size arithmetic -------------------------------------------------------- */
 static inline int dm_mul_overflows(size_t a, size_t b, size_t *out) {
     if (a != 0 && b > SIZE_MAX / a) return 1;
     *out = a * b;
@@ -135,8 +134,7 @@ typedef double (*dm_chunk_sum_fn)(void *arg, size_t begin, size_t end);
 double dm_parallel_sum(const dm_gemm_provider *provider, size_t n, dm_chunk_sum_fn chunk,
                        void *arg);
 
-/* ---- the spectral (Newton-Schulz) core, in newton_schulz.c ------------------------------------
- */
+/* ---- the spectral (Newton-Schulz) core, in newton_schulz.c ----------------------------------- */
 
 /* Validates the NS-specific fields of a spectral config. */
 dm_status dm_ns_check_config(const dm_sharp_config *config);
@@ -254,8 +252,7 @@ dm_status dm_panel_measure(dm_panel *panel, const dm_sharp_config *config);
  * DM_ERR_NONFINITE or DM_ERR_GEMM, having touched only the workspace. */
 dm_status dm_panel_apply(dm_panel *panel, const dm_sharp_config *config);
 
-/* ---- typed element access of user memory ------------------------------------------------------
- */
+/* ---- typed element access of user memory ----------------------------------------------------- */
 static inline double dm_load(const void *base, dm_dtype dtype, size_t k) {
     switch (dtype) {
     case DM_FLOAT32: return (double)((const float *)base)[k];

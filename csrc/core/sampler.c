@@ -4,8 +4,7 @@
  * as counter. There is no generator state to save, resume or broadcast. */
 #include "internal.h"
 
-/* ---- Philox4x32-10 (Salmon et al., SC'11; constants of Random123) -----------------------------
- */
+/* ---- Philox4x32-10 (Salmon et al., SC'11; constants of Random123) ---------------------------- */
 static void philox4x32_10(uint32_t ctr[4], uint32_t key0, uint32_t key1) {
     for (int round = 0; round < 10; ++round) {
         if (round > 0) {

@@ -263,8 +263,7 @@ static const dm_gemm_provider *pick_provider(reader *r, provider_ctx *ctx, dm_ge
     return p;
 }
 
-/* ---- helpers ----------------------------------------------------------------------------------
- */
+/* ---- helpers --------------------------------------------------------------------------------- */
 
 static void check_status(dm_status st) {
     CHECK((int)st >= DM_OK && (int)st <= DM_ERR_CUDA);
@@ -335,8 +334,7 @@ static double ns_flops(const dm_sharp_config *c, int64_t batch, int64_t rows, in
     return (double)batch * (double)c->ns_steps * (4.0 * p * p * q + 2.0 * p * p * p);
 }
 
-/* ---- dm_sharp ---------------------------------------------------------------------------------
- */
+/* ---- dm_sharp -------------------------------------------------------------------------------- */
 
 static void fuzz_sharp(reader *r) {
     double coefficients[3 * 8];
@@ -474,8 +472,7 @@ static void fuzz_sharp(reader *r) {
     free(in), free(out), free(in_copy), free(out_copy), free(duals), free(ws), free(in_block);
 }
 
-/* ---- dm_update --------------------------------------------------------------------------------
- */
+/* ---- dm_update ------------------------------------------------------------------------------- */
 
 static void fuzz_update(reader *r) {
     double coefficients[3 * 8];
@@ -589,8 +586,7 @@ static void fuzz_update(reader *r) {
     free(params), free(grads), free(bufs), free(copies), free(duals), free(ws);
 }
 
-/* ---- dm_gemm_reference ------------------------------------------------------------------------
- */
+/* ---- dm_gemm_reference ----------------------------------------------------------------------- */
 
 static void fuzz_gemm(reader *r) {
     const int dtype = pick_enum(r, 3);
@@ -689,8 +685,7 @@ static void fuzz_gemm(reader *r) {
     if (c_in_mode == 0) free(c_in);
 }
 
-/* ---- the sampler ------------------------------------------------------------------------------
- */
+/* ---- the sampler ----------------------------------------------------------------------------- */
 
 static void fuzz_sampler(reader *r, int draw) {
     dm_sampler_config config;
@@ -795,8 +790,7 @@ static void fuzz_sampler(reader *r, int draw) {
     free(distribution), free(probabilities), free(smoothness);
 }
 
-/* ---- workspace queries with absurd arguments, and the small functions -------------------------
- */
+/* ---- workspace queries with absurd arguments, and the small functions ------------------------ */
 
 static void fuzz_queries(reader *r) {
     double coefficients[3 * 8];
