@@ -85,6 +85,7 @@ typedef struct pair_job {
     const void *x;
     dm_dtype x_dtype;
     const void *y; /* dm_dot's second operand */
+    dm_dtype y_dtype;
     void *dst;
     dm_dtype dst_dtype;
     int64_t x_ld, dst_ld, cols; /* dm_convert_transposed */
@@ -136,16 +137,16 @@ void dm_convert_transposed(const dm_gemm_provider *threads, const void *src, dm_
 static double dot_chunk(void *arg, size_t begin, size_t end) {
     const pair_job *job = arg;
     double result = NAN;
-    DISPATCH_PAIR(dot, job->x_dtype, job->dst_dtype,
+    DISPATCH_PAIR(dot, job->x_dtype, job->y_dtype,
                   (dm_offset(job->x, job->x_dtype, (int64_t)begin),
-                   dm_offset(job->y, job->dst_dtype, (int64_t)begin), end - begin),
+                   dm_offset(job->y, job->y_dtype, (int64_t)begin), end - begin),
                   result =)
     return result;
 }
 
 double dm_dot(const dm_gemm_provider *threads, const void *x, dm_dtype x_dtype, const void *y,
               dm_dtype y_dtype, size_t n) {
-    pair_job job = {.x = x, .x_dtype = x_dtype, .y = y, .dst_dtype = y_dtype};
+    pair_job job = {.x = x, .x_dtype = x_dtype, .y = y, .y_dtype = y_dtype};
     return dm_parallel_sum(threads, n, dot_chunk, &job);
 }
 
