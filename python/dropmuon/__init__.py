@@ -8,16 +8,16 @@ stops backpropagation at that cutoff.
 import torch  # noqa: F401  (loads libtorch before the extension)
 
 from . import ops, reference
+from .defaults import MUON_COEFFICIENTS, POLAR_EXPRESS_COEFFICIENTS
+from .describe import describe
 from .ops import (
-    MUON_COEFFICIENTS,
-    POLAR_EXPRESS_COEFFICIENTS,
     NewtonSchulzSchedule,
     ns_schedule,
     sample_layers,
     sampler_distribution,
     sharp,
 )
-from .optimizer import DropMuon, Muon, describe
+from .optimizer import DropMuon, Muon
 from .sampling import LayerSampler
 
 __version__ = "0.1.0"

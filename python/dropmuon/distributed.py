@@ -56,8 +56,8 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from .optimizer import DropMuon
-from .partition import set_trainable
 from .sampling import LayerSampler
+from .truncation import set_trainable
 
 __all__ = [
     "CommStats",

@@ -13,6 +13,12 @@ import torch
 from torch import Tensor
 
 from . import reference
+from .defaults import (
+    DEFAULT_SHIFT_STRENGTH,
+    MUON_COEFFICIENTS,
+    POLAR_EXPRESS_COEFFICIENTS,
+    POLAR_EXPRESS_NORM,
+)
 
 try:
     from . import _C  # noqa: F401  (registers torch.ops.dropmuon.*)
@@ -20,17 +26,6 @@ try:
     EXTENSION_ERROR: Exception | None = None
 except ImportError as error:  # not built: the references stand in
     EXTENSION_ERROR = error
-
-MUON_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
-POLAR_EXPRESS_COEFFICIENTS = (
-    (8.1566, -22.4833, 15.8788),
-    (4.0429, -2.8089, 0.5000),
-    (3.8917, -2.7725, 0.5061),
-    (3.2858, -2.3681, 0.4645),
-    (2.3465, -1.7098, 0.4232),
-)
-# Polar Express divides by ||M||_F * 1.02 + 1e-6 (notes section 4); Muon by ||M||_F.
-POLAR_EXPRESS_NORM = (1.02, 1e-6)
 
 
 @dataclass(frozen=True)
@@ -113,13 +108,22 @@ def has_kernel(device_type: str) -> bool:
     )
 
 
+def _extension_loaded() -> bool:
+    """Whether the compiled extension is loaded; warns once (saying why) when it is not."""
+    if EXTENSION_ERROR is None:
+        return True
+    _warn_once(f"the compiled extension is not available ({EXTENSION_ERROR})")
+    return False
+
+
 def _use_kernel(device_type: str) -> bool:
+    """Whether to call the compiled kernel for tensors on ``device_type``; warns once when the
+    reference stands in."""
+    if not _extension_loaded():
+        return False
     if has_kernel(device_type):
         return True
-    if EXTENSION_ERROR is not None:
-        _warn_once(f"the compiled extension is not available ({EXTENSION_ERROR})")
-    else:
-        _warn_once(f"the compiled extension has no kernels for '{device_type}' tensors")
+    _warn_once(f"the compiled extension has no kernels for '{device_type}' tensors")
     return False
 
 
@@ -173,6 +177,25 @@ def muon_update_(
     params: Sequence[Tensor],
     grads: Sequence[Tensor],
     momentum_buffers: Sequence[Tensor],
+    **arguments,
+) -> Tensor:
+    """One fused update of same-shape tensors in place (dm_update in dropmuon.h;
+    docs/method.md section 1). The keywords are :func:`muon_update_keywords`' (as
+    :func:`dropmuon.functional.update_arguments` builds them for a param group).
+
+    Returns the float64 duals <D, sharp(D)> of the update directions with ``with_duals``, an
+    empty tensor otherwise.
+    """
+    kwargs = muon_update_keywords(**arguments)
+    device = params[0].device.type if params else "cpu"
+    if _use_kernel(device):
+        return torch.ops.dropmuon.muon_update_(
+            list(params), list(grads), list(momentum_buffers), **kwargs
+        )
+    return reference.muon_update_(list(params), list(grads), list(momentum_buffers), **kwargs)
+
+
+def muon_update_keywords(
     *,
     lr: float,
     weight_decay: float,
@@ -187,13 +210,10 @@ def muon_update_(
     L0: float = 1.0,
     L1: float = 0.0,
     with_duals: bool = False,
-) -> Tensor:
-    """One fused update of same-shape tensors in place (dm_update in dropmuon.h).
-
-    Returns the float64 duals <D, sharp(D)> of the update directions with ``with_duals``, an
-    empty tensor otherwise.
-    """
-    kwargs = dict(
+) -> dict:
+    """The keyword arguments of ``torch.ops.dropmuon.muon_update_`` (its schema's types; the
+    schedule spelled out) for :func:`muon_update_`'s."""
+    return dict(
         lr=float(lr),
         weight_decay=float(weight_decay),
         momentum=float(momentum),
@@ -210,15 +230,11 @@ def muon_update_(
         L1=float(L1),
         with_duals=bool(with_duals),
     )
-    device = params[0].device.type if params else "cpu"
-    if _use_kernel(device):
-        return torch.ops.dropmuon.muon_update_(
-            list(params), list(grads), list(momentum_buffers), **kwargs
-        )
-    return reference.muon_update_(list(params), list(grads), list(momentum_buffers), **kwargs)
 
 
-def _sampler_args(kind, probabilities, tau, progress, shift_strength, smoothness):
+def sampler_arguments(kind, probabilities, tau, progress, shift_strength, smoothness) -> tuple:
+    """The sampler operators' arguments after ``num_layers`` (and ``seed, step``), in their
+    schema's types: ``(kind, probabilities, tau, progress, shift_strength, smoothness)``."""
     return (
         kind,
         [float(v) for v in (probabilities or ())],
@@ -236,17 +252,16 @@ def sampler_distribution(
     probabilities: Sequence[float] | None = None,
     tau: int | None = None,
     progress: float = 0.0,
-    shift_strength: float = 4.0,
+    shift_strength: float = DEFAULT_SHIFT_STRENGTH,
     smoothness: Sequence[float] | None = None,
 ) -> Tensor:
     """P(cutoff = i) for each layer i (float64), for a sampling kind (dm_sampler_distribution)."""
     args = (
         num_layers,
-        *_sampler_args(kind, probabilities, tau, progress, shift_strength, smoothness),
+        *sampler_arguments(kind, probabilities, tau, progress, shift_strength, smoothness),
     )
-    if EXTENSION_ERROR is None:
+    if _extension_loaded():  # the sampler has no device: one kernel for all
         return torch.ops.dropmuon.sampler_distribution(*args)
-    _use_kernel("cpu")
     return reference.sampler_distribution(*args)
 
 
@@ -259,7 +274,7 @@ def sample_layers(
     probabilities: Sequence[float] | None = None,
     tau: int | None = None,
     progress: float = 0.0,
-    shift_strength: float = 4.0,
+    shift_strength: float = DEFAULT_SHIFT_STRENGTH,
     smoothness: Sequence[float] | None = None,
 ) -> Tensor:
     """The bool mask of layers active at optimizer step ``step`` (dm_sample_layers).
@@ -271,11 +286,10 @@ def sample_layers(
         num_layers,
         int(seed),
         int(step),
-        *_sampler_args(kind, probabilities, tau, progress, shift_strength, smoothness),
+        *sampler_arguments(kind, probabilities, tau, progress, shift_strength, smoothness),
     )
-    if EXTENSION_ERROR is None:
+    if _extension_loaded():
         return torch.ops.dropmuon.sample_layers(*args)
-    _use_kernel("cpu")
     return reference.sample_layers(*args)
 
 

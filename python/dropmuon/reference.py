@@ -12,20 +12,28 @@ import math
 import torch
 from torch import Tensor
 
-NORMS = ("spectral", "sign", "column", "row", "frobenius")
-LR_ADJUSTS = ("none", "original", "match_rms_adamw")
-RADII = ("fixed", "adaptive")
-NS_PRECISIONS = ("native", "bfloat16")
-SAMPLINGS = ("full", "uniform", "custom", "tau_nice", "epoch_shift", "cost_optimal")
+from .defaults import (
+    KERNEL_NORMS,
+    LR_ADJUSTS,
+    NS_PRECISIONS,
+    PROBABILITY_TOLERANCE,
+    RADII,
+)
 
-PROBABILITY_TOLERANCE = 1e-6  # the C sampler's tolerance on sum(p) == 1
+
+def matrix_shape(shape) -> tuple[int, int]:
+    """The (rows, cols) matrix every kernel sees a tensor of this shape as: (size(0),
+    numel / size(0)), as conv kernels (out, in*kh*kw); 0-D is 1 x 1, zero-size tensors included
+    (csrc/torch/common.h's matrix_shape is the shim's twin)."""
+    if len(shape) == 0:
+        return 1, 1
+    rows = shape[0]
+    return rows, math.prod(shape) // rows if rows else 0
 
 
 def as_matrix(t: Tensor) -> Tensor:
-    """A tensor of any rank seen as (size(0), numel / size(0)); 0-D tensors are 1 x 1."""
-    if t.dim() == 0:
-        return t.reshape(1, 1)
-    return t.reshape(t.shape[0], -1)
+    """``t`` reshaped to its :func:`matrix_shape` (reshape cannot infer -1 for zero-size)."""
+    return t.reshape(matrix_shape(t.shape))
 
 
 # --------------------------------------------------------------------------------------------
@@ -79,7 +87,7 @@ def sharp(
         raise RuntimeError(
             f"dropmuon.sharp: input must be [batch, rows, cols], got {tuple(m.shape)}"
         )
-    if norm not in NORMS:
+    if norm not in KERNEL_NORMS:
         raise RuntimeError(f"dropmuon: unknown norm '{norm}'")
     if len(ns_coefficients) % 3:
         raise RuntimeError("dropmuon: ns_coefficients must hold whole (a, b, c) triples")

@@ -1,4 +1,4 @@
-"""Which layers each Drop-Muon step updates (notes section 2).
+"""Which layers each Drop-Muon step updates (docs/method.md section 2).
 
 :class:`LayerSampler` wraps the C sampler (``dropmuon.ops.sample_layers``): every draw is a pure
 function of ``(seed, step)`` and the configuration, so a resumed run and every data-parallel rank
@@ -18,9 +18,7 @@ import torch
 from torch import Tensor
 
 from . import ops
-from .reference import PROBABILITY_TOLERANCE, SAMPLINGS
-
-DEFAULT_SHIFT_STRENGTH = 4.0
+from .defaults import DEFAULT_SHIFT_STRENGTH, PROBABILITY_TOLERANCE, SAMPLINGS
 
 
 class LayerSampler:
@@ -31,7 +29,7 @@ class LayerSampler:
             ``probabilities``), ``"tau_nice"`` (needs ``tau``: that many distinct layers, the
             cutoff is the lowest), ``"epoch_shift"`` (mass moves from shallow to deep cutoffs as
             training progresses; see :meth:`distribution`), ``"cost_optimal"`` (from per-layer
-            smoothness estimates, notes section 3).
+            smoothness estimates, docs/method.md section 3).
         num_layers: how many layers the model is split into.
         seed: the key of the counter-based generator.
         probabilities: ``custom``: P(cutoff = i), finite, >= 0, summing to 1 within 1e-6
@@ -197,3 +195,35 @@ def mask_from_user_sampler(sampler, step: int, num_layers: int) -> list[bool]:
             f"one True, got {mask}"
         )
     return mask
+
+
+def make_sampler(sampling, num_layers: int, *, seed, tau, total_steps, shift_strength):
+    """DropMuon's ``sampling`` argument as a sampler: a name (:class:`LayerSampler`), a list of
+    cutoff probabilities (``"custom"``), or a user object with ``sample(step, num_layers)``."""
+    if isinstance(sampling, str):
+        return LayerSampler(
+            sampling,
+            num_layers,
+            seed=seed,
+            tau=tau,
+            total_steps=total_steps,
+            shift_strength=shift_strength,
+        )
+    if isinstance(sampling, (list, tuple, Tensor)):
+        probabilities = sampling.tolist() if isinstance(sampling, Tensor) else sampling
+        return LayerSampler("custom", num_layers, seed=seed, probabilities=probabilities)
+    if callable(getattr(sampling, "sample", None)):
+        return sampling
+    raise ValueError(
+        "sampling must be a name, a list of cutoff probabilities, or an object with "
+        f"sample(step, num_layers); got {sampling!r}"
+    )
+
+
+def draw(sampler, step: int, num_layers: int, smoothness: Sequence[float | None]) -> list[bool]:
+    """The active mask of step ``step``; ``cost_optimal`` uses ``smoothness`` once every layer
+    has an estimate (full updates until then)."""
+    if isinstance(sampler, LayerSampler):
+        ready = sampler.kind == "cost_optimal" and all(v is not None for v in smoothness)
+        return sampler.sample(step, smoothness if ready else None)
+    return mask_from_user_sampler(sampler, step, num_layers)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import dropmuon
-from dropmuon import ops, reference
+from dropmuon import defaults, ops, reference
 
 pytestmark = pytest.mark.skipif(ops.EXTENSION_ERROR is not None, reason="extension not built")
 
@@ -68,11 +68,13 @@ def test_opcheck_muon_update(radius):
     torch.library.opcheck(torch.ops.dropmuon.muon_update_.default, (params, grads, bufs), kwargs)
 
 
-@pytest.mark.parametrize("kind", reference.SAMPLINGS)
+@pytest.mark.parametrize("kind", defaults.SAMPLINGS)
 def test_opcheck_sampler(kind):
     args = (
         5,
-        *ops._sampler_args(kind, [0.1, 0.2, 0.3, 0.2, 0.2], 2, 0.3, 4.0, [1.0, 3.0, 2.0, 5.0, 4.0]),
+        *ops.sampler_arguments(
+            kind, [0.1, 0.2, 0.3, 0.2, 0.2], 2, 0.3, 4.0, [1.0, 3.0, 2.0, 5.0, 4.0]
+        ),
     )
     torch.library.opcheck(torch.ops.dropmuon.sampler_distribution.default, args)
     torch.library.opcheck(torch.ops.dropmuon.sample_layers.default, (args[0], 7, 11, *args[1:]))
@@ -331,7 +333,7 @@ def test_sampler_is_a_function_of_seed_and_step(kind):
     again = [dropmuon.sample_layers(5, 99, s, kind, **options) for s in reversed(range(200))]
     assert all(torch.equal(a, b) for a, b in zip(first, reversed(again)))
     # The pure-Python reference draws the very same layers (Philox4x32-10 on both sides).
-    args = ops._sampler_args(
+    args = ops.sampler_arguments(
         kind,
         options.get("probabilities"),
         options.get("tau"),

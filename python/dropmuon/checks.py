@@ -1,0 +1,155 @@
+"""Argument checks, with torch.optim.Muon's messages where the argument is torch's.
+
+Everything here raises before anything is modified: at construction for the options and the
+parameters, at each step for the groups (a scheduler or the user may have written a bad value
+since) and the gradients.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from . import ops
+from .defaults import ADJUST_LR_FNS, NONFINITE_MODES, NS_PRECISIONS, RADII
+from .partition import check_norms
+
+# The dtypes of the C kernels (spectral, sign, column, row, frobenius); AdamW takes any float.
+SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
+
+
+def check_hyperparameters(
+    lr,
+    weight_decay,
+    momentum,
+    eps,
+    adjust_lr_fn,
+    ns_precision,
+    radius,
+    L0,
+    L1,
+    adamw_betas,
+    adamw_eps,
+) -> None:
+    """torch.optim.Muon's checks and messages for the shared arguments, then ours. Infinite
+    values, which torch lets through, are rejected too: the kernels refuse them, and an error at
+    construction beats one in the middle of a step."""
+    if isinstance(lr, Tensor) and lr.numel() != 1:
+        raise ValueError("Tensor lr must be 1-element")
+    if not 0.0 <= lr:
+        raise ValueError(f"Learning rate should be >= 0 but is: {lr}")
+    if not math.isfinite(lr):
+        raise ValueError(f"Learning rate should be finite but is: {lr}")
+    if not 0.0 <= momentum:
+        raise ValueError(f"momentum should be >= 0 but is: {momentum}")
+    if not momentum <= 1.0:
+        raise ValueError(f"momentum should be <= 1 but is: {momentum}")
+    if not 0.0 <= weight_decay:
+        raise ValueError(f"weight decay should be >= 0 but is: {weight_decay}")
+    if not math.isfinite(weight_decay):
+        raise ValueError(f"weight decay should be finite but is: {weight_decay}")
+    if adjust_lr_fn is not None and adjust_lr_fn not in ADJUST_LR_FNS:
+        raise ValueError(f"Adjust learning rate function {adjust_lr_fn} is not supported")
+    if not 0.0 <= eps or not math.isfinite(eps):
+        raise ValueError(f"Invalid epsilon value: {eps}")
+    if ns_precision not in NS_PRECISIONS:
+        raise ValueError(f"ns_precision must be 'native' or 'bfloat16', got {ns_precision!r}")
+    if radius not in RADII:
+        raise ValueError(f"radius must be 'fixed' or 'adaptive', got {radius!r}")
+    if not (0.0 <= L0 < math.inf and 0.0 <= L1 < math.inf and L0 + L1 > 0):
+        raise ValueError(
+            f"L0 and L1 must be finite and >= 0 with L0 + L1 > 0, got L0={L0}, L1={L1}"
+        )
+    if len(adamw_betas) != 2:
+        raise ValueError(f"adamw_betas must be a pair (beta1, beta2), got {adamw_betas!r}")
+    beta1, beta2 = adamw_betas
+    if not 0.0 <= beta1 < 1.0:
+        raise ValueError(f"Invalid beta parameter at index 0: {beta1}")
+    if not 0.0 <= beta2 < 1.0:
+        raise ValueError(f"Invalid beta parameter at index 1: {beta2}")
+    if not 0.0 <= adamw_eps or not math.isfinite(adamw_eps):
+        raise ValueError(f"Invalid epsilon value: {adamw_eps}")
+
+
+def check_optimizer_options(nonfinite, smoothness_beta, adamw_lr, lr) -> None:
+    """The options of DropMuon that are not per group."""
+    if nonfinite not in NONFINITE_MODES:
+        raise ValueError(f"nonfinite must be 'raise' or 'skip', got {nonfinite!r}")
+    if not 0.0 <= smoothness_beta < 1.0:
+        raise ValueError(f"smoothness_beta must be in [0, 1), got {smoothness_beta!r}")
+    if adamw_lr is not None and not 0.0 <= adamw_lr < math.inf:
+        raise ValueError(f"Invalid learning rate: {adamw_lr}")
+    if adamw_lr is not None and float(lr) == 0.0 and adamw_lr != 0.0:
+        raise ValueError("adamw_lr is kept as a ratio to lr, which needs lr > 0")
+
+
+def check_group(group) -> ops.NewtonSchulzSchedule:
+    """A group's hyperparameters (a group may override the defaults), checked at construction and
+    again at each step; returns its resolved Newton-Schulz schedule."""
+    check_hyperparameters(
+        group["lr"],
+        group["weight_decay"],
+        group["momentum"],
+        group["eps"],
+        group["adjust_lr_fn"],
+        group["ns_precision"],
+        group["radius"],
+        group["L0"],
+        group["L1"],
+        group["betas"],
+        group["adamw_eps"],
+    )
+    return ops.ns_schedule(group["ns_coefficients"], group["ns_steps"])
+
+
+def check_group_norm(group) -> None:
+    """A group's ``"norm"``: ``"auto"`` or one of the norms (checked at construction)."""
+    if group["norm"] != "auto":
+        check_norms({"matrix": group["norm"]}, "sign")
+
+
+def check_param(p: Tensor, name: str, norm: str) -> None:
+    """Rejects, at construction, a parameter no norm can update (see DropMuon's docstring)."""
+    if torch.is_complex(p):
+        raise ValueError(
+            f"DropMuon does not support complex parameters ({name}, {p.dtype}): keep "
+            "it out of the optimizer (requires_grad=False, or leave it out of the "
+            "param groups) or store it as torch.view_as_real"
+        )
+    if p.layout != torch.strided:
+        raise ValueError(f"DropMuon does not support {p.layout} parameters ({name})")
+    if norm != "adamw" and p.dtype not in SUPPORTED_DTYPES:
+        raise ValueError(
+            f"DropMuon's {norm} update supports float32, float64 and bfloat16 "
+            f"parameters; {name} is {p.dtype} (cast the model, or put it on "
+            "fallback='adamw' if it is a vector)"
+        )
+
+
+def check_grad(p: Tensor, name: str) -> None:
+    """A gradient the update can use, checked before anything is modified."""
+    if p.grad.is_sparse:
+        raise RuntimeError(
+            f"DropMuon does not support sparse gradients ({name}); use a dense embedding "
+            "(sparse=False) or put that parameter on another optimizer"
+        )
+    if p.grad.shape != p.shape or p.grad.dtype != p.dtype or p.grad.device != p.device:
+        raise RuntimeError(
+            f"the gradient of {name} is {p.grad.dtype} {tuple(p.grad.shape)} on {p.grad.device}, "
+            f"the parameter {p.dtype} {tuple(p.shape)} on {p.device}: they must match"
+        )
+
+
+def nonfinite_params(params: list[Tensor]) -> list[bool]:
+    """Which of the parameters have a NaN or Inf in their gradient (one device sync for all)."""
+    if not params:
+        return []
+    # A sum is NaN/Inf when an element is, and costs a fraction of isfinite().all(); it can
+    # also overflow on finite values, so a non-finite sum is confirmed element by element.
+    sums = torch.stack([p.grad.sum(dtype=torch.float32).cpu() for p in params]).tolist()
+    return [
+        not math.isfinite(total) and not bool(torch.isfinite(p.grad).all())
+        for p, total in zip(params, sums)
+    ]

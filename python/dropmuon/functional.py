@@ -1,0 +1,100 @@
+"""The step math of DropMuon, as plain functions: the optimizer orchestrates, these compute.
+
+- :func:`update_arguments`: the keyword arguments of :func:`dropmuon.ops.muon_update_` for a
+  param group's parameters on one norm. The optimizer, the tests and the GPU benchmark all
+  build their kernel calls from it.
+- :func:`buckets`: the active parameters gathered into fused calls (same shape, dtype, device
+  and arguments share one call).
+- :func:`sharp_update_`: one fused call over a bucket, with the momentum buffers it needs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from . import ops
+
+
+def update_arguments(group: dict, norm: str, schedule: ops.NewtonSchulzSchedule) -> dict:
+    """``ops.muon_update_``'s keywords for the parameters of ``group`` on ``norm`` (any norm
+    but ``"adamw"``), with the group's resolved Newton-Schulz ``schedule``. The lr adjustment
+    (``adjust_lr_fn``) applies to spectral updates only; other norms use lr as is."""
+    adjust = group["adjust_lr_fn"] or "original"
+    return dict(
+        lr=float(group["lr"]),
+        weight_decay=group["weight_decay"],
+        momentum=group["momentum"],
+        nesterov=group["nesterov"],
+        norm=norm,
+        schedule=schedule,
+        eps=group["eps"],
+        adjust_lr_fn=adjust if norm == "spectral" else "none",
+        ns_precision=group["ns_precision"],
+        radius=group["radius"],
+        L0=group["L0"],
+        L1=group["L1"],
+    )
+
+
+@dataclass
+class Bucket:
+    """Parameters updated by one call: a fused sharp update (``arguments`` from
+    :func:`update_arguments`), or AdamW (``norm == "adamw"``, one group, ``arguments`` None)."""
+
+    group: dict
+    norm: str
+    arguments: dict | None
+    params: list[Tensor] = field(default_factory=list)
+
+
+def buckets(
+    active: Iterable[tuple[dict, str, Tensor]], schedules: dict[int, ops.NewtonSchulzSchedule]
+) -> list[Bucket]:
+    """Gathers ``(group, norm, param)`` entries into calls: tensors of the same shape, dtype and
+    device whose update arguments are equal share one (whatever their groups); AdamW
+    parameters are bucketed by group. ``schedules`` maps ``id(group)`` to its schedule."""
+    arguments_of: dict[tuple[int, str], dict] = {}
+    found: dict[tuple, Bucket] = {}
+    for group, norm, p in active:
+        if norm == "adamw":
+            key, arguments = ("adamw", id(group)), None
+        else:
+            arguments = arguments_of.get((id(group), norm))
+            if arguments is None:
+                arguments = update_arguments(group, norm, schedules[id(group)])
+                arguments_of[(id(group), norm)] = arguments
+            key = (tuple(p.shape), p.dtype, p.device, *arguments.values())
+        bucket = found.get(key)
+        if bucket is None:
+            bucket = found[key] = Bucket(group, norm, arguments)
+        bucket.params.append(p)
+    return list(found.values())
+
+
+def momentum_buffer(state: dict, p: Tensor) -> Tensor:
+    """``state["momentum_buffer"]`` of ``p``, made on first use. Row-major whatever p's layout:
+    the kernels update (rows x cols) matrices in place, and a channels_last buffer would not be
+    one."""
+    if "momentum_buffer" not in state:
+        state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
+    elif not state["momentum_buffer"].is_contiguous():  # e.g. from an older checkpoint
+        state["momentum_buffer"] = state["momentum_buffer"].contiguous()
+    return state["momentum_buffer"]
+
+
+def sharp_update_(params: list[Tensor], state, arguments: dict) -> None:
+    """One fused update of same-shape parameters in place from their ``.grad``, with their
+    momentum buffers in ``state`` (the optimizer's per-parameter state)."""
+    grads = [p.grad for p in params]
+    bufs = [momentum_buffer(state[p], p) for p in params]
+    # Parameters stored otherwise (channels_last conv kernels, transposed views) are updated
+    # through a row-major copy that is written back.
+    work = [p if p.is_contiguous() else p.contiguous() for p in params]
+    ops.muon_update_(work, grads, bufs, **arguments)
+    for p, w in zip(params, work):
+        if w is not p:
+            p.copy_(w)
