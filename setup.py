@@ -35,7 +35,15 @@ core_library = (
     {
         "sources": sources("csrc/core/*.c"),
         "include_dirs": ["csrc/include", "csrc/core"],
-        "cflags": ["-std=c11", "-O3", "-fPIC", "-ffp-contract=off", "-Wall", "-Wextra"],
+        "cflags": [
+            "-std=c11",
+            "-O3",
+            "-fPIC",
+            "-ffp-contract=off",
+            "-fvisibility=hidden",  # only dropmuon.h's DM_API functions leave the extension
+            "-Wall",
+            "-Wextra",
+        ],
     },
 )
 
@@ -79,11 +87,14 @@ setup(
     description="Drop-Muon: Muon-style layer-wise updates with randomized backprop truncation",
     package_dir={"": "python"},
     packages=find_packages("python"),
-    package_data={"dropmuon": ["datasets/mnist-10k/*"]},
+    package_data={"dropmuon.compare": ["datasets/mnist-10k/*"]},
     libraries=[core_library],
     ext_modules=[extension],
     cmdclass={"build_ext": BuildExtension},
     python_requires=">=3.10",
-    install_requires=["torch>=2.9", "numpy", "tqdm", "matplotlib"],
-    entry_points={"console_scripts": ["dropmuon-compare=dropmuon.compare:main"]},
+    install_requires=["torch>=2.9"],  # the library needs torch alone
+    # The comparison harness (pip install dropmuon[compare]): plots, progress bars, and numpy,
+    # which no module imports but unpickling the cifar10 batches (numpy arrays) does.
+    extras_require={"compare": ["matplotlib", "tqdm", "numpy"]},
+    entry_points={"console_scripts": ["dropmuon-compare=dropmuon.compare.cli:main"]},
 )

@@ -8,7 +8,7 @@
 /* out = sum over k < n of TERM(k), in double, over eight lanes: a single accumulator would
  * serialise on the add latency (FP adds may not be reordered without -ffast-math); lanes in an
  * array vectorise, and the order of additions is the same for every compiled version. */
-#define DM_REDUCE(n, TERM, out)                                                                    \
+#define DMI_REDUCE(n, TERM, out)                                                                   \
     do {                                                                                           \
         double lane_[8] = {0, 0, 0, 0, 0, 0, 0, 0}, tail_ = 0;                                     \
         size_t k_ = 0;                                                                             \
@@ -22,24 +22,24 @@
 /* Scaled copies multiply in double: the scale (an inverse norm) need not fit a float, and the
  * result is then rounded once. Unscaled copies stay in CT. */
 #define DEFINE_CONVERT(S, D, CT)                                                                   \
-    DM_VECTORIZE static void convert_##S##_##D(const void *src, void *dst, size_t n,               \
-                                               double scale) {                                     \
+    DMI_VECTORIZE static void convert_##S##_##D(const void *src, void *dst, size_t n,              \
+                                                double scale) {                                    \
         if (scale == 1.0) {                                                                        \
             for (size_t k = 0; k < n; ++k) STORE_##D(dst, k, (CT)LOAD_##S(src, k));                \
             return;                                                                                \
         }                                                                                          \
         for (size_t k = 0; k < n; ++k) STORE_##D(dst, k, (double)LOAD_##S(src, k) * scale);        \
     }                                                                                              \
-    DM_VECTORIZE static void transpose_##S##_##D(const void *src, int64_t src_ld, void *dst,       \
-                                                 int64_t dst_ld, int64_t rows, int64_t cols,       \
-                                                 double scale) {                                   \
-        DM_FOR_TILED(rows, cols, i, j) {                                                           \
+    DMI_VECTORIZE static void transpose_##S##_##D(const void *src, int64_t src_ld, void *dst,      \
+                                                  int64_t dst_ld, int64_t rows, int64_t cols,      \
+                                                  double scale) {                                  \
+        DMI_FOR_TILED(rows, cols, i, j) {                                                          \
             STORE_##D(dst, j * dst_ld + i, (double)LOAD_##S(src, i * src_ld + j) * scale);         \
         }                                                                                          \
     }                                                                                              \
-    DM_VECTORIZE static double dot_##S##_##D(const void *x, const void *y, size_t n) {             \
+    DMI_VECTORIZE static double dot_##S##_##D(const void *x, const void *y, size_t n) {            \
         double acc;                                                                                \
-        DM_REDUCE(n, DOT_TERM_##S##_##D, acc);                                                     \
+        DMI_REDUCE(n, DOT_TERM_##S##_##D, acc);                                                    \
         return acc;                                                                                \
     }
 
@@ -84,45 +84,45 @@ DEFINE_CONVERT(bf16, bf16, float)
 typedef struct pair_job {
     const void *x;
     dm_dtype x_dtype;
-    const void *y; /* dm_dot's second operand */
+    const void *y; /* dmi_dot's second operand */
     dm_dtype y_dtype;
     void *dst;
     dm_dtype dst_dtype;
-    int64_t x_ld, dst_ld, cols; /* dm_convert_transposed */
+    int64_t x_ld, dst_ld, cols; /* dmi_convert_transposed */
     double scale;
 } pair_job;
 
-static inline const void *dm_offset(const void *base, dm_dtype dtype, int64_t k) {
-    return (const unsigned char *)base + (size_t)k * dm_dtype_size(dtype);
+static inline const void *element_at(const void *base, dm_dtype dtype, int64_t k) {
+    return (const unsigned char *)base + (size_t)k * dmi_dtype_size(dtype);
 }
 
 static void convert_range(void *arg, int64_t begin, int64_t end) {
     const pair_job *job = arg;
     DISPATCH_PAIR(convert, job->x_dtype, job->dst_dtype,
-                  (dm_offset(job->x, job->x_dtype, begin),
-                   (void *)dm_offset(job->dst, job->dst_dtype, begin), (size_t)(end - begin),
+                  (element_at(job->x, job->x_dtype, begin),
+                   (void *)element_at(job->dst, job->dst_dtype, begin), (size_t)(end - begin),
                    job->scale), )
 }
 
-void dm_convert(const dm_gemm_provider *threads, const void *src, dm_dtype src_dtype, void *dst,
-                dm_dtype dst_dtype, size_t n, double scale) {
+void dmi_convert(const dm_gemm_provider *threads, const void *src, dm_dtype src_dtype, void *dst,
+                 dm_dtype dst_dtype, size_t n, double scale) {
     const pair_job job = {
         .x = src, .x_dtype = src_dtype, .dst = dst, .dst_dtype = dst_dtype, .scale = scale};
-    dm_parallel_for(threads, (int64_t)n, DM_PARALLEL_GRAIN, convert_range, (void *)&job);
+    dmi_parallel_for(threads, (int64_t)n, DMI_PARALLEL_GRAIN, convert_range, (void *)&job);
 }
 
 /* Source rows [begin, end): destination columns [begin, end). */
 static void transpose_range(void *arg, int64_t begin, int64_t end) {
     const pair_job *job = arg;
     DISPATCH_PAIR(transpose, job->x_dtype, job->dst_dtype,
-                  (dm_offset(job->x, job->x_dtype, begin * job->x_ld), job->x_ld,
-                   (void *)dm_offset(job->dst, job->dst_dtype, begin), job->dst_ld, end - begin,
+                  (element_at(job->x, job->x_dtype, begin * job->x_ld), job->x_ld,
+                   (void *)element_at(job->dst, job->dst_dtype, begin), job->dst_ld, end - begin,
                    job->cols, job->scale), )
 }
 
-void dm_convert_transposed(const dm_gemm_provider *threads, const void *src, dm_dtype src_dtype,
-                           int64_t src_ld, void *dst, dm_dtype dst_dtype, int64_t dst_ld,
-                           int64_t rows, int64_t cols, double scale) {
+void dmi_convert_transposed(const dm_gemm_provider *threads, const void *src, dm_dtype src_dtype,
+                            int64_t src_ld, void *dst, dm_dtype dst_dtype, int64_t dst_ld,
+                            int64_t rows, int64_t cols, double scale) {
     const pair_job job = {.x = src,
                           .x_dtype = src_dtype,
                           .dst = dst,
@@ -131,23 +131,23 @@ void dm_convert_transposed(const dm_gemm_provider *threads, const void *src, dm_
                           .dst_ld = dst_ld,
                           .cols = cols,
                           .scale = scale};
-    dm_parallel_for(threads, rows, dm_row_grain(cols), transpose_range, (void *)&job);
+    dmi_parallel_for(threads, rows, dmi_row_grain(cols), transpose_range, (void *)&job);
 }
 
 static double dot_chunk(void *arg, size_t begin, size_t end) {
     const pair_job *job = arg;
     double result = NAN;
     DISPATCH_PAIR(dot, job->x_dtype, job->y_dtype,
-                  (dm_offset(job->x, job->x_dtype, (int64_t)begin),
-                   dm_offset(job->y, job->y_dtype, (int64_t)begin), end - begin),
+                  (element_at(job->x, job->x_dtype, (int64_t)begin),
+                   element_at(job->y, job->y_dtype, (int64_t)begin), end - begin),
                   result =)
     return result;
 }
 
-double dm_dot(const dm_gemm_provider *threads, const void *x, dm_dtype x_dtype, const void *y,
-              dm_dtype y_dtype, size_t n) {
+double dmi_dot(const dm_gemm_provider *threads, const void *x, dm_dtype x_dtype, const void *y,
+               dm_dtype y_dtype, size_t n) {
     pair_job job = {.x = x, .x_dtype = x_dtype, .y = y, .y_dtype = y_dtype};
-    return dm_parallel_sum(threads, n, dot_chunk, &job);
+    return dmi_parallel_sum(threads, n, dot_chunk, &job);
 }
 
 #define SQUARE_f32(k) ((double)LOAD_f32(x, k) * (double)LOAD_f32(x, k))
@@ -156,36 +156,36 @@ double dm_dot(const dm_gemm_provider *threads, const void *x, dm_dtype x_dtype, 
 #define ABS_f64(k) fabs(LOAD_f64(x, k))
 
 /* The compute types only: float32 or float64. */
-DM_VECTORIZE static double sum_squares(const void *x, dm_dtype dtype, size_t n) {
+DMI_VECTORIZE static double sum_squares(const void *x, dm_dtype dtype, size_t n) {
     double acc;
     if (dtype == DM_FLOAT64)
-        DM_REDUCE(n, SQUARE_f64, acc);
+        DMI_REDUCE(n, SQUARE_f64, acc);
     else
-        DM_REDUCE(n, SQUARE_f32, acc);
+        DMI_REDUCE(n, SQUARE_f32, acc);
     return acc;
 }
 
 static double sum_squares_chunk(void *arg, size_t begin, size_t end) {
     const pair_job *job = arg;
-    return sum_squares(dm_offset(job->x, job->x_dtype, (int64_t)begin), job->x_dtype, end - begin);
+    return sum_squares(element_at(job->x, job->x_dtype, (int64_t)begin), job->x_dtype, end - begin);
 }
 
-double dm_sum_squares(const dm_gemm_provider *threads, const void *x, dm_dtype dtype, size_t n) {
+double dmi_sum_squares(const dm_gemm_provider *threads, const void *x, dm_dtype dtype, size_t n) {
     pair_job job = {.x = x, .x_dtype = dtype};
-    return dm_parallel_sum(threads, n, sum_squares_chunk, &job);
+    return dmi_parallel_sum(threads, n, sum_squares_chunk, &job);
 }
 
-DM_VECTORIZE double dm_sum_abs(const void *x, dm_dtype dtype, size_t n) {
+DMI_VECTORIZE static double sum_abs(const void *x, dm_dtype dtype, size_t n) {
     double acc;
     if (dtype == DM_FLOAT64)
-        DM_REDUCE(n, ABS_f64, acc);
+        DMI_REDUCE(n, ABS_f64, acc);
     else
-        DM_REDUCE(n, ABS_f32, acc);
+        DMI_REDUCE(n, ABS_f32, acc);
     return acc;
 }
 
-DM_VECTORIZE void dm_column_sum_squares(const void *x, dm_dtype dtype, int64_t rows, int64_t cols,
-                                        double *acc) {
+DMI_VECTORIZE static void column_sum_squares(const void *x, dm_dtype dtype, int64_t rows,
+                                             int64_t cols, double *acc) {
     for (int64_t j = 0; j < cols; ++j) acc[j] = 0.0;
     for (int64_t i = 0; i < rows; ++i) {
         if (dtype == DM_FLOAT64) {
@@ -198,8 +198,8 @@ DM_VECTORIZE void dm_column_sum_squares(const void *x, dm_dtype dtype, int64_t r
     }
 }
 
-DM_VECTORIZE static void bf16_divide(uint16_t *x, size_t n, float d) {
-    for (size_t k = 0; k < n; ++k) x[k] = d > 0.0f ? dm_f32_to_bf16(dm_bf16_to_f32(x[k]) / d) : 0;
+DMI_VECTORIZE static void bf16_divide(uint16_t *x, size_t n, float d) {
+    for (size_t k = 0; k < n; ++k) x[k] = d > 0.0f ? dmi_f32_to_bf16(dmi_bf16_to_f32(x[k]) / d) : 0;
 }
 
 typedef struct divide_job {
@@ -212,12 +212,12 @@ static void divide_range(void *arg, int64_t begin, int64_t end) {
     bf16_divide(job->x + begin, (size_t)(end - begin), job->d);
 }
 
-void dm_bf16_divide(const dm_gemm_provider *threads, uint16_t *x, size_t n, float d) {
+void dmi_bf16_divide(const dm_gemm_provider *threads, uint16_t *x, size_t n, float d) {
     divide_job job = {x, d};
-    dm_parallel_for(threads, (int64_t)n, DM_PARALLEL_GRAIN, divide_range, &job);
+    dmi_parallel_for(threads, (int64_t)n, DMI_PARALLEL_GRAIN, divide_range, &job);
 }
 
-DM_VECTORIZE double dm_sum_squares_bf16(const uint16_t *x, size_t n) {
+DMI_VECTORIZE static double sum_squares_bf16(const uint16_t *x, size_t n) {
     enum { LANES = 16, BLOCK = 4096 };
     double total = 0.0;
     for (size_t start = 0; start < n; start += BLOCK) {
@@ -226,13 +226,25 @@ DM_VECTORIZE double dm_sum_squares_bf16(const uint16_t *x, size_t n) {
         size_t k = start;
         for (; k + LANES <= end; k += LANES)
             for (size_t l = 0; l < LANES; ++l) {
-                const float v = dm_bf16_to_f32(x[k + l]);
+                const float v = dmi_bf16_to_f32(x[k + l]);
                 lane[l] += v * v;
             }
         double block = 0.0;
-        for (; k < end; ++k) block += (double)dm_bf16_to_f32(x[k]) * dm_bf16_to_f32(x[k]);
+        for (; k < end; ++k) block += (double)dmi_bf16_to_f32(x[k]) * dmi_bf16_to_f32(x[k]);
         for (size_t l = 0; l < LANES; ++l) block += lane[l];
         total += block;
     }
     return total;
 }
+
+/* The multi-versioned functions above are static, and these plain wrappers are what the other
+ * files call: the ifunc symbol of a non-static target_clones function keeps default visibility
+ * whatever -fvisibility says (GCC 12, clang 14), which would export it from a shared build. */
+double dmi_sum_abs(const void *x, dm_dtype dtype, size_t n) { return sum_abs(x, dtype, n); }
+
+void dmi_column_sum_squares(const void *x, dm_dtype dtype, int64_t rows, int64_t cols,
+                            double *acc) {
+    column_sum_squares(x, dtype, rows, cols, acc);
+}
+
+double dmi_sum_squares_bf16(const uint16_t *x, size_t n) { return sum_squares_bf16(x, n); }

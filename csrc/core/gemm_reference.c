@@ -47,10 +47,10 @@ static void gemm_bf16(int trans_a, int trans_b, int64_t m, int64_t n, int64_t k,
         for (int64_t j = 0; j < n; ++j) {
             float acc = 0.0f;
             for (int64_t l = 0; l < k; ++l)
-                acc += dm_bf16_to_f32(trans_a ? a[l * lda + i] : a[i * lda + l]) *
-                       dm_bf16_to_f32(trans_b ? b[j * ldb + l] : b[l * ldb + j]);
-            const float old = beta == 0.0f ? 0.0f : beta * dm_bf16_to_f32(c_in[i * ldc + j]);
-            c[i * ldc + j] = dm_f32_to_bf16(alpha * acc + old);
+                acc += dmi_bf16_to_f32(trans_a ? a[l * lda + i] : a[i * lda + l]) *
+                       dmi_bf16_to_f32(trans_b ? b[j * ldb + l] : b[l * ldb + j]);
+            const float old = beta == 0.0f ? 0.0f : beta * dmi_bf16_to_f32(c_in[i * ldc + j]);
+            c[i * ldc + j] = dmi_f32_to_bf16(alpha * acc + old);
         }
 }
 
@@ -61,7 +61,7 @@ dm_status dm_gemm_reference(void *ctx, dm_dtype dtype, int trans_a, int trans_b,
                             int64_t stride_c) {
     (void)ctx;
     if (batch < 0 || m < 0 || n < 0 || k < 0) return DM_ERR_SHAPE;
-    if (!dm_dtype_valid(dtype)) return DM_ERR_DTYPE;
+    if (!dmi_dtype_valid(dtype)) return DM_ERR_DTYPE;
     if (batch == 0 || m == 0 || n == 0) return DM_OK;
     if (!a || !b || !c || (beta != 0.0 && !c_in)) return DM_ERR_INVALID_ARG;
     if (beta == 0.0) c_in = c; /* not read */

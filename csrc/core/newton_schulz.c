@@ -1,4 +1,4 @@
-/* newton_schulz.c - the spectral sharp operator's iteration (notes section 4).
+/* newton_schulz.c - the spectral sharp operator's iteration (docs/method.md section 4).
  *
  * Each step j maps X (p x q, p <= q, already divided by its norm) to
  *     X <- a_j X + (b_j A + c_j A^2) X,   A = X X^T,
@@ -20,7 +20,7 @@ const double dm_polar_express_coefficients[DM_POLAR_EXPRESS_STEPS * 3] = {
     2.3465, -1.7098,  0.4232,
 };
 
-dm_status dm_ns_check_config(const dm_sharp_config *config) {
+dm_status dmi_ns_check_config(const dm_sharp_config *config) {
     if (config->ns_steps < 0) return DM_ERR_INVALID_ARG;
     if (config->ns_steps > 0 && config->ns_coefficients == NULL) return DM_ERR_INVALID_ARG;
     for (int64_t j = 0; j < 3 * config->ns_steps; ++j)
@@ -31,8 +31,8 @@ dm_status dm_ns_check_config(const dm_sharp_config *config) {
 }
 
 /* P = b A + a I for rows consecutive rows of p x p matrices (float32 or float64). */
-DM_VECTORIZE static void polynomial_base(dm_dtype dtype, int64_t rows, int64_t p, const void *a_mat,
-                                         void *p_mat, double a, double b) {
+DMI_VECTORIZE static void polynomial_base(dm_dtype dtype, int64_t rows, int64_t p,
+                                          const void *a_mat, void *p_mat, double a, double b) {
     for (int64_t r = 0; r < rows; ++r) {
         const int64_t diagonal = r % p;
         if (dtype == DM_FLOAT64) {
@@ -50,13 +50,14 @@ DM_VECTORIZE static void polynomial_base(dm_dtype dtype, int64_t rows, int64_t p
     }
 }
 
-dm_status dm_ns_iterate(const dm_sharp_config *config, dm_dtype iteration, int64_t batch, int64_t p,
-                        int64_t q, void *scratch, void **result, const dm_gemm_provider *gemm) {
-    const size_t elem = dm_dtype_size(iteration);
+dm_status dmi_ns_iterate(const dm_sharp_config *config, dm_dtype iteration, int64_t batch,
+                         int64_t p, int64_t q, void *scratch, void **result,
+                         const dm_gemm_provider *gemm) {
+    const size_t elem = dmi_dtype_size(iteration);
     const int64_t pq = p * q, pp = p * p;
     const size_t x_bytes = (size_t)batch * (size_t)pq * elem, a_bytes = (size_t)batch * pp * elem;
-    unsigned char *x = scratch, *x_next = x + dm_align_up(x_bytes);
-    unsigned char *a_mat = x_next + dm_align_up(x_bytes), *p_mat = a_mat + dm_align_up(a_bytes);
+    unsigned char *x = scratch, *x_next = x + dmi_align_up(x_bytes);
+    unsigned char *a_mat = x_next + dmi_align_up(x_bytes), *p_mat = a_mat + dmi_align_up(a_bytes);
     dm_gemm_fn fn = gemm && gemm->gemm ? gemm->gemm : dm_gemm_reference;
     void *ctx = gemm ? gemm->ctx : NULL;
 

@@ -1,4 +1,4 @@
-/* sampler.c - which layers a Drop-Muon step updates (notes section 2 and 3).
+/* sampler.c - which layers a Drop-Muon step updates (docs/method.md sections 2 and 3).
  *
  * Every draw is a pure function of (config, step): Philox4x32-10 keyed by the seed with the step
  * as counter. There is no generator state to save, resume or broadcast. */
@@ -125,7 +125,7 @@ static double probability_at(const dm_sampler_config *config, double normaliser,
 dm_status dm_sampler_distribution(const dm_sampler_config *config, double *cutoff_probabilities) {
     double normaliser;
     layer_walk walk = kWalkStart;
-    DM_RETURN_IF_ERROR(prepare(config, &normaliser));
+    DMI_RETURN_IF_ERROR(prepare(config, &normaliser));
     if (!cutoff_probabilities) return DM_ERR_INVALID_ARG;
     for (int64_t i = 0; i < config->num_layers; ++i)
         cutoff_probabilities[i] = probability_at(config, normaliser, i, &walk);
@@ -136,7 +136,7 @@ dm_status dm_sample_layers(const dm_sampler_config *config, uint64_t step, uint8
                            int64_t *cutoff) {
     double normaliser;
     layer_walk walk = kWalkStart;
-    DM_RETURN_IF_ERROR(prepare(config, &normaliser));
+    DMI_RETURN_IF_ERROR(prepare(config, &normaliser));
     const int64_t n = config->num_layers;
     int64_t lowest = -1;
 

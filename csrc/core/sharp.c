@@ -1,18 +1,18 @@
-/* sharp.c - the sharp operators (notes section 4) on a workspace panel, and dm_sharp.
+/* sharp.c - the sharp operators (docs/method.md section 4) on a workspace panel, and dm_sharp.
  *
  * Every operator runs in three phases so that errors never leave partial results behind:
  * load (user memory -> panel in compute precision), measure (norms, which also reveal NaN/Inf),
  * then apply + store. dm_update (update.c) reuses the same panel with its own load and store. */
 #include "internal.h"
 
-dm_status dm_sharp_check_config(const dm_sharp_config *config) {
+dm_status dmi_sharp_check_config(const dm_sharp_config *config) {
     if (!config) return DM_ERR_INVALID_ARG;
     if (!isfinite(config->eps) || config->eps < 0.0) return DM_ERR_INVALID_ARG;
     switch (config->norm) {
     case DM_NORM_SPECTRAL:
         if (config->ns_precision != DM_NS_NATIVE && config->ns_precision != DM_NS_BFLOAT16)
             return DM_ERR_INVALID_ARG;
-        return dm_ns_check_config(config);
+        return dmi_ns_check_config(config);
     case DM_NORM_SIGN:
     case DM_NORM_COLUMN:
     case DM_NORM_ROW:
@@ -56,26 +56,26 @@ static void panel_shape(dm_norm norm, int64_t rows, int64_t cols, int *transpose
     *q = *transposed ? rows : cols;
 }
 
-dm_status dm_panel_workspace_size(const dm_sharp_config *config, dm_dtype dtype, int64_t batch,
-                                  int64_t rows, int64_t cols, size_t *bytes) {
+dm_status dmi_panel_workspace_size(const dm_sharp_config *config, dm_dtype dtype, int64_t batch,
+                                   int64_t rows, int64_t cols, size_t *bytes) {
     size_t elems, divisors, total = 0;
     int transposed;
     int64_t p, q;
     if (!bytes) return DM_ERR_INVALID_ARG;
-    DM_RETURN_IF_ERROR(dm_sharp_check_config(config));
-    if (!dm_dtype_valid(dtype)) return DM_ERR_DTYPE;
-    DM_RETURN_IF_ERROR(dm_check_sizes(batch, rows, cols, &elems));
+    DMI_RETURN_IF_ERROR(dmi_sharp_check_config(config));
+    if (!dmi_dtype_valid(dtype)) return DM_ERR_DTYPE;
+    DMI_RETURN_IF_ERROR(dmi_check_sizes(batch, rows, cols, &elems));
     panel_shape(config->norm, rows, cols, &transposed, &p, &q);
-    if (dm_mul_overflows((size_t)batch, (size_t)divisors_per_matrix(config->norm, rows, cols),
-                         &divisors))
+    if (dmi_mul_overflows((size_t)batch, (size_t)divisors_per_matrix(config->norm, rows, cols),
+                          &divisors))
         return DM_ERR_SHAPE;
-    DM_RETURN_IF_ERROR(dm_ws_add(&total, elems, dm_dtype_size(dm_compute_dtype(dtype))));
-    DM_RETURN_IF_ERROR(dm_ws_add(&total, divisors, sizeof(double)));
-    DM_RETURN_IF_ERROR(dm_ws_add(&total, (size_t)batch, sizeof(double)));
+    DMI_RETURN_IF_ERROR(dmi_ws_add(&total, elems, dmi_dtype_size(dmi_compute_dtype(dtype))));
+    DMI_RETURN_IF_ERROR(dmi_ws_add(&total, divisors, sizeof(double)));
+    DMI_RETURN_IF_ERROR(dmi_ws_add(&total, (size_t)batch, sizeof(double)));
     if (config->norm == DM_NORM_SPECTRAL) {
         size_t scratch;
-        DM_RETURN_IF_ERROR(dm_ns_scratch_bytes(
-            batch, p, q, dm_dtype_size(dm_ns_iteration_dtype(config, dtype)), &scratch));
+        DMI_RETURN_IF_ERROR(dmi_ns_scratch_bytes(
+            batch, p, q, dmi_dtype_size(dmi_ns_iteration_dtype(config, dtype)), &scratch));
         if (total > SIZE_MAX - scratch) return DM_ERR_SHAPE;
         total += scratch;
     }
@@ -83,46 +83,46 @@ dm_status dm_panel_workspace_size(const dm_sharp_config *config, dm_dtype dtype,
     return DM_OK;
 }
 
-void dm_panel_init(dm_panel *panel, const dm_sharp_config *config, dm_dtype dtype, int64_t batch,
-                   int64_t rows, int64_t cols, void *workspace, const dm_gemm_provider *provider) {
+void dmi_panel_init(dmi_panel *panel, const dm_sharp_config *config, dm_dtype dtype, int64_t batch,
+                    int64_t rows, int64_t cols, void *workspace, const dm_gemm_provider *provider) {
     unsigned char *cursor = workspace;
     panel->provider = provider;
     panel->norm = config->norm;
-    panel->compute = dm_compute_dtype(dtype);
-    panel->iteration = dm_ns_iteration_dtype(config, dtype);
+    panel->compute = dmi_compute_dtype(dtype);
+    panel->iteration = dmi_ns_iteration_dtype(config, dtype);
     panel->batch = batch;
     panel->rows = rows;
     panel->cols = cols;
     panel_shape(config->norm, rows, cols, &panel->transposed, &panel->p, &panel->q);
-    panel->data = dm_ws_take(&cursor, (size_t)batch * (size_t)rows * (size_t)cols,
-                             dm_dtype_size(panel->compute));
+    panel->data = dmi_ws_take(&cursor, (size_t)batch * (size_t)rows * (size_t)cols,
+                              dmi_dtype_size(panel->compute));
     panel->scale =
-        dm_ws_take(&cursor, (size_t)batch * (size_t)divisors_per_matrix(config->norm, rows, cols),
-                   sizeof(double));
+        dmi_ws_take(&cursor, (size_t)batch * (size_t)divisors_per_matrix(config->norm, rows, cols),
+                    sizeof(double));
     panel->result = panel->data;
     panel->result_dtype = panel->compute;
-    panel->duals = dm_ws_take(&cursor, (size_t)batch, sizeof(double));
+    panel->duals = dmi_ws_take(&cursor, (size_t)batch, sizeof(double));
     panel->want_duals = 1;
     panel->ns_scratch = cursor;
 }
 
 /* Below this a double sum of squares may have lost digits to underflow (squares of float64
  * values under ~1e-154 are subnormal or zero). */
-#define DM_SUMSQ_SAFE_MIN 1e-280
+#define DMI_SUMSQ_SAFE_MIN 1e-280
 
 /* The l2 norm from a sum of squares. A NaN/Inf sum is told apart from an overflowing one, and
  * an overflowing or underflowing sum (possible for float64 data only) is recomputed with
  * max-abs scaling. The elements are x[k * stride], k < count, of a compute type. */
 static dm_status finish_norm(double sumsq, const void *x, dm_dtype dtype, size_t count,
                              size_t stride, double *norm) {
-    if (isfinite(sumsq) && (sumsq >= DM_SUMSQ_SAFE_MIN || sumsq == 0.0) &&
+    if (isfinite(sumsq) && (sumsq >= DMI_SUMSQ_SAFE_MIN || sumsq == 0.0) &&
         !(sumsq == 0.0 && dtype == DM_FLOAT64)) {
         *norm = sqrt(sumsq);
         return DM_OK;
     }
     double max_abs = 0.0, acc = 0.0;
     for (size_t k = 0; k < count; ++k) {
-        const double v = dm_load(x, dtype, k * stride);
+        const double v = dmi_load(x, dtype, k * stride);
         if (!isfinite(v)) return DM_ERR_NONFINITE;
         if (fabs(v) > max_abs) max_abs = fabs(v);
     }
@@ -131,7 +131,7 @@ static dm_status finish_norm(double sumsq, const void *x, dm_dtype dtype, size_t
         return DM_OK;
     }
     for (size_t k = 0; k < count; ++k) {
-        const double v = dm_load(x, dtype, k * stride) / max_abs;
+        const double v = dmi_load(x, dtype, k * stride) / max_abs;
         acc += v * v;
     }
     *norm = max_abs * sqrt(acc);
@@ -145,19 +145,19 @@ static double inverse_divisor(double norm, double scale, double offset, double e
     return divisor > 0.0 && isfinite(divisor) ? 1.0 / divisor : 0.0;
 }
 
-dm_status dm_panel_measure(dm_panel *panel, const dm_sharp_config *config) {
-    const size_t p = (size_t)panel->p, q = (size_t)panel->q, elem = dm_dtype_size(panel->compute);
+dm_status dmi_panel_measure(dmi_panel *panel, const dm_sharp_config *config) {
+    const size_t p = (size_t)panel->p, q = (size_t)panel->q, elem = dmi_dtype_size(panel->compute);
     const dm_dtype t = panel->compute;
     for (int64_t b = 0; b < panel->batch; ++b) {
-        const unsigned char *m = dm_panel_matrix(panel, panel->data, panel->compute, b);
+        const unsigned char *m = dmi_panel_matrix(panel, panel->data, panel->compute, b);
         double norm, dual = 0.0;
         switch (panel->norm) {
         case DM_NORM_SPECTRAL:
             if (panel->iteration == DM_BFLOAT16) break; /* normalised (and checked) in apply */
             /* fall through */
         case DM_NORM_FROBENIUS: {
-            const double sumsq = dm_sum_squares(panel->provider, m, t, p * q);
-            DM_RETURN_IF_ERROR(finish_norm(sumsq, m, t, p * q, 1, &norm));
+            const double sumsq = dmi_sum_squares(panel->provider, m, t, p * q);
+            DMI_RETURN_IF_ERROR(finish_norm(sumsq, m, t, p * q, 1, &norm));
             const int spectral = panel->norm == DM_NORM_SPECTRAL;
             const double inverse =
                 inverse_divisor(norm, spectral ? config->norm_scale : 1.0,
@@ -168,9 +168,9 @@ dm_status dm_panel_measure(dm_panel *panel, const dm_sharp_config *config) {
         }
         case DM_NORM_COLUMN: {
             double *inverse = panel->scale + (size_t)b * q;
-            dm_column_sum_squares(m, t, (int64_t)p, (int64_t)q, inverse);
+            dmi_column_sum_squares(m, t, (int64_t)p, (int64_t)q, inverse);
             for (size_t j = 0; j < q; ++j) {
-                DM_RETURN_IF_ERROR(finish_norm(inverse[j], m + j * elem, t, p, q, &norm));
+                DMI_RETURN_IF_ERROR(finish_norm(inverse[j], m + j * elem, t, p, q, &norm));
                 inverse[j] = inverse_divisor(norm, 1.0, 0.0, config->eps);
                 dual += norm * (norm * inverse[j]);
             }
@@ -179,16 +179,16 @@ dm_status dm_panel_measure(dm_panel *panel, const dm_sharp_config *config) {
         case DM_NORM_ROW:
             for (size_t i = 0; i < p; ++i) {
                 const unsigned char *row = m + i * q * elem;
-                const double sumsq = dm_sum_squares(NULL, row, t, q); /* short: one thread */
-                DM_RETURN_IF_ERROR(finish_norm(sumsq, row, t, q, 1, &norm));
+                const double sumsq = dmi_sum_squares(NULL, row, t, q); /* short: one thread */
+                DMI_RETURN_IF_ERROR(finish_norm(sumsq, row, t, q, 1, &norm));
                 panel->scale[(size_t)b * p + i] = inverse_divisor(norm, 1.0, 0.0, config->eps);
                 dual += norm * (norm * panel->scale[(size_t)b * p + i]);
             }
             break;
         case DM_NORM_SIGN:
             /* <M, sign(M)> = sum |M|, which also reveals NaN/Inf before anything is written. */
-            dual = dm_sum_abs(m, t, p * q);
-            if (!isfinite(dual)) DM_RETURN_IF_ERROR(finish_norm(dual, m, t, p * q, 1, &norm));
+            dual = dmi_sum_abs(m, t, p * q);
+            if (!isfinite(dual)) DMI_RETURN_IF_ERROR(finish_norm(dual, m, t, p * q, 1, &norm));
             break;
         }
         panel->duals[b] = dual;
@@ -198,7 +198,7 @@ dm_status dm_panel_measure(dm_panel *panel, const dm_sharp_config *config) {
 
 /* In place: sign, or multiplication by the divisor selected by (b, i, j) for the norm kind. */
 #define DEFINE_APPLY(T, SUFFIX)                                                                    \
-    DM_VECTORIZE static void apply_##SUFFIX(dm_panel *panel) {                                     \
+    DMI_VECTORIZE static void apply_##SUFFIX(dmi_panel *panel) {                                   \
         T *x = panel->data;                                                                        \
         const size_t p = (size_t)panel->p, q = (size_t)panel->q;                                   \
         for (size_t b = 0; b < (size_t)panel->batch; ++b) {                                        \
@@ -225,7 +225,7 @@ dm_status dm_panel_measure(dm_panel *panel, const dm_sharp_config *config) {
                 for (size_t k = 0; k < p * q; ++k) m[k] = (T)((double)m[k] * f);                   \
                 break;                                                                             \
             }                                                                                      \
-            case DM_NORM_SPECTRAL: break; /* see dm_panel_apply */                                 \
+            case DM_NORM_SPECTRAL: break; /* see dmi_panel_apply */                                \
             }                                                                                      \
         }                                                                                          \
     }
@@ -246,9 +246,9 @@ typedef struct round_job {
 /* Rounds a chunk, then sums its squares while it is still in cache. */
 static double round_and_sum_chunk(void *arg, size_t begin, size_t end) {
     const round_job *job = arg;
-    const unsigned char *src = (const unsigned char *)job->m + begin * dm_dtype_size(job->compute);
-    dm_convert(NULL, src, job->compute, job->x + begin, DM_BFLOAT16, end - begin, 1.0);
-    return dm_sum_squares_bf16(job->x + begin, end - begin);
+    const unsigned char *src = (const unsigned char *)job->m + begin * dmi_dtype_size(job->compute);
+    dmi_convert(NULL, src, job->compute, job->x + begin, DM_BFLOAT16, end - begin, 1.0);
+    return dmi_sum_squares_bf16(job->x + begin, end - begin);
 }
 
 static dm_status normalise_like_torch_bf16(const dm_gemm_provider *threads, const void *m,
@@ -256,17 +256,17 @@ static dm_status normalise_like_torch_bf16(const dm_gemm_provider *threads, cons
                                            const dm_sharp_config *config) {
     uint16_t *x = x0;
     round_job job = {m, compute, x};
-    const double sumsq = dm_parallel_sum(threads, n, round_and_sum_chunk, &job);
+    const double sumsq = dmi_parallel_sum(threads, n, round_and_sum_chunk, &job);
     if (!isfinite(sumsq)) return DM_ERR_NONFINITE;
-    const double norm = (double)dm_bf16_to_f32(dm_f32_to_bf16((float)sqrt(sumsq)));
+    const double norm = (double)dmi_bf16_to_f32(dmi_f32_to_bf16((float)sqrt(sumsq)));
     double divisor = config->norm_scale * norm + config->norm_offset;
     if (divisor < config->eps) divisor = config->eps;
-    const float d = dm_bf16_to_f32(dm_f32_to_bf16((float)divisor));
-    dm_bf16_divide(threads, x, n, d);
+    const float d = dmi_bf16_to_f32(dmi_f32_to_bf16((float)divisor));
+    dmi_bf16_divide(threads, x, n, d);
     return DM_OK;
 }
 
-dm_status dm_panel_apply(dm_panel *panel, const dm_sharp_config *config) {
+dm_status dmi_panel_apply(dmi_panel *panel, const dm_sharp_config *config) {
     if (panel->norm != DM_NORM_SPECTRAL) {
         if (panel->compute == DM_FLOAT64)
             apply_f64(panel);
@@ -277,72 +277,74 @@ dm_status dm_panel_apply(dm_panel *panel, const dm_sharp_config *config) {
     /* X0 = M / d enters the NS scratch in the iteration dtype; M stays in data for the duals. */
     const size_t per = (size_t)panel->p * (size_t)panel->q;
     for (int64_t b = 0; b < panel->batch; ++b) {
-        const void *m = dm_panel_matrix(panel, panel->data, panel->compute, b);
-        void *x0 = dm_panel_matrix(panel, panel->ns_scratch, panel->iteration, b);
+        const void *m = dmi_panel_matrix(panel, panel->data, panel->compute, b);
+        void *x0 = dmi_panel_matrix(panel, panel->ns_scratch, panel->iteration, b);
         if (panel->iteration == DM_BFLOAT16)
-            DM_RETURN_IF_ERROR(
+            DMI_RETURN_IF_ERROR(
                 normalise_like_torch_bf16(panel->provider, m, panel->compute, x0, per, config));
         else
-            dm_convert(panel->provider, m, panel->compute, x0, panel->iteration, per,
-                       panel->scale[b]);
+            dmi_convert(panel->provider, m, panel->compute, x0, panel->iteration, per,
+                        panel->scale[b]);
     }
-    DM_RETURN_IF_ERROR(dm_ns_iterate(config, panel->iteration, panel->batch, panel->p, panel->q,
-                                     panel->ns_scratch, &panel->result, panel->provider));
+    DMI_RETURN_IF_ERROR(dmi_ns_iterate(config, panel->iteration, panel->batch, panel->p, panel->q,
+                                       panel->ns_scratch, &panel->result, panel->provider));
     panel->result_dtype = panel->iteration;
     for (int64_t b = 0; panel->want_duals && b < panel->batch; ++b)
-        panel->duals[b] = dm_dot(
-            panel->provider, dm_panel_matrix(panel, panel->data, panel->compute, b), panel->compute,
-            dm_panel_matrix(panel, panel->result, panel->iteration, b), panel->iteration, per);
+        panel->duals[b] =
+            dmi_dot(panel->provider, dmi_panel_matrix(panel, panel->data, panel->compute, b),
+                    panel->compute, dmi_panel_matrix(panel, panel->result, panel->iteration, b),
+                    panel->iteration, per);
     return DM_OK;
 }
 
 /* Copies user matrix b (rows x cols, leading dimension ld) into the panel. */
-static void panel_load(dm_panel *panel, int64_t b, const void *matrix, dm_dtype dtype, int64_t ld) {
-    unsigned char *dst = dm_panel_matrix(panel, panel->data, panel->compute, b);
-    const size_t src_row = (size_t)ld * dm_dtype_size(dtype);
-    const size_t dst_row = (size_t)panel->q * dm_dtype_size(panel->compute);
+static void panel_load(dmi_panel *panel, int64_t b, const void *matrix, dm_dtype dtype,
+                       int64_t ld) {
+    unsigned char *dst = dmi_panel_matrix(panel, panel->data, panel->compute, b);
+    const size_t src_row = (size_t)ld * dmi_dtype_size(dtype);
+    const size_t dst_row = (size_t)panel->q * dmi_dtype_size(panel->compute);
     if (panel->transposed) {
-        dm_convert_transposed(panel->provider, matrix, dtype, ld, dst, panel->compute, panel->q,
-                              panel->rows, panel->cols, 1.0);
+        dmi_convert_transposed(panel->provider, matrix, dtype, ld, dst, panel->compute, panel->q,
+                               panel->rows, panel->cols, 1.0);
     } else if (ld == panel->cols) {
-        dm_convert(panel->provider, matrix, dtype, dst, panel->compute,
-                   (size_t)panel->rows * panel->cols, 1.0);
+        dmi_convert(panel->provider, matrix, dtype, dst, panel->compute,
+                    (size_t)panel->rows * panel->cols, 1.0);
     } else {
         for (int64_t i = 0; i < panel->rows; ++i)
-            dm_convert(NULL, (const unsigned char *)matrix + (size_t)i * src_row, dtype,
-                       dst + (size_t)i * dst_row, panel->compute, (size_t)panel->cols, 1.0);
+            dmi_convert(NULL, (const unsigned char *)matrix + (size_t)i * src_row, dtype,
+                        dst + (size_t)i * dst_row, panel->compute, (size_t)panel->cols, 1.0);
     }
 }
 
 /* Copies panel matrix b back into a user matrix (rows x cols, leading dimension ld). */
-static void panel_store(const dm_panel *panel, int64_t b, void *matrix, dm_dtype dtype,
+static void panel_store(const dmi_panel *panel, int64_t b, void *matrix, dm_dtype dtype,
                         int64_t ld) {
     const dm_dtype from = panel->result_dtype;
-    const unsigned char *src = dm_panel_matrix(panel, panel->result, from, b);
-    const size_t src_row = (size_t)panel->q * dm_dtype_size(from);
-    const size_t dst_row = (size_t)ld * dm_dtype_size(dtype);
+    const unsigned char *src = dmi_panel_matrix(panel, panel->result, from, b);
+    const size_t src_row = (size_t)panel->q * dmi_dtype_size(from);
+    const size_t dst_row = (size_t)ld * dmi_dtype_size(dtype);
     if (panel->transposed) {
-        dm_convert_transposed(panel->provider, src, from, panel->q, matrix, dtype, ld, panel->p,
-                              panel->q, 1.0);
+        dmi_convert_transposed(panel->provider, src, from, panel->q, matrix, dtype, ld, panel->p,
+                               panel->q, 1.0);
     } else if (ld == panel->cols) {
-        dm_convert(panel->provider, src, from, matrix, dtype, (size_t)panel->rows * panel->cols,
-                   1.0);
+        dmi_convert(panel->provider, src, from, matrix, dtype, (size_t)panel->rows * panel->cols,
+                    1.0);
     } else {
         for (int64_t i = 0; i < panel->rows; ++i)
-            dm_convert(NULL, src + (size_t)i * src_row, from,
-                       (unsigned char *)matrix + (size_t)i * dst_row, dtype, (size_t)panel->cols,
-                       1.0);
+            dmi_convert(NULL, src + (size_t)i * src_row, from,
+                        (unsigned char *)matrix + (size_t)i * dst_row, dtype, (size_t)panel->cols,
+                        1.0);
     }
 }
 
 /* Whether the spectral operator can read the inputs where they are: already in the panel's
  * layout (wide, compute dtype, no padding, the batch contiguous), which saves a copy. */
-static int spectral_reads_inputs_in_place(const dm_panel *panel, dm_dtype dtype,
+static int spectral_reads_inputs_in_place(const dmi_panel *panel, dm_dtype dtype,
                                           const void *const *inputs, int64_t ld) {
     if (panel->batch == 0 || panel->norm != DM_NORM_SPECTRAL || panel->transposed ||
         dtype != panel->compute || ld != panel->cols)
         return 0;
-    const size_t bytes = (size_t)panel->rows * (size_t)panel->cols * dm_dtype_size(dtype);
+    const size_t bytes = (size_t)panel->rows * (size_t)panel->cols * dmi_dtype_size(dtype);
     for (int64_t b = 1; b < panel->batch; ++b)
         if ((const unsigned char *)inputs[b] != (const unsigned char *)inputs[0] + b * bytes)
             return 0;
@@ -351,7 +353,7 @@ static int spectral_reads_inputs_in_place(const dm_panel *panel, dm_dtype dtype,
 
 dm_status dm_sharp_workspace_size(const dm_sharp_config *config, dm_dtype dtype, int64_t batch,
                                   int64_t rows, int64_t cols, size_t *bytes) {
-    return dm_panel_workspace_size(config, dtype, batch, rows, cols, bytes);
+    return dmi_panel_workspace_size(config, dtype, batch, rows, cols, bytes);
 }
 
 dm_status dm_sharp(const dm_sharp_config *config, dm_dtype dtype, int64_t batch, int64_t rows,
@@ -359,7 +361,7 @@ dm_status dm_sharp(const dm_sharp_config *config, dm_dtype dtype, int64_t batch,
                    int64_t out_ld, double *duals, void *workspace, size_t workspace_bytes,
                    const dm_gemm_provider *gemm) {
     size_t needed;
-    DM_RETURN_IF_ERROR(dm_sharp_workspace_size(config, dtype, batch, rows, cols, &needed));
+    DMI_RETURN_IF_ERROR(dm_sharp_workspace_size(config, dtype, batch, rows, cols, &needed));
     if (in_ld < cols || out_ld < cols) return DM_ERR_SHAPE;
     if (batch > 0 && (!inputs || !outputs)) return DM_ERR_INVALID_ARG;
     if (rows > 0 && cols > 0)
@@ -376,15 +378,15 @@ dm_status dm_sharp(const dm_sharp_config *config, dm_dtype dtype, int64_t batch,
         return DM_OK;
     }
     /* Every input is read before the first write, so outputs may alias inputs. */
-    dm_panel panel;
-    dm_panel_init(&panel, config, dtype, batch, rows, cols, workspace, gemm);
+    dmi_panel panel;
+    dmi_panel_init(&panel, config, dtype, batch, rows, cols, workspace, gemm);
     panel.want_duals = duals != NULL;
     if (spectral_reads_inputs_in_place(&panel, dtype, inputs, in_ld))
         panel.data = (void *)inputs[0]; /* only read: Newton-Schulz works in its scratch */
     else
         for (int64_t b = 0; b < batch; ++b) panel_load(&panel, b, inputs[b], dtype, in_ld);
-    DM_RETURN_IF_ERROR(dm_panel_measure(&panel, config));
-    DM_RETURN_IF_ERROR(dm_panel_apply(&panel, config));
+    DMI_RETURN_IF_ERROR(dmi_panel_measure(&panel, config));
+    DMI_RETURN_IF_ERROR(dmi_panel_apply(&panel, config));
     for (int64_t b = 0; b < batch; ++b) panel_store(&panel, b, outputs[b], dtype, out_ld);
     for (int64_t b = 0; duals && b < batch; ++b) duals[b] = panel.duals[b];
     return DM_OK;

@@ -12,7 +12,7 @@
 
 static dm_status check_update_config(const dm_update_config *config) {
     if (!config) return DM_ERR_INVALID_ARG;
-    DM_RETURN_IF_ERROR(dm_sharp_check_config(&config->sharp));
+    DMI_RETURN_IF_ERROR(dmi_sharp_check_config(&config->sharp));
     if (!isfinite(config->lr) || config->lr < 0.0) return DM_ERR_INVALID_ARG;
     if (!isfinite(config->weight_decay) || config->weight_decay < 0.0) return DM_ERR_INVALID_ARG;
     if (!(config->momentum >= 0.0 && config->momentum <= 1.0)) return DM_ERR_INVALID_ARG;
@@ -51,9 +51,9 @@ static double lr_ratio(dm_lr_adjust adjust, int64_t rows, int64_t cols) {
  * [r0, r1) of a matrix (one thread's band). Element k of a matrix (row-major, rows x cols) sits
  * at panel index k, or at (k % cols) * rows + k / cols when the panel holds the transpose. */
 #define DEFINE_UPDATE_PASSES(S, CT)                                                                \
-    DM_VECTORIZE static void directions_##S(const void *g, const void *buf, int64_t rows,          \
-                                            int64_t cols, int transposed, double mu, int nesterov, \
-                                            CT *panel, int64_t r0, int64_t r1) {                   \
+    DMI_VECTORIZE static void directions_##S(const void *g, const void *buf, int64_t rows,         \
+                                             int64_t cols, int transposed, double mu,              \
+                                             int nesterov, CT *panel, int64_t r0, int64_t r1) {    \
         const CT w = (CT)(1.0 - mu), mu_c = (CT)mu;                                                \
         if (!transposed) {                                                                         \
             for (size_t k = (size_t)(r0 * cols); k < (size_t)(r1 * cols); ++k) {                   \
@@ -63,15 +63,15 @@ static double lr_ratio(dm_lr_adjust adjust, int64_t rows, int64_t cols) {
             }                                                                                      \
             return;                                                                                \
         }                                                                                          \
-        DM_FOR_TILED_ROWS(r0, r1, cols, i, j) {                                                    \
+        DMI_FOR_TILED_ROWS(r0, r1, cols, i, j) {                                                   \
             const size_t k = (size_t)(i * cols + j);                                               \
             const CT gk = LOAD_##S(g, k), bk = LOAD_##S(buf, k);                                   \
             const CT m = ROUND_##S(LERP(CT, bk, gk, w));                                           \
             panel[j * rows + i] = nesterov ? LERP(CT, gk, m, mu_c) : m;                            \
         }                                                                                          \
     }                                                                                              \
-    DM_VECTORIZE static void momentum_##S(const void *g, void *buf, int64_t cols, double mu,       \
-                                          int64_t r0, int64_t r1) {                                \
+    DMI_VECTORIZE static void momentum_##S(const void *g, void *buf, int64_t cols, double mu,      \
+                                           int64_t r0, int64_t r1) {                               \
         const CT w = (CT)(1.0 - mu);                                                               \
         for (size_t k = (size_t)(r0 * cols); k < (size_t)(r1 * cols); ++k) {                       \
             const CT gk = LOAD_##S(g, k), bk = LOAD_##S(buf, k);                                   \
@@ -82,16 +82,16 @@ static double lr_ratio(dm_lr_adjust adjust, int64_t rows, int64_t cols) {
 /* Decay and step round separately, like torch's param.mul_(...).add_(...); the sharp result O
  * comes in the compute type, or in bfloat16 from bfloat16 iterates. */
 #define DEFINE_PARAMS_PASS(S, CT, O)                                                               \
-    DM_VECTORIZE static void params_##S##_##O(void *x, const void *o, int64_t rows, int64_t cols,  \
-                                              int transposed, double decay, double step,           \
-                                              int64_t r0, int64_t r1) {                            \
+    DMI_VECTORIZE static void params_##S##_##O(void *x, const void *o, int64_t rows, int64_t cols, \
+                                               int transposed, double decay, double step,          \
+                                               int64_t r0, int64_t r1) {                           \
         const CT decay_c = (CT)decay, step_c = (CT)step;                                           \
         if (!transposed) {                                                                         \
             for (size_t k = (size_t)(r0 * cols); k < (size_t)(r1 * cols); ++k)                     \
                 STORE_##S(x, k, ROUND_##S(LOAD_##S(x, k) * decay_c) - step_c * LOAD_##O(o, k));    \
             return;                                                                                \
         }                                                                                          \
-        DM_FOR_TILED_ROWS(r0, r1, cols, i, j) {                                                    \
+        DMI_FOR_TILED_ROWS(r0, r1, cols, i, j) {                                                   \
             const size_t k = (size_t)(i * cols + j), t = (size_t)(j * rows + i);                   \
             STORE_##S(x, k, ROUND_##S(LOAD_##S(x, k) * decay_c) - step_c * LOAD_##O(o, t));        \
         }                                                                                          \
@@ -167,8 +167,8 @@ static void params_range(void *arg, int64_t r0, int64_t r1) {
 
 dm_status dm_update_workspace_size(const dm_update_config *config, dm_dtype dtype, int64_t batch,
                                    int64_t rows, int64_t cols, size_t *bytes) {
-    DM_RETURN_IF_ERROR(check_update_config(config));
-    return dm_panel_workspace_size(&config->sharp, dtype, batch, rows, cols, bytes);
+    DMI_RETURN_IF_ERROR(check_update_config(config));
+    return dmi_panel_workspace_size(&config->sharp, dtype, batch, rows, cols, bytes);
 }
 
 dm_status dm_update(const dm_update_config *config, dm_dtype dtype, int64_t batch, int64_t rows,
@@ -176,7 +176,7 @@ dm_status dm_update(const dm_update_config *config, dm_dtype dtype, int64_t batc
                     void *const *momentum_buffers, double *duals, void *workspace,
                     size_t workspace_bytes, const dm_gemm_provider *gemm) {
     size_t needed;
-    DM_RETURN_IF_ERROR(dm_update_workspace_size(config, dtype, batch, rows, cols, &needed));
+    DMI_RETURN_IF_ERROR(dm_update_workspace_size(config, dtype, batch, rows, cols, &needed));
     if (batch > 0 && (!params || !grads || !momentum_buffers)) return DM_ERR_INVALID_ARG;
     if (rows > 0 && cols > 0)
         for (int64_t b = 0; b < batch; ++b)
@@ -189,12 +189,12 @@ dm_status dm_update(const dm_update_config *config, dm_dtype dtype, int64_t batc
     }
 
     const double mu = config->momentum;
-    dm_panel panel;
-    dm_panel_init(&panel, &config->sharp, dtype, batch, rows, cols, workspace, gemm);
+    dmi_panel panel;
+    dmi_panel_init(&panel, &config->sharp, dtype, batch, rows, cols, workspace, gemm);
     panel.want_duals = duals != NULL || config->radius == DM_RADIUS_ADAPTIVE;
 
     /* 1. Directions into the panel; user memory is only read. */
-    const int64_t grain = dm_row_grain(cols);
+    const int64_t grain = dmi_row_grain(cols);
     pass_job job = {.dtype = dtype,
                     .rows = rows,
                     .cols = cols,
@@ -204,19 +204,19 @@ dm_status dm_update(const dm_update_config *config, dm_dtype dtype, int64_t batc
     for (int64_t b = 0; b < batch; ++b) {
         job.g = grads[b];
         job.buf = momentum_buffers[b];
-        job.panel = dm_panel_matrix(&panel, panel.data, panel.compute, b);
-        dm_parallel_for(gemm, rows, grain, directions_range, &job);
+        job.panel = dmi_panel_matrix(&panel, panel.data, panel.compute, b);
+        dmi_parallel_for(gemm, rows, grain, directions_range, &job);
     }
     /* 2. NaN/Inf anywhere stops here, before the first write. */
-    DM_RETURN_IF_ERROR(dm_panel_measure(&panel, &config->sharp));
+    DMI_RETURN_IF_ERROR(dmi_panel_measure(&panel, &config->sharp));
 
     /* 3. The sharp operator (the products may fail: still nothing written), then momentum and
      *    parameters, which cannot fail. */
-    DM_RETURN_IF_ERROR(dm_panel_apply(&panel, &config->sharp));
+    DMI_RETURN_IF_ERROR(dmi_panel_apply(&panel, &config->sharp));
     for (int64_t b = 0; b < batch; ++b) {
         job.g = grads[b];
         job.buf = momentum_buffers[b];
-        dm_parallel_for(gemm, rows, grain, momentum_range, &job);
+        dmi_parallel_for(gemm, rows, grain, momentum_range, &job);
     }
 
     job.decay = 1.0 - config->lr * config->weight_decay;
@@ -229,8 +229,8 @@ dm_status dm_update(const dm_update_config *config, dm_dtype dtype, int64_t batc
                    : dual > 0.0 ? config->lr * dual / (config->radius_l0 + config->radius_l1 * dual)
                                 : 0.0;
         job.x = params[b];
-        job.o = dm_panel_matrix(&panel, panel.result, panel.result_dtype, b);
-        dm_parallel_for(gemm, rows, grain, params_range, &job);
+        job.o = dmi_panel_matrix(&panel, panel.result, panel.result_dtype, b);
+        dmi_parallel_for(gemm, rows, grain, params_range, &job);
         if (duals) duals[b] = dual;
     }
     return DM_OK;

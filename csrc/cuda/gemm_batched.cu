@@ -21,14 +21,14 @@
 
 namespace {
 
-template <typename T> struct dm_cuda_accumulator {
+template <typename T> struct dmi_cuda_accumulator {
     using type = float;
 };
-template <> struct dm_cuda_accumulator<double> {
+template <> struct dmi_cuda_accumulator<double> {
     using type = double;
 };
 
-template <typename Acc> struct dm_cuda_gemm_params {
+template <typename Acc> struct dmi_cuda_gemm_params {
     int64_t batch, m, n, k;
     Acc alpha, beta;
     const void *a, *b, *c_in;
@@ -36,16 +36,16 @@ template <typename Acc> struct dm_cuda_gemm_params {
     int64_t lda, ldb, ldc, stride_a, stride_b, stride_c;
 };
 
-constexpr int DM_GEMM_THREADS = 256;
-constexpr int DM_GEMM_BK = 16;
+constexpr int DMI_GEMM_THREADS = 256;
+constexpr int DMI_GEMM_BK = 16;
 
 template <typename T, int BM, bool TRANS_B, bool SYMMETRIC>
-__global__ void __launch_bounds__(DM_GEMM_THREADS)
-    dm_cuda_gemm_kernel(const dm_cuda_gemm_params<typename dm_cuda_accumulator<T>::type> prm) {
-    using Acc = typename dm_cuda_accumulator<T>::type;
-    constexpr int BN = BM, BK = DM_GEMM_BK, TM = BM / 16, TN = BN / 16;
-    constexpr int A_LOADS = BM * BK / DM_GEMM_THREADS, B_LOADS = BN * BK / DM_GEMM_THREADS;
-    static_assert(A_LOADS * DM_GEMM_THREADS == BM * BK, "A tile must split evenly");
+__global__ void __launch_bounds__(DMI_GEMM_THREADS)
+    dmi_cuda_gemm_kernel(const dmi_cuda_gemm_params<typename dmi_cuda_accumulator<T>::type> prm) {
+    using Acc = typename dmi_cuda_accumulator<T>::type;
+    constexpr int BN = BM, BK = DMI_GEMM_BK, TM = BM / 16, TN = BN / 16;
+    constexpr int A_LOADS = BM * BK / DMI_GEMM_THREADS, B_LOADS = BN * BK / DMI_GEMM_THREADS;
+    static_assert(A_LOADS * DMI_GEMM_THREADS == BM * BK, "A tile must split evenly");
     __shared__ Acc As[BK][BM + 4];
     __shared__ Acc Bs[BK][BN + 4];
     const int tid = threadIdx.x, tx = tid % 16, ty = tid / 16;
@@ -83,23 +83,23 @@ __global__ void __launch_bounds__(DM_GEMM_THREADS)
         auto load = [&](int64_t k0) {
 #pragma unroll
             for (int r = 0; r < A_LOADS; ++r) {
-                const int idx = tid + DM_GEMM_THREADS * r, kk = idx % BK, ii = idx / BK;
+                const int idx = tid + DMI_GEMM_THREADS * r, kk = idx % BK, ii = idx / BK;
                 const int64_t row = m0 + ii, col = k0 + kk;
-                ra[r] = row < prm.m && col < prm.k ? (Acc)dm_cuda_value(A[row * prm.lda + col])
+                ra[r] = row < prm.m && col < prm.k ? (Acc)dmi_cuda_value(A[row * prm.lda + col])
                                                    : (Acc)0;
             }
 #pragma unroll
             for (int r = 0; r < B_LOADS; ++r) {
-                const int idx = tid + DM_GEMM_THREADS * r;
+                const int idx = tid + DMI_GEMM_THREADS * r;
                 if (TRANS_B) {
                     const int kk = idx % BK, jj = idx / BK;
                     const int64_t row = n0 + jj, col = k0 + kk;
-                    rb[r] = row < prm.n && col < prm.k ? (Acc)dm_cuda_value(B[row * prm.ldb + col])
+                    rb[r] = row < prm.n && col < prm.k ? (Acc)dmi_cuda_value(B[row * prm.ldb + col])
                                                        : (Acc)0;
                 } else {
                     const int jj = idx % BN, kk = idx / BN;
                     const int64_t row = k0 + kk, col = n0 + jj;
-                    rb[r] = row < prm.k && col < prm.n ? (Acc)dm_cuda_value(B[row * prm.ldb + col])
+                    rb[r] = row < prm.k && col < prm.n ? (Acc)dmi_cuda_value(B[row * prm.ldb + col])
                                                        : (Acc)0;
                 }
             }
@@ -108,12 +108,12 @@ __global__ void __launch_bounds__(DM_GEMM_THREADS)
         auto store = [&]() {
 #pragma unroll
             for (int r = 0; r < A_LOADS; ++r) {
-                const int idx = tid + DM_GEMM_THREADS * r;
+                const int idx = tid + DMI_GEMM_THREADS * r;
                 As[idx % BK][idx / BK] = ra[r];
             }
 #pragma unroll
             for (int r = 0; r < B_LOADS; ++r) {
-                const int idx = tid + DM_GEMM_THREADS * r;
+                const int idx = tid + DMI_GEMM_THREADS * r;
                 if (TRANS_B)
                     Bs[idx % BK][idx / BK] = rb[r];
                 else
@@ -160,8 +160,8 @@ __global__ void __launch_bounds__(DM_GEMM_THREADS)
                 Acc v = prm.alpha * acc[i][j];
                 /* c_in may be c: this thread reads the element before it writes it. */
                 if (prm.beta != (Acc)0)
-                    v += prm.beta * (Acc)dm_cuda_value(Cin[row * prm.ldc + col]);
-                const T out = dm_cuda_to<T>(v);
+                    v += prm.beta * (Acc)dmi_cuda_value(Cin[row * prm.ldc + col]);
+                const T out = dmi_cuda_to<T>(v);
                 C[row * prm.ldc + col] = out;
                 /* The mirror lies in a block below the diagonal: no launched tile reads or
                  * writes it, so this is its only write (and c_in there is never read). */
@@ -172,9 +172,9 @@ __global__ void __launch_bounds__(DM_GEMM_THREADS)
 }
 
 template <typename T, int BM, bool TRANS_B, bool SYMMETRIC>
-dm_status dm_cuda_gemm_launch(const dm_cuda_gemm_args *args, cudaStream_t stream) {
-    using Acc = typename dm_cuda_accumulator<T>::type;
-    dm_cuda_gemm_params<Acc> prm;
+dm_status dmi_cuda_gemm_launch(const dmi_cuda_gemm_args *args, cudaStream_t stream) {
+    using Acc = typename dmi_cuda_accumulator<T>::type;
+    dmi_cuda_gemm_params<Acc> prm;
     prm.batch = args->batch;
     prm.m = args->m;
     prm.n = args->n;
@@ -191,34 +191,38 @@ dm_status dm_cuda_gemm_launch(const dm_cuda_gemm_args *args, cudaStream_t stream
     prm.stride_a = args->stride_a;
     prm.stride_b = args->stride_b;
     prm.stride_c = args->stride_c;
-    const int64_t tiles_m = dm_cuda_ceil_div(args->m, BM), tiles_n = dm_cuda_ceil_div(args->n, BM);
+    const int64_t tiles_m = dmi_cuda_ceil_div(args->m, BM),
+                  tiles_n = dmi_cuda_ceil_div(args->n, BM);
     const int64_t tiles = SYMMETRIC ? tiles_m * (tiles_m + 1) / 2 : tiles_m * tiles_n;
     if (tiles > (int64_t)INT32_MAX) return DM_ERR_SHAPE;
-    const dim3 grid((unsigned)tiles, (unsigned)dm_cuda_min64(args->batch, DM_CUDA_MAX_GRID_Y), 1);
-    dm_cuda_gemm_kernel<T, BM, TRANS_B, SYMMETRIC><<<grid, DM_GEMM_THREADS, 0, stream>>>(prm);
-    DM_CUDA_LAUNCHED();
+    const dim3 grid((unsigned)tiles, (unsigned)dmi_cuda_min64(args->batch, DMI_CUDA_MAX_GRID_Y), 1);
+    dmi_cuda_gemm_kernel<T, BM, TRANS_B, SYMMETRIC><<<grid, DMI_GEMM_THREADS, 0, stream>>>(prm);
+    DMI_CUDA_LAUNCHED();
     return DM_OK;
 }
 
 /* 64-tiles unless they would leave multiprocessors idle (or the product is that small). */
 template <typename T, bool TRANS_B, bool SYMMETRIC>
-dm_status dm_cuda_gemm_pick_tile(const dm_cuda_gemm_args *args, cudaStream_t stream) {
-    const int64_t tm = dm_cuda_ceil_div(args->m, 64), tn = dm_cuda_ceil_div(args->n, 64);
+dm_status dmi_cuda_gemm_pick_tile(const dmi_cuda_gemm_args *args, cudaStream_t stream) {
+    const int64_t tm = dmi_cuda_ceil_div(args->m, 64), tn = dmi_cuda_ceil_div(args->n, 64);
     const int64_t tiles64 = (SYMMETRIC ? tm * (tm + 1) / 2 : tm * tn) * args->batch;
-    const bool small = (args->m <= 32 && args->n <= 32) || tiles64 < dm_cuda_multiprocessors();
-    return small ? dm_cuda_gemm_launch<T, 32, TRANS_B, SYMMETRIC>(args, stream)
-                 : dm_cuda_gemm_launch<T, 64, TRANS_B, SYMMETRIC>(args, stream);
+    const bool small = (args->m <= 32 && args->n <= 32) || tiles64 < dmi_cuda_multiprocessors();
+    return small ? dmi_cuda_gemm_launch<T, 32, TRANS_B, SYMMETRIC>(args, stream)
+                 : dmi_cuda_gemm_launch<T, 64, TRANS_B, SYMMETRIC>(args, stream);
 }
 
-template <typename T> dm_status dm_cuda_gemm_typed(const dm_cuda_gemm_args *args, cudaStream_t s) {
-    if (args->trans_b && args->symmetric) return dm_cuda_gemm_pick_tile<T, true, true>(args, s);
-    if (!args->trans_b && !args->symmetric) return dm_cuda_gemm_pick_tile<T, false, false>(args, s);
+template <typename T>
+dm_status dmi_cuda_gemm_typed(const dmi_cuda_gemm_args *args, cudaStream_t s) {
+    if (args->trans_b && args->symmetric) return dmi_cuda_gemm_pick_tile<T, true, true>(args, s);
+    if (!args->trans_b && !args->symmetric)
+        return dmi_cuda_gemm_pick_tile<T, false, false>(args, s);
     return DM_ERR_INVALID_ARG;
 }
 
 } // namespace
 
-dm_status dm_cuda_gemm_batched(dm_dtype dtype, const dm_cuda_gemm_args *args, cudaStream_t stream) {
+dm_status dmi_cuda_gemm_batched(dm_dtype dtype, const dmi_cuda_gemm_args *args,
+                                cudaStream_t stream) {
     if (!args || args->batch < 0 || args->m < 0 || args->n < 0 || args->k < 0)
         return DM_ERR_INVALID_ARG;
     if (args->symmetric && args->m != args->n) return DM_ERR_INVALID_ARG;
@@ -226,9 +230,9 @@ dm_status dm_cuda_gemm_batched(dm_dtype dtype, const dm_cuda_gemm_args *args, cu
     if (!args->a || !args->b || !args->c || (args->beta != 0.0 && !args->c_in))
         return DM_ERR_INVALID_ARG;
     switch (dtype) {
-    case DM_FLOAT32: return dm_cuda_gemm_typed<float>(args, stream);
-    case DM_FLOAT64: return dm_cuda_gemm_typed<double>(args, stream);
-    case DM_BFLOAT16: return dm_cuda_gemm_typed<__nv_bfloat16>(args, stream);
+    case DM_FLOAT32: return dmi_cuda_gemm_typed<float>(args, stream);
+    case DM_FLOAT64: return dmi_cuda_gemm_typed<double>(args, stream);
+    case DM_BFLOAT16: return dmi_cuda_gemm_typed<__nv_bfloat16>(args, stream);
     }
     return DM_ERR_DTYPE;
 }

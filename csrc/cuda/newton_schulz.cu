@@ -24,60 +24,61 @@ namespace {
 /* C[i][j] = C[j][i] for h <= i < p, j < h (the lower-left block from the upper-right one), per
  * matrix; 32x32 tiles through shared memory so that reads and writes are both coalesced. */
 template <typename T>
-__global__ void __launch_bounds__(DM_CUDA_BLOCK)
-    dm_cuda_mirror_kernel(T *c, int64_t p, int64_t h, int64_t stride, int64_t batch) {
-    __shared__ T tile[DM_CUDA_TILE][DM_CUDA_TILE + 1];
+__global__ void __launch_bounds__(DMI_CUDA_BLOCK)
+    dmi_cuda_mirror_kernel(T *c, int64_t p, int64_t h, int64_t stride, int64_t batch) {
+    __shared__ T tile[DMI_CUDA_TILE][DMI_CUDA_TILE + 1];
     const int tx = threadIdx.x, ty = threadIdx.y;
-    const int64_t rows = p - h, tiles_c = dm_cuda_ceil_div(h, DM_CUDA_TILE);
-    const int64_t r0 = (blockIdx.x / tiles_c) * DM_CUDA_TILE; /* within the lower block */
-    const int64_t c0 = (blockIdx.x % tiles_c) * DM_CUDA_TILE;
+    const int64_t rows = p - h, tiles_c = dmi_cuda_ceil_div(h, DMI_CUDA_TILE);
+    const int64_t r0 = (blockIdx.x / tiles_c) * DMI_CUDA_TILE; /* within the lower block */
+    const int64_t c0 = (blockIdx.x % tiles_c) * DMI_CUDA_TILE;
     for (int64_t b = blockIdx.y; b < batch; b += gridDim.y) {
         T *m = c + b * stride;
         /* tile[a][e] = C[c0 + a][h + r0 + e]: rows of the upper-right block, read along rows. */
 #pragma unroll
-        for (int k = 0; k < DM_CUDA_TILE_STEPS; ++k) {
-            const int64_t src_row = c0 + ty + DM_CUDA_TILE_ROWS * k, src_col = r0 + tx;
+        for (int k = 0; k < DMI_CUDA_TILE_STEPS; ++k) {
+            const int64_t src_row = c0 + ty + DMI_CUDA_TILE_ROWS * k, src_col = r0 + tx;
             if (src_row < h && src_col < rows)
-                tile[ty + DM_CUDA_TILE_ROWS * k][tx] = m[src_row * p + h + src_col];
+                tile[ty + DMI_CUDA_TILE_ROWS * k][tx] = m[src_row * p + h + src_col];
         }
         __syncthreads();
         /* C[h + r0 + a][c0 + e] = C[c0 + e][h + r0 + a] = tile[e][a]. */
 #pragma unroll
-        for (int k = 0; k < DM_CUDA_TILE_STEPS; ++k) {
-            const int64_t dst_row = r0 + ty + DM_CUDA_TILE_ROWS * k, dst_col = c0 + tx;
+        for (int k = 0; k < DMI_CUDA_TILE_STEPS; ++k) {
+            const int64_t dst_row = r0 + ty + DMI_CUDA_TILE_ROWS * k, dst_col = c0 + tx;
             if (dst_row < rows && dst_col < h)
-                m[(h + dst_row) * p + dst_col] = tile[tx][ty + DM_CUDA_TILE_ROWS * k];
+                m[(h + dst_row) * p + dst_col] = tile[tx][ty + DMI_CUDA_TILE_ROWS * k];
         }
         __syncthreads(); /* before the next matrix overwrites the tile */
     }
 }
 
 template <typename T>
-dm_status dm_cuda_mirror(void *c, int64_t p, int64_t h, int64_t stride, int64_t batch,
-                         cudaStream_t stream) {
-    const int64_t tiles = dm_cuda_ceil_div(p - h, DM_CUDA_TILE) * dm_cuda_ceil_div(h, DM_CUDA_TILE);
+dm_status dmi_cuda_mirror(void *c, int64_t p, int64_t h, int64_t stride, int64_t batch,
+                          cudaStream_t stream) {
+    const int64_t tiles =
+        dmi_cuda_ceil_div(p - h, DMI_CUDA_TILE) * dmi_cuda_ceil_div(h, DMI_CUDA_TILE);
     if (tiles == 0 || batch == 0) return DM_OK;
     if (tiles > (int64_t)INT32_MAX) return DM_ERR_SHAPE;
-    const dim3 grid((unsigned)tiles, (unsigned)dm_cuda_min64(batch, DM_CUDA_MAX_GRID_Y), 1);
-    dm_cuda_mirror_kernel<T><<<grid, dim3(DM_CUDA_TILE, DM_CUDA_TILE_ROWS, 1), 0, stream>>>(
+    const dim3 grid((unsigned)tiles, (unsigned)dmi_cuda_min64(batch, DMI_CUDA_MAX_GRID_Y), 1);
+    dmi_cuda_mirror_kernel<T><<<grid, dim3(DMI_CUDA_TILE, DMI_CUDA_TILE_ROWS, 1), 0, stream>>>(
         (T *)c, p, h, stride, batch);
-    DM_CUDA_LAUNCHED();
+    DMI_CUDA_LAUNCHED();
     return DM_OK;
 }
 
-dm_status dm_cuda_mirror_typed(dm_dtype dtype, void *c, int64_t p, int64_t h, int64_t stride,
-                               int64_t batch, cudaStream_t stream) {
+dm_status dmi_cuda_mirror_typed(dm_dtype dtype, void *c, int64_t p, int64_t h, int64_t stride,
+                                int64_t batch, cudaStream_t stream) {
     switch (dtype) {
-    case DM_FLOAT32: return dm_cuda_mirror<float>(c, p, h, stride, batch, stream);
-    case DM_FLOAT64: return dm_cuda_mirror<double>(c, p, h, stride, batch, stream);
-    case DM_BFLOAT16: return dm_cuda_mirror<__nv_bfloat16>(c, p, h, stride, batch, stream);
+    case DM_FLOAT32: return dmi_cuda_mirror<float>(c, p, h, stride, batch, stream);
+    case DM_FLOAT64: return dmi_cuda_mirror<double>(c, p, h, stride, batch, stream);
+    case DM_BFLOAT16: return dmi_cuda_mirror<__nv_bfloat16>(c, p, h, stride, batch, stream);
     }
     return DM_ERR_DTYPE;
 }
 
 /* The split point of a symmetric product: half, rounded up to a multiple of 64 so that the
  * blocks keep cuBLAS's tile alignment, and plain half where that leaves no lower block. */
-int64_t dm_cuda_split_point(int64_t p) {
+int64_t dmi_cuda_split_point(int64_t p) {
     int64_t h = (p / 2 + 63) / 64 * 64;
     if (h >= p) h = p / 2;
     return h;
@@ -85,18 +86,18 @@ int64_t dm_cuda_split_point(int64_t p) {
 
 /* C = alpha X X^T + beta Cin for batch p x p results (ldc p, stride_c), X p x k with leading
  * dimension k (stride_x); split: by blocks, then mirrored (see the file's comment). */
-dm_status dm_cuda_provider_gram(const dm_gemm_provider *gemm, dm_dtype dtype, int64_t batch,
-                                int64_t p, int64_t k, double alpha, const void *x, int64_t stride_x,
-                                double beta, const void *c_in, void *c, int64_t stride_c, int split,
-                                cudaStream_t stream) {
+dm_status dmi_cuda_provider_gram(const dm_gemm_provider *gemm, dm_dtype dtype, int64_t batch,
+                                 int64_t p, int64_t k, double alpha, const void *x,
+                                 int64_t stride_x, double beta, const void *c_in, void *c,
+                                 int64_t stride_c, int split, cudaStream_t stream) {
     if (!split) {
         return gemm->gemm(gemm->ctx, dtype, 0, 1, batch, p, p, k, alpha, x, k, stride_x, x, k,
                           stride_x, beta, c_in, c, p, stride_c) == DM_OK
                    ? DM_OK
                    : DM_ERR_GEMM;
     }
-    const size_t elem = dm_dtype_size(dtype);
-    const int64_t h = dm_cuda_split_point(p);
+    const size_t elem = dmi_dtype_size(dtype);
+    const int64_t h = dmi_cuda_split_point(p);
     const int64_t start[2] = {0, h}, size[2] = {h, p - h};
     const int blocks[3][2] = {{0, 0}, {1, 1}, {0, 1}};
     for (int n = 0; n < 3; ++n) {
@@ -110,21 +111,21 @@ dm_status dm_cuda_provider_gram(const dm_gemm_provider *gemm, dm_dtype dtype, in
                        stride_c) != DM_OK)
             return DM_ERR_GEMM;
     }
-    return dm_cuda_mirror_typed(dtype, c, p, h, stride_c, batch, stream);
+    return dmi_cuda_mirror_typed(dtype, c, p, h, stride_c, batch, stream);
 }
 
 } // namespace
 
-dm_status dm_cuda_ns_iterate(const dm_sharp_config *config, dm_dtype iteration, int64_t batch,
-                             int64_t p, int64_t q, void *scratch, void **result,
-                             const dm_gemm_provider *gemm, const dm_cuda_tuning *tuning,
-                             cudaStream_t stream) {
-    const size_t elem = dm_dtype_size(iteration);
+dm_status dmi_cuda_ns_iterate(const dm_sharp_config *config, dm_dtype iteration, int64_t batch,
+                              int64_t p, int64_t q, void *scratch, void **result,
+                              const dm_gemm_provider *gemm, const dm_cuda_tuning *tuning,
+                              cudaStream_t stream) {
+    const size_t elem = dmi_dtype_size(iteration);
     const int64_t pq = p * q, pp = p * p;
     unsigned char *x = (unsigned char *)scratch;
-    unsigned char *x_next = x + dm_cuda_align_up((size_t)(batch * pq) * elem);
-    unsigned char *a_mat = x_next + dm_cuda_align_up((size_t)(batch * pq) * elem);
-    unsigned char *p_mat = a_mat + dm_cuda_align_up((size_t)(batch * pp) * elem);
+    unsigned char *x_next = x + dmi_cuda_align_up((size_t)(batch * pq) * elem);
+    unsigned char *a_mat = x_next + dmi_cuda_align_up((size_t)(batch * pq) * elem);
+    unsigned char *p_mat = a_mat + dmi_cuda_align_up((size_t)(batch * pp) * elem);
     const int has_provider = gemm != NULL && gemm->gemm != NULL;
     const int batched = !has_provider || p <= tuning->batched_max_p;
     const int split =
@@ -135,21 +136,21 @@ dm_status dm_cuda_ns_iterate(const dm_sharp_config *config, dm_dtype iteration, 
         const double b = config->ns_coefficients[3 * j + 1];
         const double c = config->ns_coefficients[3 * j + 2];
         if (batched) {
-            const dm_cuda_gemm_args gram = {1, 1,  batch, p, p,  q,    1.0,   0.0, x,
-                                            q, pq, x,     q, pq, NULL, a_mat, p,   pp};
-            const dm_cuda_gemm_args poly = {1, 1,  batch, p, p,  p,     c,     b, a_mat,
-                                            p, pp, a_mat, p, pp, a_mat, p_mat, p, pp};
-            const dm_cuda_gemm_args next = {0, 0,  batch, p, q,  p, 1.0,    a, p_mat,
-                                            p, pp, x,     q, pq, x, x_next, q, pq};
-            DM_RETURN_IF_ERROR(dm_cuda_gemm_batched(iteration, &gram, stream));
-            DM_RETURN_IF_ERROR(dm_cuda_gemm_batched(iteration, &poly, stream));
-            DM_RETURN_IF_ERROR(dm_cuda_gemm_batched(iteration, &next, stream));
+            const dmi_cuda_gemm_args gram = {1, 1,  batch, p, p,  q,    1.0,   0.0, x,
+                                             q, pq, x,     q, pq, NULL, a_mat, p,   pp};
+            const dmi_cuda_gemm_args poly = {1, 1,  batch, p, p,  p,     c,     b, a_mat,
+                                             p, pp, a_mat, p, pp, a_mat, p_mat, p, pp};
+            const dmi_cuda_gemm_args next = {0, 0,  batch, p, q,  p, 1.0,    a, p_mat,
+                                             p, pp, x,     q, pq, x, x_next, q, pq};
+            DMI_RETURN_IF_ERROR(dmi_cuda_gemm_batched(iteration, &gram, stream));
+            DMI_RETURN_IF_ERROR(dmi_cuda_gemm_batched(iteration, &poly, stream));
+            DMI_RETURN_IF_ERROR(dmi_cuda_gemm_batched(iteration, &next, stream));
         } else {
-            DM_RETURN_IF_ERROR(dm_cuda_provider_gram(gemm, iteration, batch, p, q, 1.0, x, pq, 0.0,
-                                                     NULL, a_mat, pp, split, stream));
+            DMI_RETURN_IF_ERROR(dmi_cuda_provider_gram(gemm, iteration, batch, p, q, 1.0, x, pq,
+                                                       0.0, NULL, a_mat, pp, split, stream));
             if (split) {
-                DM_RETURN_IF_ERROR(dm_cuda_provider_gram(gemm, iteration, batch, p, p, c, a_mat, pp,
-                                                         b, a_mat, p_mat, pp, 1, stream));
+                DMI_RETURN_IF_ERROR(dmi_cuda_provider_gram(gemm, iteration, batch, p, p, c, a_mat,
+                                                           pp, b, a_mat, p_mat, pp, 1, stream));
             } else if (gemm->gemm(gemm->ctx, iteration, 0, 0, batch, p, p, p, c, a_mat, p, pp,
                                   a_mat, p, pp, b, a_mat, p_mat, p, pp) != DM_OK) {
                 return DM_ERR_GEMM;

@@ -1,7 +1,7 @@
 /* passes.cuh - the passes that read the user's matrices (reduce, finish, scale, duals), as
  * templates over an element source, and the two sources:
- *   dm_cuda_input_source<S>      dm_cuda_sharp: element (i, j) of input b (leading dimension ld);
- *   dm_cuda_direction_source<S>  dm_cuda_update: the direction D = nesterov ? lerp(G, M', mu) : M'
+ *   dmi_cuda_input_source<S>      dm_cuda_sharp: element (i, j) of input b (leading dimension ld);
+ *   dmi_cuda_direction_source<S>  dm_cuda_update: the direction D = nesterov ? lerp(G, M', mu) : M'
  *                                with M' = lerp(M, G, 1 - mu) rounded to storage (update.c).
  * A source gives elements in the user's layout (never transposed) and compute precision.
  * Kernels take sources as __grid_constant__ parameters: the pointer arrays stay in the
@@ -12,22 +12,22 @@
 
 #include "common.cuh"
 
-template <typename S> struct dm_cuda_input_source {
+template <typename S> struct dmi_cuda_input_source {
     using storage = S;
-    using compute = typename dm_cuda_storage<S>::compute;
+    using compute = typename dmi_cuda_storage<S>::compute;
     struct context {};
     const S *in[DM_CUDA_TENSORS_PER_LAUNCH];
     int64_t ld;
 
-    __device__ context begin(const dm_cuda_header *) const { return context{}; }
+    __device__ context begin(const dmi_cuda_header *) const { return context{}; }
     __device__ compute load(const context &, int b, int64_t i, int64_t j) const {
-        return dm_cuda_value(in[b][i * ld + j]);
+        return dmi_cuda_value(in[b][i * ld + j]);
     }
 };
 
-template <typename S> struct dm_cuda_direction_source {
+template <typename S> struct dmi_cuda_direction_source {
     using storage = S;
-    using compute = typename dm_cuda_storage<S>::compute;
+    using compute = typename dmi_cuda_storage<S>::compute;
     struct context {
         compute w, mu; /* 1 - momentum and momentum, rounded to compute as update.c does */
     };
@@ -36,15 +36,15 @@ template <typename S> struct dm_cuda_direction_source {
     int64_t cols; /* contiguous matrices */
     int nesterov;
 
-    __device__ context begin(const dm_cuda_header *header) const {
+    __device__ context begin(const dmi_cuda_header *header) const {
         const double mu = header->hyper.momentum;
         return context{(compute)(1.0 - mu), (compute)mu};
     }
     __device__ compute load(const context &c, int b, int64_t i, int64_t j) const {
         const int64_t k = i * cols + j;
-        const compute g = dm_cuda_value(grad[b][k]), old = dm_cuda_value(buf[b][k]);
-        const compute m = dm_cuda_round<S>(dm_cuda_lerp(old, g, c.w));
-        return nesterov ? dm_cuda_lerp(g, m, c.mu) : m;
+        const compute g = dmi_cuda_value(grad[b][k]), old = dmi_cuda_value(buf[b][k]);
+        const compute m = dmi_cuda_round<S>(dmi_cuda_lerp(old, g, c.w));
+        return nesterov ? dmi_cuda_lerp(g, m, c.mu) : m;
     }
 };
 
@@ -54,58 +54,58 @@ template <typename S> struct dm_cuda_direction_source {
  *   ROW     groups rows, part = tile column (warp reduction of each of the thread's rows);
  *   COLUMN  groups cols, part = tile row    (each thread's 4 rows, then the 8 warps in order). */
 template <class Src, int GROUP>
-__global__ void __launch_bounds__(DM_CUDA_BLOCK)
-    dm_cuda_reduce_kernel(const __grid_constant__ Src src, const dm_cuda_pass pass,
-                          const dm_cuda_header *header, int mode, dm_cuda_partial *partials) {
+__global__ void __launch_bounds__(DMI_CUDA_BLOCK)
+    dmi_cuda_reduce_kernel(const __grid_constant__ Src src, const dmi_cuda_pass pass,
+                           const dmi_cuda_header *header, int mode, dmi_cuda_partial *partials) {
     using CT = typename Src::compute;
     const typename Src::context ctx = src.begin(header);
     const int tx = threadIdx.x, ty = threadIdx.y, b = blockIdx.y;
     const int64_t gb = pass.first + b, t = blockIdx.x;
     const int64_t tr = t / pass.tiles_c, tc = t % pass.tiles_c;
-    const int64_t r0 = tr * DM_CUDA_TILE, j = tc * DM_CUDA_TILE + tx;
-    double sum[DM_CUDA_TILE_STEPS], max[DM_CUDA_TILE_STEPS];
+    const int64_t r0 = tr * DMI_CUDA_TILE, j = tc * DMI_CUDA_TILE + tx;
+    double sum[DMI_CUDA_TILE_STEPS], max[DMI_CUDA_TILE_STEPS];
 #pragma unroll
-    for (int s = 0; s < DM_CUDA_TILE_STEPS; ++s) {
-        const int64_t i = r0 + ty + DM_CUDA_TILE_ROWS * s;
+    for (int s = 0; s < DMI_CUDA_TILE_STEPS; ++s) {
+        const int64_t i = r0 + ty + DMI_CUDA_TILE_ROWS * s;
         sum[s] = 0.0;
         max[s] = 0.0;
         if (i < pass.rows && j < pass.cols) {
             const CT v = src.load(ctx, b, i, j);
-            const double x = mode == DM_CUDA_SQUARES_BF16 ? (double)dm_cuda_bf16_round(v) : v;
-            sum[s] = mode == DM_CUDA_ABS ? fabs(x) : x * x; /* exact for float32 data */
+            const double x = mode == DMI_CUDA_SQUARES_BF16 ? (double)dmi_cuda_bf16_round(v) : v;
+            sum[s] = mode == DMI_CUDA_ABS ? fabs(x) : x * x; /* exact for float32 data */
             max[s] = fabs(x);
         }
     }
-    if constexpr (GROUP == DM_CUDA_GROUP_ROW) {
+    if constexpr (GROUP == DMI_CUDA_GROUP_ROW) {
         /* A warp is one ty: its 32 lanes hold 32 columns of the same 4 rows. */
 #pragma unroll
-        for (int s = 0; s < DM_CUDA_TILE_STEPS; ++s) {
-            const int64_t i = r0 + ty + DM_CUDA_TILE_ROWS * s;
-            const double row_sum = dm_cuda_warp_sum(sum[s]), row_max = dm_cuda_warp_max(max[s]);
+        for (int s = 0; s < DMI_CUDA_TILE_STEPS; ++s) {
+            const int64_t i = r0 + ty + DMI_CUDA_TILE_ROWS * s;
+            const double row_sum = dmi_cuda_warp_sum(sum[s]), row_max = dmi_cuda_warp_max(max[s]);
             if (tx == 0 && i < pass.rows)
                 partials[(gb * pass.rows + i) * pass.tiles_c + tc] = {row_sum, row_max};
         }
     } else {
         double total = 0.0, total_max = 0.0;
 #pragma unroll
-        for (int s = 0; s < DM_CUDA_TILE_STEPS; ++s) {
+        for (int s = 0; s < DMI_CUDA_TILE_STEPS; ++s) {
             total += sum[s];
             total_max = fmax(total_max, max[s]);
         }
-        if constexpr (GROUP == DM_CUDA_GROUP_COLUMN) {
-            __shared__ dm_cuda_partial column[DM_CUDA_TILE_ROWS][DM_CUDA_TILE];
+        if constexpr (GROUP == DMI_CUDA_GROUP_COLUMN) {
+            __shared__ dmi_cuda_partial column[DMI_CUDA_TILE_ROWS][DMI_CUDA_TILE];
             column[ty][tx] = {total, total_max};
             __syncthreads();
             if (ty == 0 && j < pass.cols) {
-                dm_cuda_partial acc = {0.0, 0.0};
-                for (int y = 0; y < DM_CUDA_TILE_ROWS; ++y) {
+                dmi_cuda_partial acc = {0.0, 0.0};
+                for (int y = 0; y < DMI_CUDA_TILE_ROWS; ++y) {
                     acc.sum += column[y][tx].sum;
                     acc.max = fmax(acc.max, column[y][tx].max);
                 }
                 partials[(gb * pass.cols + j) * pass.tiles_r + tr] = acc;
             }
         } else {
-            const dm_cuda_partial block = dm_cuda_block_reduce(total, total_max);
+            const dmi_cuda_partial block = dmi_cuda_block_reduce(total, total_max);
             if (tx == 0 && ty == 0) partials[gb * pass.tiles_r * pass.tiles_c + t] = block;
         }
     }
@@ -114,24 +114,24 @@ __global__ void __launch_bounds__(DM_CUDA_BLOCK)
 /* sum (x / max)^2 over a group's elements, by a whole warp (all lanes get the result): the
  * float64 rescue of finish_norm in sharp.c, for sums of squares that overflow or underflow. */
 template <class Src, int GROUP>
-__device__ double dm_cuda_rescaled_sum(const Src &src, const typename Src::context &ctx,
-                                       const dm_cuda_pass &pass, int b, int64_t g, double max,
-                                       int lane) {
-    const int64_t n = GROUP == DM_CUDA_GROUP_MATRIX ? pass.rows * pass.cols
-                      : GROUP == DM_CUDA_GROUP_ROW  ? pass.cols
-                                                    : pass.rows;
+__device__ double dmi_cuda_rescaled_sum(const Src &src, const typename Src::context &ctx,
+                                        const dmi_cuda_pass &pass, int b, int64_t g, double max,
+                                        int lane) {
+    const int64_t n = GROUP == DMI_CUDA_GROUP_MATRIX ? pass.rows * pass.cols
+                      : GROUP == DMI_CUDA_GROUP_ROW  ? pass.cols
+                                                     : pass.rows;
     double acc = 0.0;
     for (int64_t k = lane; k < n; k += 32) {
-        const int64_t i = GROUP == DM_CUDA_GROUP_MATRIX ? k / pass.cols
-                          : GROUP == DM_CUDA_GROUP_ROW  ? g
-                                                        : k;
-        const int64_t j = GROUP == DM_CUDA_GROUP_MATRIX ? k % pass.cols
-                          : GROUP == DM_CUDA_GROUP_ROW  ? k
-                                                        : g;
+        const int64_t i = GROUP == DMI_CUDA_GROUP_MATRIX ? k / pass.cols
+                          : GROUP == DMI_CUDA_GROUP_ROW  ? g
+                                                         : k;
+        const int64_t j = GROUP == DMI_CUDA_GROUP_MATRIX ? k % pass.cols
+                          : GROUP == DMI_CUDA_GROUP_ROW  ? k
+                                                         : g;
         const double v = (double)src.load(ctx, b, i, j) / max;
         acc += v * v;
     }
-    return dm_cuda_warp_sum(acc);
+    return dmi_cuda_warp_sum(acc);
 }
 
 /* ---- finish: a warp per group turns its partials into a divisor -------------------------------
@@ -139,117 +139,117 @@ __device__ double dm_cuda_rescaled_sum(const Src &src, const typename Src::conte
  * (SQUARES_BF16); unused for SIGN. duals: MATRIX groups write the matrix's dual (FROBENIUS,
  * SIGN) to duals[gb]; ROW/COLUMN groups their share to duals[gb * groups + g]; SPECTRAL's dual
  * comes from the iterates later. NaN/Inf (or, with bfloat16 iterates, squares that overflow
- * float32 as torch's norm would) raise DM_CUDA_FLAG_NONFINITE. */
+ * float32 as torch's norm would) raise DMI_CUDA_FLAG_NONFINITE. */
 template <class Src, int GROUP>
-__global__ void __launch_bounds__(DM_CUDA_BLOCK)
-    dm_cuda_finish_kernel(const __grid_constant__ Src src, const dm_cuda_pass pass,
-                          dm_cuda_header *header, const dm_cuda_norm_params np, int64_t groups,
-                          int64_t parts, const dm_cuda_partial *partials, double *scale,
-                          double *duals) {
+__global__ void __launch_bounds__(DMI_CUDA_BLOCK)
+    dmi_cuda_finish_kernel(const __grid_constant__ Src src, const dmi_cuda_pass pass,
+                           dmi_cuda_header *header, const dmi_cuda_norm_params np, int64_t groups,
+                           int64_t parts, const dmi_cuda_partial *partials, double *scale,
+                           double *duals) {
     const int lane = threadIdx.x & 31;
-    const int64_t w = ((int64_t)blockIdx.x * DM_CUDA_BLOCK + threadIdx.x) >> 5;
+    const int64_t w = ((int64_t)blockIdx.x * DMI_CUDA_BLOCK + threadIdx.x) >> 5;
     if (w >= (int64_t)pass.count * groups) return; /* the whole warp leaves together */
     const int b = (int)(w / groups);
     const int64_t g = w % groups, gb = pass.first + b, slot = gb * groups + g;
-    const dm_cuda_partial *part = partials + slot * parts;
+    const dmi_cuda_partial *part = partials + slot * parts;
     double sum = 0.0, max = 0.0;
     for (int64_t k = lane; k < parts; k += 32) {
         sum += part[k].sum;
         max = fmax(max, part[k].max);
     }
-    sum = dm_cuda_warp_sum(sum);
-    max = dm_cuda_warp_max(max);
+    sum = dmi_cuda_warp_sum(sum);
+    max = dmi_cuda_warp_max(max);
     /* Squares and absolute values are >= 0, so a NaN sum means a NaN element and an infinite
      * max an infinite one; fmax skips NaN, the sum does not. */
     const bool nonfinite = isnan(sum) || !isfinite(max) ||
-                           (np.mode == DM_CUDA_SQUARES_BF16 && !(sum <= (double)FLT_MAX));
-    if (nonfinite && lane == 0) atomicOr(&header->flags, (unsigned)DM_CUDA_FLAG_NONFINITE);
+                           (np.mode == DMI_CUDA_SQUARES_BF16 && !(sum <= (double)FLT_MAX));
+    if (nonfinite && lane == 0) atomicOr(&header->flags, (unsigned)DMI_CUDA_FLAG_NONFINITE);
 
-    if (np.mode == DM_CUDA_ABS) { /* SIGN: <M, sign(M)> = sum |M| (may be +Inf: kept) */
+    if (np.mode == DMI_CUDA_ABS) { /* SIGN: <M, sign(M)> = sum |M| (may be +Inf: kept) */
         if (lane == 0) duals[gb] = sum;
         return;
     }
-    if (np.mode == DM_CUDA_SQUARES_BF16) { /* sharp.c's normalise_like_torch_bf16 */
+    if (np.mode == DMI_CUDA_SQUARES_BF16) { /* sharp.c's normalise_like_torch_bf16 */
         if (lane == 0) {
-            const double norm = (double)dm_cuda_bf16_round((float)sqrt(sum));
+            const double norm = (double)dmi_cuda_bf16_round((float)sqrt(sum));
             double divisor = __dadd_rn(__dmul_rn(np.norm_scale, norm), np.norm_offset);
             if (divisor < np.eps) divisor = np.eps;
-            scale[slot] = (double)dm_cuda_bf16_round((float)divisor);
+            scale[slot] = (double)dmi_cuda_bf16_round((float)divisor);
         }
         return;
     }
     /* sharp.c's finish_norm: the direct root when the sum is safe, else rescaled by the max. */
     double norm;
-    if (isfinite(sum) && (sum >= DM_CUDA_SUMSQ_SAFE_MIN || (sum == 0.0 && !np.float64))) {
+    if (isfinite(sum) && (sum >= DMI_CUDA_SUMSQ_SAFE_MIN || (sum == 0.0 && !np.float64))) {
         norm = sqrt(sum);
     } else if (nonfinite || max == 0.0) {
         norm = 0.0;
     } else {
         const typename Src::context ctx = src.begin(header);
-        norm =
-            __dmul_rn(max, sqrt(dm_cuda_rescaled_sum<Src, GROUP>(src, ctx, pass, b, g, max, lane)));
+        norm = __dmul_rn(max,
+                         sqrt(dmi_cuda_rescaled_sum<Src, GROUP>(src, ctx, pass, b, g, max, lane)));
     }
     if (lane != 0) return;
-    const double inverse = dm_cuda_inverse_divisor(norm, np.norm_scale, np.norm_offset, np.eps);
+    const double inverse = dmi_cuda_inverse_divisor(norm, np.norm_scale, np.norm_offset, np.eps);
     scale[slot] = inverse;
     if (!np.spectral) duals[slot] = __dmul_rn(norm, __dmul_rn(norm, inverse));
 }
 
 /* ---- scale: X0 = M / d into the Newton-Schulz scratch (SPECTRAL) ------------------------------
- * Native iterates: X0 = IT(double(M) * inverse) (dm_convert with a scale). bfloat16 iterates:
- * X0 = bf16(float(bf16(M)) / d), or 0 when d == 0 (torch's rounding, dm_bf16_divide). The panel
+ * Native iterates: X0 = IT(double(M) * inverse) (dmi_convert with a scale). bfloat16 iterates:
+ * X0 = bf16(float(bf16(M)) / d), or 0 when d == 0 (torch's rounding, dmi_bf16_divide). The panel
  * of matrix gb is p x q = rows x cols, or cols x rows when transposed (staged through shared
  * memory so that both the reads and the writes are coalesced). */
 template <class Src, typename IT>
-__global__ void __launch_bounds__(DM_CUDA_BLOCK)
-    dm_cuda_scale_kernel(const __grid_constant__ Src src, const dm_cuda_pass pass,
-                         const dm_cuda_header *header, int bf16_iterates, const double *scale,
-                         IT *panel) {
-    __shared__ IT tile[DM_CUDA_TILE][DM_CUDA_TILE + 1];
+__global__ void __launch_bounds__(DMI_CUDA_BLOCK)
+    dmi_cuda_scale_kernel(const __grid_constant__ Src src, const dmi_cuda_pass pass,
+                          const dmi_cuda_header *header, int bf16_iterates, const double *scale,
+                          IT *panel) {
+    __shared__ IT tile[DMI_CUDA_TILE][DMI_CUDA_TILE + 1];
     const typename Src::context ctx = src.begin(header);
     const int tx = threadIdx.x, ty = threadIdx.y, b = blockIdx.y;
     const int64_t gb = pass.first + b, t = blockIdx.x;
-    const int64_t r0 = (t / pass.tiles_c) * DM_CUDA_TILE, c0 = (t % pass.tiles_c) * DM_CUDA_TILE;
+    const int64_t r0 = (t / pass.tiles_c) * DMI_CUDA_TILE, c0 = (t % pass.tiles_c) * DMI_CUDA_TILE;
     const double s = scale[gb];
     const float d = (float)s;
     IT *x = panel + gb * pass.rows * pass.cols;
 #pragma unroll
-    for (int k = 0; k < DM_CUDA_TILE_STEPS; ++k) {
-        const int64_t i = r0 + ty + DM_CUDA_TILE_ROWS * k, j = c0 + tx;
-        IT v = dm_cuda_to<IT>(0.0f);
+    for (int k = 0; k < DMI_CUDA_TILE_STEPS; ++k) {
+        const int64_t i = r0 + ty + DMI_CUDA_TILE_ROWS * k, j = c0 + tx;
+        IT v = dmi_cuda_to<IT>(0.0f);
         if (i < pass.rows && j < pass.cols) {
             const auto m = src.load(ctx, b, i, j);
             if (bf16_iterates)
-                v = d > 0.0f ? dm_cuda_to<IT>(__fdiv_rn(dm_cuda_bf16_round(m), d)) : v;
+                v = d > 0.0f ? dmi_cuda_to<IT>(__fdiv_rn(dmi_cuda_bf16_round(m), d)) : v;
             else
-                v = dm_cuda_to<IT>(__dmul_rn((double)m, s));
+                v = dmi_cuda_to<IT>(__dmul_rn((double)m, s));
             if (!pass.transposed) x[i * pass.cols + j] = v;
         }
-        if (pass.transposed) tile[ty + DM_CUDA_TILE_ROWS * k][tx] = v;
+        if (pass.transposed) tile[ty + DMI_CUDA_TILE_ROWS * k][tx] = v;
     }
     if (!pass.transposed) return;
     __syncthreads();
     /* tile[a][c] holds M(r0 + a, c0 + c); the panel row is the user's column. */
 #pragma unroll
-    for (int k = 0; k < DM_CUDA_TILE_STEPS; ++k) {
-        const int64_t j = c0 + ty + DM_CUDA_TILE_ROWS * k, i = r0 + tx;
+    for (int k = 0; k < DMI_CUDA_TILE_STEPS; ++k) {
+        const int64_t j = c0 + ty + DMI_CUDA_TILE_ROWS * k, i = r0 + tx;
         if (i < pass.rows && j < pass.cols)
-            x[j * pass.rows + i] = tile[tx][ty + DM_CUDA_TILE_ROWS * k];
+            x[j * pass.rows + i] = tile[tx][ty + DMI_CUDA_TILE_ROWS * k];
     }
 }
 
 /* Loads the panel's 32x32 tile that matches the user tile at (r0, c0) of a transposed panel
  * into tile[c][a] = O(r0 + a, c0 + c), coalesced; all threads of the block must call it. */
 template <typename IT>
-__device__ __forceinline__ void dm_cuda_load_transposed_tile(IT (*tile)[DM_CUDA_TILE + 1],
-                                                             const IT *x, const dm_cuda_pass &pass,
-                                                             int64_t r0, int64_t c0) {
+__device__ __forceinline__ void
+dmi_cuda_load_transposed_tile(IT (*tile)[DMI_CUDA_TILE + 1], const IT *x, const dmi_cuda_pass &pass,
+                              int64_t r0, int64_t c0) {
     const int tx = threadIdx.x, ty = threadIdx.y;
 #pragma unroll
-    for (int k = 0; k < DM_CUDA_TILE_STEPS; ++k) {
-        const int64_t j = c0 + ty + DM_CUDA_TILE_ROWS * k, i = r0 + tx;
+    for (int k = 0; k < DMI_CUDA_TILE_STEPS; ++k) {
+        const int64_t j = c0 + ty + DMI_CUDA_TILE_ROWS * k, i = r0 + tx;
         if (i < pass.rows && j < pass.cols)
-            tile[ty + DM_CUDA_TILE_ROWS * k][tx] = x[j * pass.rows + i];
+            tile[ty + DMI_CUDA_TILE_ROWS * k][tx] = x[j * pass.rows + i];
     }
     __syncthreads();
 }
@@ -257,137 +257,143 @@ __device__ __forceinline__ void dm_cuda_load_transposed_tile(IT (*tile)[DM_CUDA_
 /* Element (i, j) of the user's layout from the panel x (through the staged tile if
  * transposed), in its own precision widened to float or double. */
 template <typename IT>
-__device__ __forceinline__ auto dm_cuda_panel_value(const IT (*tile)[DM_CUDA_TILE + 1], const IT *x,
-                                                    const dm_cuda_pass &pass, int64_t i, int64_t j,
-                                                    int64_t r0, int64_t c0) {
-    return dm_cuda_value(pass.transposed ? tile[j - c0][i - r0] : x[i * pass.cols + j]);
+__device__ __forceinline__ auto dmi_cuda_panel_value(const IT (*tile)[DMI_CUDA_TILE + 1],
+                                                     const IT *x, const dmi_cuda_pass &pass,
+                                                     int64_t i, int64_t j, int64_t r0, int64_t c0) {
+    return dmi_cuda_value(pass.transposed ? tile[j - c0][i - r0] : x[i * pass.cols + j]);
 }
 
-/* ---- duals: <M, O> per tile (SPECTRAL), summed per matrix by dm_cuda_launch_sum_parts -------- */
+/* ---- duals: <M, O> per tile (SPECTRAL), summed per matrix by dmi_cuda_launch_sum_parts --------
+ */
 template <class Src, typename IT>
-__global__ void __launch_bounds__(DM_CUDA_BLOCK)
-    dm_cuda_dual_kernel(const __grid_constant__ Src src, const dm_cuda_pass pass,
-                        const dm_cuda_header *header, const IT *panel, double *parts) {
-    __shared__ IT tile[DM_CUDA_TILE][DM_CUDA_TILE + 1];
+__global__ void __launch_bounds__(DMI_CUDA_BLOCK)
+    dmi_cuda_dual_kernel(const __grid_constant__ Src src, const dmi_cuda_pass pass,
+                         const dmi_cuda_header *header, const IT *panel, double *parts) {
+    __shared__ IT tile[DMI_CUDA_TILE][DMI_CUDA_TILE + 1];
     const typename Src::context ctx = src.begin(header);
     const int tx = threadIdx.x, ty = threadIdx.y, b = blockIdx.y;
     const int64_t gb = pass.first + b, t = blockIdx.x;
-    const int64_t r0 = (t / pass.tiles_c) * DM_CUDA_TILE, c0 = (t % pass.tiles_c) * DM_CUDA_TILE;
+    const int64_t r0 = (t / pass.tiles_c) * DMI_CUDA_TILE, c0 = (t % pass.tiles_c) * DMI_CUDA_TILE;
     const IT *x = panel + gb * pass.rows * pass.cols;
-    if (pass.transposed) dm_cuda_load_transposed_tile(tile, x, pass, r0, c0);
+    if (pass.transposed) dmi_cuda_load_transposed_tile(tile, x, pass, r0, c0);
     double acc = 0.0;
 #pragma unroll
-    for (int k = 0; k < DM_CUDA_TILE_STEPS; ++k) {
-        const int64_t i = r0 + ty + DM_CUDA_TILE_ROWS * k, j = c0 + tx;
+    for (int k = 0; k < DMI_CUDA_TILE_STEPS; ++k) {
+        const int64_t i = r0 + ty + DMI_CUDA_TILE_ROWS * k, j = c0 + tx;
         if (i < pass.rows && j < pass.cols)
             acc += (double)src.load(ctx, b, i, j) *
-                   (double)dm_cuda_panel_value(tile, x, pass, i, j, r0, c0);
+                   (double)dmi_cuda_panel_value(tile, x, pass, i, j, r0, c0);
     }
-    const dm_cuda_partial block = dm_cuda_block_reduce(acc, 0.0);
+    const dmi_cuda_partial block = dmi_cuda_block_reduce(acc, 0.0);
     if (tx == 0 && ty == 0) parts[gb * pass.tiles_r * pass.tiles_c + t] = block.sum;
 }
 
 /* ---- host side: the passes over every chunk of a call ------------------------------------ */
 
 /* Grid of a tile pass over one chunk. */
-static inline dim3 dm_cuda_tile_grid(const dm_cuda_pass &pass) {
+static inline dim3 dmi_cuda_tile_grid(const dmi_cuda_pass &pass) {
     return dim3((unsigned)(pass.tiles_r * pass.tiles_c), (unsigned)pass.count, 1);
 }
-static inline dim3 dm_cuda_tile_block() { return dim3(DM_CUDA_TILE, DM_CUDA_TILE_ROWS, 1); }
+static inline dim3 dmi_cuda_tile_block() { return dim3(DMI_CUDA_TILE, DMI_CUDA_TILE_ROWS, 1); }
 
 /* Launches reduce then finish over every chunk; make_source(chunk) builds the chunk's source. */
 template <class Src, class MakeSource>
-dm_status dm_cuda_run_norms(const dm_cuda_layout &L, const dm_cuda_norm_params &np,
-                            unsigned char *ws, MakeSource make_source, cudaStream_t stream) {
-    dm_cuda_header *header = (dm_cuda_header *)(ws + L.header);
-    dm_cuda_partial *partials = (dm_cuda_partial *)(ws + L.partials);
+dm_status dmi_cuda_run_norms(const dmi_cuda_layout &L, const dmi_cuda_norm_params &np,
+                             unsigned char *ws, MakeSource make_source, cudaStream_t stream) {
+    dmi_cuda_header *header = (dmi_cuda_header *)(ws + L.header);
+    dmi_cuda_partial *partials = (dmi_cuda_partial *)(ws + L.partials);
     double *scale = (double *)(ws + L.scale);
-    double *duals = (double *)(ws + (L.group == DM_CUDA_GROUP_MATRIX ? L.duals : L.group_duals));
-    const int64_t chunks = dm_cuda_chunks(L.batch);
+    double *duals = (double *)(ws + (L.group == DMI_CUDA_GROUP_MATRIX ? L.duals : L.group_duals));
+    const int64_t chunks = dmi_cuda_chunks(L.batch);
     for (int64_t c = 0; c < chunks; ++c) {
-        const dm_cuda_pass pass = dm_cuda_chunk(&L, c);
+        const dmi_cuda_pass pass = dmi_cuda_chunk(&L, c);
         const Src src = make_source(pass);
         switch (L.group) {
-        case DM_CUDA_GROUP_ROW:
-            dm_cuda_reduce_kernel<Src, DM_CUDA_GROUP_ROW>
-                <<<dm_cuda_tile_grid(pass), dm_cuda_tile_block(), 0, stream>>>(src, pass, header,
-                                                                               np.mode, partials);
+        case DMI_CUDA_GROUP_ROW:
+            dmi_cuda_reduce_kernel<Src, DMI_CUDA_GROUP_ROW>
+                <<<dmi_cuda_tile_grid(pass), dmi_cuda_tile_block(), 0, stream>>>(src, pass, header,
+                                                                                 np.mode, partials);
             break;
-        case DM_CUDA_GROUP_COLUMN:
-            dm_cuda_reduce_kernel<Src, DM_CUDA_GROUP_COLUMN>
-                <<<dm_cuda_tile_grid(pass), dm_cuda_tile_block(), 0, stream>>>(src, pass, header,
-                                                                               np.mode, partials);
+        case DMI_CUDA_GROUP_COLUMN:
+            dmi_cuda_reduce_kernel<Src, DMI_CUDA_GROUP_COLUMN>
+                <<<dmi_cuda_tile_grid(pass), dmi_cuda_tile_block(), 0, stream>>>(src, pass, header,
+                                                                                 np.mode, partials);
             break;
         default:
-            dm_cuda_reduce_kernel<Src, DM_CUDA_GROUP_MATRIX>
-                <<<dm_cuda_tile_grid(pass), dm_cuda_tile_block(), 0, stream>>>(src, pass, header,
-                                                                               np.mode, partials);
+            dmi_cuda_reduce_kernel<Src, DMI_CUDA_GROUP_MATRIX>
+                <<<dmi_cuda_tile_grid(pass), dmi_cuda_tile_block(), 0, stream>>>(src, pass, header,
+                                                                                 np.mode, partials);
             break;
         }
-        DM_CUDA_LAUNCHED();
+        DMI_CUDA_LAUNCHED();
     }
     for (int64_t c = 0; c < chunks; ++c) {
-        const dm_cuda_pass pass = dm_cuda_chunk(&L, c);
+        const dmi_cuda_pass pass = dmi_cuda_chunk(&L, c);
         const Src src = make_source(pass);
-        const unsigned blocks = (unsigned)dm_cuda_ceil_div(pass.count * L.groups, DM_CUDA_WARPS);
+        const unsigned blocks = (unsigned)dmi_cuda_ceil_div(pass.count * L.groups, DMI_CUDA_WARPS);
         switch (L.group) {
-        case DM_CUDA_GROUP_ROW:
-            dm_cuda_finish_kernel<Src, DM_CUDA_GROUP_ROW><<<blocks, DM_CUDA_BLOCK, 0, stream>>>(
+        case DMI_CUDA_GROUP_ROW:
+            dmi_cuda_finish_kernel<Src, DMI_CUDA_GROUP_ROW><<<blocks, DMI_CUDA_BLOCK, 0, stream>>>(
                 src, pass, header, np, L.groups, L.parts, partials, scale, duals);
             break;
-        case DM_CUDA_GROUP_COLUMN:
-            dm_cuda_finish_kernel<Src, DM_CUDA_GROUP_COLUMN><<<blocks, DM_CUDA_BLOCK, 0, stream>>>(
-                src, pass, header, np, L.groups, L.parts, partials, scale, duals);
+        case DMI_CUDA_GROUP_COLUMN:
+            dmi_cuda_finish_kernel<Src, DMI_CUDA_GROUP_COLUMN>
+                <<<blocks, DMI_CUDA_BLOCK, 0, stream>>>(src, pass, header, np, L.groups, L.parts,
+                                                        partials, scale, duals);
             break;
         default:
-            dm_cuda_finish_kernel<Src, DM_CUDA_GROUP_MATRIX><<<blocks, DM_CUDA_BLOCK, 0, stream>>>(
-                src, pass, header, np, L.groups, L.parts, partials, scale, duals);
+            dmi_cuda_finish_kernel<Src, DMI_CUDA_GROUP_MATRIX>
+                <<<blocks, DMI_CUDA_BLOCK, 0, stream>>>(src, pass, header, np, L.groups, L.parts,
+                                                        partials, scale, duals);
             break;
         }
-        DM_CUDA_LAUNCHED();
+        DMI_CUDA_LAUNCHED();
     }
     /* ROW/COLUMN: the matrices' duals are the sums of their groups' shares. */
-    if (L.group != DM_CUDA_GROUP_MATRIX)
-        DM_RETURN_IF_ERROR(dm_cuda_launch_sum_parts((const double *)(ws + L.group_duals), L.groups,
-                                                    L.batch, (double *)(ws + L.duals), stream));
+    if (L.group != DMI_CUDA_GROUP_MATRIX)
+        DMI_RETURN_IF_ERROR(dmi_cuda_launch_sum_parts((const double *)(ws + L.group_duals),
+                                                      L.groups, L.batch, (double *)(ws + L.duals),
+                                                      stream));
     return DM_OK;
 }
 
 /* SPECTRAL: scale into the scratch, iterate, and (want_duals) the duals. *result: the final
  * iterate, in IT. */
 template <class Src, typename IT, class MakeSource>
-dm_status dm_cuda_run_spectral(const dm_sharp_config *config, const dm_cuda_layout &L,
-                               unsigned char *ws, MakeSource make_source, int want_duals,
-                               const dm_gemm_provider *gemm, const dm_cuda_tuning *tuning,
-                               const IT **result, cudaStream_t stream) {
-    const dm_cuda_header *header = (const dm_cuda_header *)(ws + L.header);
+dm_status dmi_cuda_run_spectral(const dm_sharp_config *config, const dmi_cuda_layout &L,
+                                unsigned char *ws, MakeSource make_source, int want_duals,
+                                const dm_gemm_provider *gemm, const dm_cuda_tuning *tuning,
+                                const IT **result, cudaStream_t stream) {
+    const dmi_cuda_header *header = (const dmi_cuda_header *)(ws + L.header);
     const double *scale = (const double *)(ws + L.scale);
     IT *x0 = (IT *)(ws + L.scratch);
-    const int64_t chunks = dm_cuda_chunks(L.batch);
+    const int64_t chunks = dmi_cuda_chunks(L.batch);
     for (int64_t c = 0; c < chunks; ++c) {
-        const dm_cuda_pass pass = dm_cuda_chunk(&L, c);
-        dm_cuda_scale_kernel<Src, IT><<<dm_cuda_tile_grid(pass), dm_cuda_tile_block(), 0, stream>>>(
-            make_source(pass), pass, header, L.iteration == DM_BFLOAT16, scale, x0);
-        DM_CUDA_LAUNCHED();
+        const dmi_cuda_pass pass = dmi_cuda_chunk(&L, c);
+        dmi_cuda_scale_kernel<Src, IT>
+            <<<dmi_cuda_tile_grid(pass), dmi_cuda_tile_block(), 0, stream>>>(
+                make_source(pass), pass, header, L.iteration == DM_BFLOAT16, scale, x0);
+        DMI_CUDA_LAUNCHED();
     }
     void *final_iterate = NULL;
-    DM_RETURN_IF_ERROR(dm_cuda_ns_iterate(config, L.iteration, L.batch, L.p, L.q, ws + L.scratch,
-                                          &final_iterate, gemm, tuning, stream));
+    DMI_RETURN_IF_ERROR(dmi_cuda_ns_iterate(config, L.iteration, L.batch, L.p, L.q, ws + L.scratch,
+                                            &final_iterate, gemm, tuning, stream));
     *result = (const IT *)final_iterate;
     if (!want_duals) return DM_OK;
     double *parts = (double *)(ws + L.dual_parts);
     for (int64_t c = 0; c < chunks; ++c) {
-        const dm_cuda_pass pass = dm_cuda_chunk(&L, c);
-        dm_cuda_dual_kernel<Src, IT><<<dm_cuda_tile_grid(pass), dm_cuda_tile_block(), 0, stream>>>(
-            make_source(pass), pass, header, *result, parts);
-        DM_CUDA_LAUNCHED();
+        const dmi_cuda_pass pass = dmi_cuda_chunk(&L, c);
+        dmi_cuda_dual_kernel<Src, IT>
+            <<<dmi_cuda_tile_grid(pass), dmi_cuda_tile_block(), 0, stream>>>(
+                make_source(pass), pass, header, *result, parts);
+        DMI_CUDA_LAUNCHED();
     }
-    return dm_cuda_launch_sum_parts(parts, L.tiles, L.batch, (double *)(ws + L.duals), stream);
+    return dmi_cuda_launch_sum_parts(parts, L.tiles, L.batch, (double *)(ws + L.duals), stream);
 }
 
 /* Every tile grid fits CUDA's limits (x < 2^31, y <= 64). */
-static inline dm_status dm_cuda_check_grid(const dm_cuda_layout &L) {
-    return L.tiles > (int64_t)INT32_MAX || L.batch * L.groups / DM_CUDA_WARPS > (int64_t)INT32_MAX
+static inline dm_status dmi_cuda_check_grid(const dmi_cuda_layout &L) {
+    return L.tiles > (int64_t)INT32_MAX || L.batch * L.groups / DMI_CUDA_WARPS > (int64_t)INT32_MAX
                ? DM_ERR_SHAPE
                : DM_OK;
 }

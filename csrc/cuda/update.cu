@@ -1,7 +1,7 @@
 /* update.cu - dm_cuda_update: the fused Muon / Drop-Muon update on the device (dm_update in
  * dropmuon.h), as init -> reduce -> finish -> [scale -> Newton-Schulz -> duals] -> final
  * (common.cuh). The direction D is recomputed from G and M by each pass that reads it
- * (dm_cuda_direction_source); only the final pass writes M and X, and only when neither NaN/Inf
+ * (dmi_cuda_direction_source); only the final pass writes M and X, and only when neither NaN/Inf
  * nor bad device hyperparameters were seen, so an error leaves every tensor untouched. The
  * hyperparameters are read on the device (the init pass resolves them into the workspace), so a
  * captured step follows changes to the caller's device struct between replays. */
@@ -9,15 +9,15 @@
 
 namespace {
 
-enum { DM_KIND_SPECTRAL = 0, DM_KIND_SIGN, DM_KIND_COLUMN, DM_KIND_ROW, DM_KIND_FROBENIUS };
+enum { DMI_KIND_SPECTRAL = 0, DMI_KIND_SIGN, DMI_KIND_COLUMN, DMI_KIND_ROW, DMI_KIND_FROBENIUS };
 
-template <typename S> struct dm_cuda_update_io {
+template <typename S> struct dmi_cuda_update_io {
     S *param[DM_CUDA_TENSORS_PER_LAUNCH];
     const S *grad[DM_CUDA_TENSORS_PER_LAUNCH];
     S *buf[DM_CUDA_TENSORS_PER_LAUNCH];
 };
 
-struct dm_cuda_step_params {
+struct dmi_cuda_step_params {
     int nesterov;
     int adaptive; /* DM_RADIUS_ADAPTIVE */
     double ratio; /* FIXED: the lr adjustment of the shape (update.c's lr_ratio) */
@@ -26,26 +26,27 @@ struct dm_cuda_step_params {
 /* M <- lerp(M, G, 1 - mu) and X <- round(X (1 - lr wd)) - t O, with update.c's arithmetic and
  * roundings; t = lr * ratio, or lr <D,O> / (L0 + L1 <D,O>) (0 when <D,O> = 0). */
 template <typename S, typename IT, int KIND>
-__global__ void __launch_bounds__(DM_CUDA_BLOCK)
-    dm_cuda_update_final_kernel(const __grid_constant__ dm_cuda_update_io<S> io,
-                                const dm_cuda_pass pass, const dm_cuda_header *header,
-                                const dm_cuda_step_params sp, const double *scale, const IT *panel,
-                                const double *duals_ws, double *duals, int32_t *status) {
-    using CT = typename dm_cuda_storage<S>::compute;
-    __shared__ IT tile[DM_CUDA_TILE][DM_CUDA_TILE + 1];
+__global__ void __launch_bounds__(DMI_CUDA_BLOCK)
+    dmi_cuda_update_final_kernel(const __grid_constant__ dmi_cuda_update_io<S> io,
+                                 const dmi_cuda_pass pass, const dmi_cuda_header *header,
+                                 const dmi_cuda_step_params sp, const double *scale,
+                                 const IT *panel, const double *duals_ws, double *duals,
+                                 int32_t *status) {
+    using CT = typename dmi_cuda_storage<S>::compute;
+    __shared__ IT tile[DMI_CUDA_TILE][DMI_CUDA_TILE + 1];
     const int tx = threadIdx.x, ty = threadIdx.y, b = blockIdx.y;
     const bool lead = tx == 0 && ty == 0 && blockIdx.x == 0;
     const unsigned flags = header->flags;
     if (flags != 0u) {
-        if (status && lead && b == 0) atomicCAS(status, 0, dm_cuda_flag_status(flags));
+        if (status && lead && b == 0) atomicCAS(status, 0, dmi_cuda_flag_status(flags));
         return;
     }
     if (status && *status != 0) return;
     const int64_t gb = pass.first + b, t = blockIdx.x;
-    const int64_t r0 = (t / pass.tiles_c) * DM_CUDA_TILE, c0 = (t % pass.tiles_c) * DM_CUDA_TILE;
-    const IT *x = KIND == DM_KIND_SPECTRAL ? panel + gb * pass.rows * pass.cols : panel;
-    if (KIND == DM_KIND_SPECTRAL && pass.transposed)
-        dm_cuda_load_transposed_tile(tile, x, pass, r0, c0);
+    const int64_t r0 = (t / pass.tiles_c) * DMI_CUDA_TILE, c0 = (t % pass.tiles_c) * DMI_CUDA_TILE;
+    const IT *x = KIND == DMI_KIND_SPECTRAL ? panel + gb * pass.rows * pass.cols : panel;
+    if (KIND == DMI_KIND_SPECTRAL && pass.transposed)
+        dmi_cuda_load_transposed_tile(tile, x, pass, r0, c0);
 
     const dm_cuda_update_hyperparameters h = header->hyper;
     const CT w = (CT)(1.0 - h.momentum), mu = (CT)h.momentum, decay = (CT)header->decay;
@@ -64,60 +65,60 @@ __global__ void __launch_bounds__(DM_CUDA_BLOCK)
     const S *grad = io.grad[b];
     S *buf = io.buf[b];
 #pragma unroll
-    for (int k = 0; k < DM_CUDA_TILE_STEPS; ++k) {
-        const int64_t i = r0 + ty + DM_CUDA_TILE_ROWS * k, j = c0 + tx;
+    for (int k = 0; k < DMI_CUDA_TILE_STEPS; ++k) {
+        const int64_t i = r0 + ty + DMI_CUDA_TILE_ROWS * k, j = c0 + tx;
         if (i >= pass.rows || j >= pass.cols) continue;
         const int64_t e = i * pass.cols + j;
-        const CT g = dm_cuda_value(grad[e]);
-        const CT m = dm_cuda_round<S>(dm_cuda_lerp(dm_cuda_value(buf[e]), g, w));
-        buf[e] = dm_cuda_to<S>(m);
+        const CT g = dmi_cuda_value(grad[e]);
+        const CT m = dmi_cuda_round<S>(dmi_cuda_lerp(dmi_cuda_value(buf[e]), g, w));
+        buf[e] = dmi_cuda_to<S>(m);
         CT o;
-        if constexpr (KIND == DM_KIND_SPECTRAL) {
-            o = (CT)dm_cuda_panel_value(tile, x, pass, i, j, r0, c0);
+        if constexpr (KIND == DMI_KIND_SPECTRAL) {
+            o = (CT)dmi_cuda_panel_value(tile, x, pass, i, j, r0, c0);
         } else {
-            const CT d = sp.nesterov ? dm_cuda_lerp(g, m, mu) : m;
-            if constexpr (KIND == DM_KIND_SIGN) {
+            const CT d = sp.nesterov ? dmi_cuda_lerp(g, m, mu) : m;
+            if constexpr (KIND == DMI_KIND_SIGN) {
                 o = (CT)((d > (CT)0) - (d < (CT)0));
             } else {
-                const double s = KIND == DM_KIND_ROW      ? scale[gb * pass.rows + i]
-                                 : KIND == DM_KIND_COLUMN ? scale[gb * pass.cols + j]
-                                                          : scale[gb];
+                const double s = KIND == DMI_KIND_ROW      ? scale[gb * pass.rows + i]
+                                 : KIND == DMI_KIND_COLUMN ? scale[gb * pass.cols + j]
+                                                           : scale[gb];
                 o = (CT)__dmul_rn((double)d, s);
             }
         }
-        const CT decayed = dm_cuda_round<S>(dm_cuda_mul(dm_cuda_value(param[e]), decay));
-        param[e] = dm_cuda_to<S>(dm_cuda_sub(decayed, dm_cuda_mul(step_c, o)));
+        const CT decayed = dmi_cuda_round<S>(dmi_cuda_mul(dmi_cuda_value(param[e]), decay));
+        param[e] = dmi_cuda_to<S>(dmi_cuda_sub(decayed, dmi_cuda_mul(step_c, o)));
     }
     if (duals && lead) duals[gb] = duals_ws[gb];
 }
 
 template <typename S, typename IT, int KIND>
-dm_status dm_cuda_final(const dm_cuda_layout &L, void *const *params, const void *const *grads,
-                        void *const *momentum_buffers, const dm_cuda_step_params &sp,
-                        unsigned char *ws, const IT *panel, double *duals, int32_t *status,
-                        cudaStream_t stream) {
-    const int64_t chunks = dm_cuda_chunks(L.batch);
+dm_status dmi_cuda_final(const dmi_cuda_layout &L, void *const *params, const void *const *grads,
+                         void *const *momentum_buffers, const dmi_cuda_step_params &sp,
+                         unsigned char *ws, const IT *panel, double *duals, int32_t *status,
+                         cudaStream_t stream) {
+    const int64_t chunks = dmi_cuda_chunks(L.batch);
     for (int64_t c = 0; c < chunks; ++c) {
-        const dm_cuda_pass pass = dm_cuda_chunk(&L, c);
-        dm_cuda_update_io<S> io;
+        const dmi_cuda_pass pass = dmi_cuda_chunk(&L, c);
+        dmi_cuda_update_io<S> io;
         memset(&io, 0, sizeof io);
         for (int b = 0; b < pass.count; ++b) {
             io.param[b] = (S *)params[pass.first + b];
             io.grad[b] = (const S *)grads[pass.first + b];
             io.buf[b] = (S *)momentum_buffers[pass.first + b];
         }
-        dm_cuda_update_final_kernel<S, IT, KIND>
-            <<<dm_cuda_tile_grid(pass), dm_cuda_tile_block(), 0, stream>>>(
-                io, pass, (const dm_cuda_header *)(ws + L.header), sp,
+        dmi_cuda_update_final_kernel<S, IT, KIND>
+            <<<dmi_cuda_tile_grid(pass), dmi_cuda_tile_block(), 0, stream>>>(
+                io, pass, (const dmi_cuda_header *)(ws + L.header), sp,
                 (const double *)(ws + L.scale), panel, (const double *)(ws + L.duals), duals,
                 status);
-        DM_CUDA_LAUNCHED();
+        DMI_CUDA_LAUNCHED();
     }
     return DM_OK;
 }
 
 /* The shape-dependent factor of torch.optim.Muon's _adjust_lr (update.c's lr_ratio). */
-double dm_cuda_lr_ratio(dm_lr_adjust adjust, int64_t rows, int64_t cols) {
+double dmi_cuda_lr_ratio(dm_lr_adjust adjust, int64_t rows, int64_t cols) {
     switch (adjust) {
     case DM_LR_ADJUST_ORIGINAL: {
         const double r = (double)rows / (double)cols;
@@ -130,14 +131,14 @@ double dm_cuda_lr_ratio(dm_lr_adjust adjust, int64_t rows, int64_t cols) {
 }
 
 template <typename S>
-dm_status dm_cuda_update_typed(const dm_update_config *config, const dm_cuda_layout &L,
-                               void *const *params, const void *const *grads,
-                               void *const *momentum_buffers, double *duals, unsigned char *ws,
-                               const dm_gemm_provider *gemm,
-                               const dm_cuda_update_hyperparameters *hyperparameters,
-                               int32_t *status, const dm_cuda_tuning *tuning, cudaStream_t stream) {
-    using Src = dm_cuda_direction_source<S>;
-    auto make_source = [&](const dm_cuda_pass &pass) {
+dm_status
+dmi_cuda_update_typed(const dm_update_config *config, const dmi_cuda_layout &L, void *const *params,
+                      const void *const *grads, void *const *momentum_buffers, double *duals,
+                      unsigned char *ws, const dm_gemm_provider *gemm,
+                      const dm_cuda_update_hyperparameters *hyperparameters, int32_t *status,
+                      const dm_cuda_tuning *tuning, cudaStream_t stream) {
+    using Src = dmi_cuda_direction_source<S>;
+    auto make_source = [&](const dmi_cuda_pass &pass) {
         Src src;
         memset(&src, 0, sizeof src);
         for (int b = 0; b < pass.count; ++b) {
@@ -151,43 +152,43 @@ dm_status dm_cuda_update_typed(const dm_update_config *config, const dm_cuda_lay
     const int adaptive = config->radius == DM_RADIUS_ADAPTIVE;
     const dm_cuda_update_hyperparameters values = {
         config->lr, config->weight_decay, config->momentum, config->radius_l0, config->radius_l1};
-    DM_RETURN_IF_ERROR(dm_cuda_launch_init((dm_cuda_header *)(ws + L.header), hyperparameters,
-                                           values, 1, adaptive, stream));
-    const dm_cuda_norm_params np = dm_cuda_norm_constants(&config->sharp, &L);
-    DM_RETURN_IF_ERROR(dm_cuda_run_norms<Src>(L, np, ws, make_source, stream));
-    dm_cuda_step_params sp;
+    DMI_RETURN_IF_ERROR(dmi_cuda_launch_init((dmi_cuda_header *)(ws + L.header), hyperparameters,
+                                             values, 1, adaptive, stream));
+    const dmi_cuda_norm_params np = dmi_cuda_norm_constants(&config->sharp, &L);
+    DMI_RETURN_IF_ERROR(dmi_cuda_run_norms<Src>(L, np, ws, make_source, stream));
+    dmi_cuda_step_params sp;
     sp.nesterov = config->nesterov;
     sp.adaptive = adaptive;
-    sp.ratio = dm_cuda_lr_ratio(config->lr_adjust, L.rows, L.cols);
+    sp.ratio = dmi_cuda_lr_ratio(config->lr_adjust, L.rows, L.cols);
     const int want_duals = duals != NULL || adaptive;
     switch (config->sharp.norm) {
     case DM_NORM_SPECTRAL:
         if (L.iteration == DM_BFLOAT16) {
             const __nv_bfloat16 *o = NULL;
-            DM_RETURN_IF_ERROR(dm_cuda_run_spectral<Src>(&config->sharp, L, ws, make_source,
-                                                         want_duals, gemm, tuning, &o, stream));
-            return dm_cuda_final<S, __nv_bfloat16, DM_KIND_SPECTRAL>(
+            DMI_RETURN_IF_ERROR(dmi_cuda_run_spectral<Src>(&config->sharp, L, ws, make_source,
+                                                           want_duals, gemm, tuning, &o, stream));
+            return dmi_cuda_final<S, __nv_bfloat16, DMI_KIND_SPECTRAL>(
                 L, params, grads, momentum_buffers, sp, ws, o, duals, status, stream);
         } else {
-            using IT = typename dm_cuda_storage<S>::compute;
+            using IT = typename dmi_cuda_storage<S>::compute;
             const IT *o = NULL;
-            DM_RETURN_IF_ERROR(dm_cuda_run_spectral<Src>(&config->sharp, L, ws, make_source,
-                                                         want_duals, gemm, tuning, &o, stream));
-            return dm_cuda_final<S, IT, DM_KIND_SPECTRAL>(L, params, grads, momentum_buffers, sp,
-                                                          ws, o, duals, status, stream);
+            DMI_RETURN_IF_ERROR(dmi_cuda_run_spectral<Src>(&config->sharp, L, ws, make_source,
+                                                           want_duals, gemm, tuning, &o, stream));
+            return dmi_cuda_final<S, IT, DMI_KIND_SPECTRAL>(L, params, grads, momentum_buffers, sp,
+                                                            ws, o, duals, status, stream);
         }
     case DM_NORM_SIGN:
-        return dm_cuda_final<S, S, DM_KIND_SIGN>(L, params, grads, momentum_buffers, sp, ws, NULL,
-                                                 duals, status, stream);
-    case DM_NORM_COLUMN:
-        return dm_cuda_final<S, S, DM_KIND_COLUMN>(L, params, grads, momentum_buffers, sp, ws, NULL,
+        return dmi_cuda_final<S, S, DMI_KIND_SIGN>(L, params, grads, momentum_buffers, sp, ws, NULL,
                                                    duals, status, stream);
+    case DM_NORM_COLUMN:
+        return dmi_cuda_final<S, S, DMI_KIND_COLUMN>(L, params, grads, momentum_buffers, sp, ws,
+                                                     NULL, duals, status, stream);
     case DM_NORM_ROW:
-        return dm_cuda_final<S, S, DM_KIND_ROW>(L, params, grads, momentum_buffers, sp, ws, NULL,
-                                                duals, status, stream);
+        return dmi_cuda_final<S, S, DMI_KIND_ROW>(L, params, grads, momentum_buffers, sp, ws, NULL,
+                                                  duals, status, stream);
     case DM_NORM_FROBENIUS:
-        return dm_cuda_final<S, S, DM_KIND_FROBENIUS>(L, params, grads, momentum_buffers, sp, ws,
-                                                      NULL, duals, status, stream);
+        return dmi_cuda_final<S, S, DMI_KIND_FROBENIUS>(L, params, grads, momentum_buffers, sp, ws,
+                                                        NULL, duals, status, stream);
     }
     return DM_ERR_INVALID_ARG;
 }
@@ -197,11 +198,11 @@ dm_status dm_cuda_update_typed(const dm_update_config *config, const dm_cuda_lay
 dm_status dm_cuda_update_workspace_size(const dm_update_config *config, dm_dtype dtype,
                                         int64_t batch, int64_t rows, int64_t cols, size_t *bytes) {
     size_t cpu_bytes;
-    dm_cuda_layout L;
+    dmi_cuda_layout L;
     if (!bytes) return DM_ERR_INVALID_ARG;
     /* The C core's own checks: the same configs, dtypes and sizes are accepted. */
-    DM_RETURN_IF_ERROR(dm_update_workspace_size(config, dtype, batch, rows, cols, &cpu_bytes));
-    DM_RETURN_IF_ERROR(dm_cuda_plan(&config->sharp, dtype, batch, rows, cols, &L));
+    DMI_RETURN_IF_ERROR(dm_update_workspace_size(config, dtype, batch, rows, cols, &cpu_bytes));
+    DMI_RETURN_IF_ERROR(dmi_cuda_plan(&config->sharp, dtype, batch, rows, cols, &L));
     *bytes = L.total;
     return DM_OK;
 }
@@ -215,41 +216,41 @@ dm_status dm_cuda_update(const dm_update_config *config, dm_dtype dtype, int64_t
     const cudaStream_t stream = (cudaStream_t)stream_ptr;
     const dm_cuda_tuning defaults = {DM_CUDA_BATCHED_MAX_P, DM_CUDA_SYMMETRIC_MIN_P};
     size_t needed;
-    DM_RETURN_IF_ERROR(dm_cuda_update_workspace_size(config, dtype, batch, rows, cols, &needed));
+    DMI_RETURN_IF_ERROR(dm_cuda_update_workspace_size(config, dtype, batch, rows, cols, &needed));
     if (batch > 0 && (!params || !grads || !momentum_buffers)) return DM_ERR_INVALID_ARG;
     if (rows > 0 && cols > 0)
         for (int64_t b = 0; b < batch; ++b)
             if (!params[b] || !grads[b] || !momentum_buffers[b]) return DM_ERR_INVALID_ARG;
     if (needed > 0 &&
-        (!workspace || workspace_bytes < needed || (uintptr_t)workspace % DM_CUDA_ALIGN != 0))
+        (!workspace || workspace_bytes < needed || (uintptr_t)workspace % DMI_CUDA_ALIGN != 0))
         return DM_ERR_WORKSPACE;
-    if (!status) DM_RETURN_IF_ERROR(dm_cuda_require_not_capturing(stream));
+    if (!status) DMI_RETURN_IF_ERROR(dmi_cuda_require_not_capturing(stream));
     if (batch == 0) return DM_OK;
     if (rows == 0 || cols == 0) {
-        if (duals) DM_CUDA_TRY(cudaMemsetAsync(duals, 0, (size_t)batch * sizeof(double), stream));
+        if (duals) DMI_CUDA_TRY(cudaMemsetAsync(duals, 0, (size_t)batch * sizeof(double), stream));
         return DM_OK;
     }
 
-    dm_cuda_layout L;
-    DM_RETURN_IF_ERROR(dm_cuda_plan(&config->sharp, dtype, batch, rows, cols, &L));
-    DM_RETURN_IF_ERROR(dm_cuda_check_grid(L));
+    dmi_cuda_layout L;
+    DMI_RETURN_IF_ERROR(dmi_cuda_plan(&config->sharp, dtype, batch, rows, cols, &L));
+    DMI_RETURN_IF_ERROR(dmi_cuda_check_grid(L));
     unsigned char *ws = (unsigned char *)workspace;
     const dm_cuda_tuning *t = tuning ? tuning : &defaults;
     dm_status st = DM_ERR_DTYPE;
     switch (dtype) {
     case DM_FLOAT32:
-        st = dm_cuda_update_typed<float>(config, L, params, grads, momentum_buffers, duals, ws,
-                                         gemm, hyperparameters, status, t, stream);
-        break;
-    case DM_FLOAT64:
-        st = dm_cuda_update_typed<double>(config, L, params, grads, momentum_buffers, duals, ws,
+        st = dmi_cuda_update_typed<float>(config, L, params, grads, momentum_buffers, duals, ws,
                                           gemm, hyperparameters, status, t, stream);
         break;
+    case DM_FLOAT64:
+        st = dmi_cuda_update_typed<double>(config, L, params, grads, momentum_buffers, duals, ws,
+                                           gemm, hyperparameters, status, t, stream);
+        break;
     case DM_BFLOAT16:
-        st = dm_cuda_update_typed<__nv_bfloat16>(config, L, params, grads, momentum_buffers, duals,
-                                                 ws, gemm, hyperparameters, status, t, stream);
+        st = dmi_cuda_update_typed<__nv_bfloat16>(config, L, params, grads, momentum_buffers, duals,
+                                                  ws, gemm, hyperparameters, status, t, stream);
         break;
     }
     if (st != DM_OK || status) return st;
-    return dm_cuda_wait_for_status((const dm_cuda_header *)(ws + L.header), stream);
+    return dmi_cuda_wait_for_status((const dmi_cuda_header *)(ws + L.header), stream);
 }

@@ -12,10 +12,10 @@
 
 namespace dropmuon {
 
-#define DM_TORCH_CHECK_STATUS(call, name)                                                          \
+#define DMI_TORCH_CHECK_STATUS(call, name)                                                         \
     do {                                                                                           \
-        dm_status dm_st_ = (call);                                                                 \
-        TORCH_CHECK(dm_st_ == DM_OK, name " failed: ", dm_status_string(dm_st_));                  \
+        dm_status st_ = (call);                                                                    \
+        TORCH_CHECK(st_ == DM_OK, name " failed: ", dm_status_string(st_));                        \
     } while (0)
 
 inline dm_norm parse_norm(const std::string &name) {
@@ -64,8 +64,9 @@ inline dm_dtype to_dm_dtype(const at::Tensor &t, const char *what) {
     }
 }
 
-// A parameter of any rank seen as a matrix: (size(0), numel / size(0)), as the notes flatten
-// conv kernels (out, in*kh*kw). 0-D tensors are 1 x 1.
+// A parameter of any rank seen as a matrix: (size(0), numel / size(0)), as docs/method.md
+// section 4 flattens conv kernels (out, in*kh*kw); 0-D tensors are 1 x 1. Twin of
+// dropmuon.reference.matrix_shape.
 inline std::pair<int64_t, int64_t> matrix_shape(const at::Tensor &t) {
     if (t.dim() == 0) return {1, 1};
     const int64_t rows = t.size(0);

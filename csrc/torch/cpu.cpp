@@ -6,9 +6,7 @@
 #include <ATen/ops/baddbmm_cpu_dispatch.h>
 #include <torch/library.h>
 
-#include <limits>
-
-#include "common.h"
+#include "update_args.h"
 
 namespace dropmuon {
 namespace {
@@ -89,8 +87,8 @@ std::tuple<at::Tensor, at::Tensor> sharp_cpu(const at::Tensor &input, const std:
     at::Tensor out = at::empty_like(in);
     at::Tensor duals = at::empty({with_duals ? batch : 0}, in.options().dtype(at::kDouble));
     size_t bytes = 0;
-    DM_TORCH_CHECK_STATUS(dm_sharp_workspace_size(&config, dtype, batch, rows, cols, &bytes),
-                          "dm_sharp_workspace_size");
+    DMI_TORCH_CHECK_STATUS(dm_sharp_workspace_size(&config, dtype, batch, rows, cols, &bytes),
+                           "dm_sharp_workspace_size");
 
     const size_t elem = in.element_size(), stride = static_cast<size_t>(rows * cols) * elem;
     std::vector<const void *> inputs(batch);
@@ -99,12 +97,24 @@ std::tuple<at::Tensor, at::Tensor> sharp_cpu(const at::Tensor &input, const std:
         inputs[i] = static_cast<const char *>(in.const_data_ptr()) + i * stride;
         outputs[i] = static_cast<char *>(out.mutable_data_ptr()) + i * stride;
     }
-    DM_TORCH_CHECK_STATUS(dm_sharp(&config, dtype, batch, rows, cols, inputs.data(), cols,
-                                   outputs.data(), cols,
-                                   with_duals ? duals.mutable_data_ptr<double>() : nullptr,
-                                   workspace(bytes), bytes, &kAtenProvider),
-                          "dm_sharp");
+    DMI_TORCH_CHECK_STATUS(dm_sharp(&config, dtype, batch, rows, cols, inputs.data(), cols,
+                                    outputs.data(), cols,
+                                    with_duals ? duals.mutable_data_ptr<double>() : nullptr,
+                                    workspace(bytes), bytes, &kAtenProvider),
+                           "dm_sharp");
     return {out, duals};
+}
+
+// dm_update on checked lists, with the thread's workspace; the caller raises or reports the
+// status.
+dm_status run_update(const dm_update_config &config, const UpdateArgs &args, at::Tensor &duals) {
+    size_t bytes = 0;
+    DMI_TORCH_CHECK_STATUS(
+        dm_update_workspace_size(&config, args.dtype, args.batch, args.rows, args.cols, &bytes),
+        "dm_update_workspace_size");
+    return dm_update(&config, args.dtype, args.batch, args.rows, args.cols, args.params.data(),
+                     args.grads.data(), args.momentum_buffers.data(), duals_or_null(duals),
+                     workspace(bytes), bytes, &kAtenProvider);
 }
 
 at::Tensor muon_update_cpu(at::TensorList params, at::TensorList grads,
@@ -114,52 +124,16 @@ at::Tensor muon_update_cpu(at::TensorList params, at::TensorList grads,
                            double norm_offset, double eps, const std::string &ns_precision,
                            const std::string &adjust_lr_fn, const std::string &radius, double L0,
                            double L1, bool with_duals) {
-    const int64_t batch = static_cast<int64_t>(params.size());
-    TORCH_CHECK(grads.size() == params.size() && momentum_buffers.size() == params.size(),
-                "dropmuon.muon_update_: params, grads and momentum_buffers must have the same "
-                "length, got ",
-                params.size(), ", ", grads.size(), ", ", momentum_buffers.size());
-    if (batch == 0) return at::empty({0}, at::TensorOptions().dtype(at::kDouble));
-    const at::Tensor &first = params[0];
-    TORCH_CHECK(first.device().is_cpu(), "dropmuon.muon_update_: params[0] is on ", first.device(),
-                ", this is the CPU kernel");
-    const dm_dtype dtype = to_dm_dtype(first, "params[0]");
-    check_tensor_list(params, first, "params", true);
-    check_tensor_list(grads, first, "grads", false);
-    check_tensor_list(momentum_buffers, first, "momentum_buffers", true);
-
+    if (!check_update_lists(params, grads, momentum_buffers, "dropmuon.muon_update_", at::kCPU))
+        return at::empty({0}, at::TensorOptions().dtype(at::kDouble));
     const std::vector<double> coefficients = ns_coefficients.vec();
-    dm_update_config config{};
-    config.sharp =
-        make_sharp_config(norm, coefficients, norm_scale, norm_offset, eps, ns_precision);
-    config.lr = lr;
-    config.weight_decay = weight_decay;
-    config.momentum = momentum;
-    config.nesterov = nesterov ? 1 : 0;
-    config.lr_adjust = parse_lr_adjust(adjust_lr_fn);
-    config.radius = parse_radius(radius);
-    config.radius_l0 = L0;
-    config.radius_l1 = L1;
+    const dm_update_config config =
+        make_update_config(coefficients, lr, weight_decay, momentum, nesterov, norm, norm_scale,
+                           norm_offset, eps, ns_precision, adjust_lr_fn, radius, L0, L1);
 
-    const auto [rows, cols] = matrix_shape(first);
-    std::vector<at::Tensor> grads_contiguous;
-    std::vector<void *> param_ptrs(batch), buffer_ptrs(batch);
-    std::vector<const void *> grad_ptrs(batch);
-    for (int64_t i = 0; i < batch; ++i) {
-        grads_contiguous.push_back(grads[i].contiguous());
-        param_ptrs[i] = params[i].mutable_data_ptr();
-        buffer_ptrs[i] = momentum_buffers[i].mutable_data_ptr();
-        grad_ptrs[i] = grads_contiguous.back().const_data_ptr();
-    }
-    size_t bytes = 0;
-    DM_TORCH_CHECK_STATUS(dm_update_workspace_size(&config, dtype, batch, rows, cols, &bytes),
-                          "dm_update_workspace_size");
-    at::Tensor duals = at::empty({with_duals ? batch : 0}, first.options().dtype(at::kDouble));
-    DM_TORCH_CHECK_STATUS(dm_update(&config, dtype, batch, rows, cols, param_ptrs.data(),
-                                    grad_ptrs.data(), buffer_ptrs.data(),
-                                    with_duals ? duals.mutable_data_ptr<double>() : nullptr,
-                                    workspace(bytes), bytes, &kAtenProvider),
-                          "dm_update");
+    const UpdateArgs args = gather_update_args(params, grads, momentum_buffers);
+    at::Tensor duals = update_duals(params[0], args.batch, with_duals, false);
+    DMI_TORCH_CHECK_STATUS(run_update(config, args, duals), "dm_update");
     return duals;
 }
 
@@ -173,44 +147,24 @@ at::Tensor muon_update_capturable_cpu(
     const std::string &norm, at::ArrayRef<double> ns_coefficients, double norm_scale,
     double norm_offset, double eps, const std::string &ns_precision,
     const std::string &adjust_lr_fn, const std::string &radius, bool with_duals) {
-    const char *op = "dropmuon.muon_update_capturable_";
+    const char *op = "dropmuon._muon_update_capturable_";
     TORCH_CHECK(hyperparameters.device().is_cpu() && status.device().is_cpu(), op,
                 ": hyperparameters and status are on ", hyperparameters.device(), " and ",
                 status.device(), ", this is the CPU kernel");
-    TORCH_CHECK(hyperparameters.scalar_type() == at::kDouble && hyperparameters.numel() == 5, op,
-                ": hyperparameters must be a float64 tensor of 5 values (lr, weight_decay, "
-                "momentum, L0, L1), got ",
-                hyperparameters.scalar_type(), " ", hyperparameters.sizes());
-    TORCH_CHECK(status.scalar_type() == at::kInt && status.numel() == 1, op,
-                ": status must be an int32 tensor of one element, got ", status.scalar_type(), " ",
-                status.sizes());
-    const int64_t batch = static_cast<int64_t>(params.size());
-    TORCH_CHECK(grads.size() == params.size() && momentum_buffers.size() == params.size(), op,
-                ": params, grads and momentum_buffers must have the same length, got ",
-                params.size(), ", ", grads.size(), ", ", momentum_buffers.size());
-    if (batch == 0) return at::empty({0}, at::TensorOptions().dtype(at::kDouble));
-    const at::Tensor &first = params[0];
-    TORCH_CHECK(first.device().is_cpu(), op, ": params[0] is on ", first.device(),
-                ", this is the CPU kernel");
-    const dm_dtype dtype = to_dm_dtype(first, "params[0]");
-    check_tensor_list(params, first, "params", true);
-    check_tensor_list(grads, first, "grads", false);
-    check_tensor_list(momentum_buffers, first, "momentum_buffers", true);
-
+    check_capturable_tensors(hyperparameters, status, op, false);
+    if (!check_update_lists(params, grads, momentum_buffers, op, at::kCPU))
+        return at::empty({0}, at::TensorOptions().dtype(at::kDouble));
     const std::vector<double> coefficients = ns_coefficients.vec();
-    dm_update_config config{};
-    config.sharp =
-        make_sharp_config(norm, coefficients, norm_scale, norm_offset, eps, ns_precision);
-    config.nesterov = nesterov ? 1 : 0;
-    config.lr_adjust = parse_lr_adjust(adjust_lr_fn);
-    config.radius = parse_radius(radius);
-    config.radius_l0 = 1.0; // valid placeholders: everything but the five values is checked here
-    const auto [rows, cols] = matrix_shape(first);
-    size_t bytes = 0;
-    DM_TORCH_CHECK_STATUS(dm_update_workspace_size(&config, dtype, batch, rows, cols, &bytes),
-                          "dm_update_workspace_size");
-    at::Tensor duals = at::full({with_duals ? batch : 0}, std::numeric_limits<double>::quiet_NaN(),
-                                first.options().dtype(at::kDouble));
+    dm_update_config config =
+        make_capturable_update_config(coefficients, nesterov, norm, norm_scale, norm_offset, eps,
+                                      ns_precision, adjust_lr_fn, radius);
+
+    const UpdateArgs args = gather_update_args(params, grads, momentum_buffers);
+    size_t bytes = 0; // everything but the five values is checked here, and raises
+    DMI_TORCH_CHECK_STATUS(
+        dm_update_workspace_size(&config, args.dtype, args.batch, args.rows, args.cols, &bytes),
+        "dm_update_workspace_size");
+    at::Tensor duals = update_duals(params[0], args.batch, with_duals, true);
     int32_t *flag = status.mutable_data_ptr<int32_t>();
     if (*flag != 0) return duals;
     const at::Tensor values = hyperparameters.contiguous();
@@ -220,28 +174,17 @@ at::Tensor muon_update_capturable_cpu(
     config.momentum = h[2];
     config.radius_l0 = h[3];
     config.radius_l1 = h[4];
-    if (dm_update_workspace_size(&config, dtype, batch, rows, cols, &bytes) != DM_OK) {
+    if (dm_update_workspace_size(&config, args.dtype, args.batch, args.rows, args.cols, &bytes) !=
+        DM_OK) {
         *flag = DM_ERR_INVALID_ARG; // only the five values can be wrong by now
         return duals;
     }
-    std::vector<at::Tensor> grads_contiguous;
-    std::vector<void *> param_ptrs(batch), buffer_ptrs(batch);
-    std::vector<const void *> grad_ptrs(batch);
-    for (int64_t i = 0; i < batch; ++i) {
-        grads_contiguous.push_back(grads[i].contiguous());
-        param_ptrs[i] = params[i].mutable_data_ptr();
-        buffer_ptrs[i] = momentum_buffers[i].mutable_data_ptr();
-        grad_ptrs[i] = grads_contiguous.back().const_data_ptr();
-    }
-    const dm_status st =
-        dm_update(&config, dtype, batch, rows, cols, param_ptrs.data(), grad_ptrs.data(),
-                  buffer_ptrs.data(), with_duals ? duals.mutable_data_ptr<double>() : nullptr,
-                  workspace(bytes), bytes, &kAtenProvider);
+    const dm_status st = run_update(config, args, duals);
     if (st == DM_ERR_NONFINITE) {
         *flag = st;
         return duals;
     }
-    DM_TORCH_CHECK_STATUS(st, "dm_update");
+    DMI_TORCH_CHECK_STATUS(st, "dm_update");
     return duals;
 }
 
@@ -250,7 +193,7 @@ at::Tensor muon_update_capturable_cpu(
 TORCH_LIBRARY_IMPL(dropmuon, CPU, m) {
     m.impl("sharp", &sharp_cpu);
     m.impl("muon_update_", &muon_update_cpu);
-    m.impl("muon_update_capturable_", &muon_update_capturable_cpu);
+    m.impl("_muon_update_capturable_", &muon_update_capturable_cpu);
 }
 
 } // namespace dropmuon

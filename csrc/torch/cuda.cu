@@ -5,7 +5,7 @@
 // Errors: sharp and muon_update_ raise like the CPU kernels, which means waiting for the device
 // to learn about NaN/Inf. Inside a CUDA-graph capture they cannot wait: sharp then fills its
 // outputs with NaN first (they stay NaN when the input holds NaN/Inf), muon_update_ refuses and
-// points to muon_update_capturable_, whose status tensor carries the error instead.
+// points to _muon_update_capturable_, whose status tensor carries the error instead.
 #include <ATen/ATen.h>
 #include <ATen/ops/addmm_cuda_dispatch.h>
 #include <ATen/ops/baddbmm_cuda_dispatch.h>
@@ -19,7 +19,7 @@
 #include <string>
 #include <vector>
 
-#include "common.h"
+#include "update_args.h"
 
 namespace dropmuon {
 namespace {
@@ -130,8 +130,8 @@ std::tuple<at::Tensor, at::Tensor> sharp_cuda(const at::Tensor &input, const std
     at::Tensor out = at::empty_like(in);
     at::Tensor duals = at::empty({with_duals ? batch : 0}, in.options().dtype(at::kDouble));
     size_t bytes = 0;
-    DM_TORCH_CHECK_STATUS(dm_cuda_sharp_workspace_size(&config, dtype, batch, rows, cols, &bytes),
-                          "dm_cuda_sharp_workspace_size");
+    DMI_TORCH_CHECK_STATUS(dm_cuda_sharp_workspace_size(&config, dtype, batch, rows, cols, &bytes),
+                           "dm_cuda_sharp_workspace_size");
     const at::Tensor ws = workspace(bytes, in.device());
 
     const size_t elem = in.element_size(), stride = static_cast<size_t>(rows * cols) * elem;
@@ -160,77 +160,28 @@ std::tuple<at::Tensor, at::Tensor> sharp_cuda(const at::Tensor &input, const std
     return {out, duals};
 }
 
-// The same-shape lists of an update, checked as cpu.cpp does; returns params[0].
-const at::Tensor &check_update_lists(at::TensorList params, at::TensorList grads,
-                                     at::TensorList momentum_buffers, const char *op) {
-    TORCH_CHECK(grads.size() == params.size() && momentum_buffers.size() == params.size(), op,
-                ": params, grads and momentum_buffers must have the same length, got ",
-                params.size(), ", ", grads.size(), ", ", momentum_buffers.size());
-    const at::Tensor &first = params[0];
-    TORCH_CHECK(first.is_cuda(), op, ": params[0] is on ", first.device(),
-                ", this is the CUDA kernel");
-    check_tensor_list(params, first, "params", true);
-    check_tensor_list(grads, first, "grads", false);
-    check_tensor_list(momentum_buffers, first, "momentum_buffers", true);
-    return first;
-}
-
-dm_update_config make_update_config(const std::vector<double> &coefficients, double lr,
-                                    double weight_decay, double momentum, bool nesterov,
-                                    const std::string &norm, double norm_scale, double norm_offset,
-                                    double eps, const std::string &ns_precision,
-                                    const std::string &adjust_lr_fn, const std::string &radius,
-                                    double L0, double L1) {
-    dm_update_config config{};
-    config.sharp =
-        make_sharp_config(norm, coefficients, norm_scale, norm_offset, eps, ns_precision);
-    config.lr = lr;
-    config.weight_decay = weight_decay;
-    config.momentum = momentum;
-    config.nesterov = nesterov ? 1 : 0;
-    config.lr_adjust = parse_lr_adjust(adjust_lr_fn);
-    config.radius = parse_radius(radius);
-    config.radius_l0 = L0;
-    config.radius_l1 = L1;
-    return config;
-}
-
-// Runs dm_cuda_update on the lists; hyperparameters/status: device pointers or nullptr.
+// Runs dm_cuda_update on checked lists; hyperparameters/status: device pointers or nullptr.
 at::Tensor run_update(const dm_update_config &config, at::TensorList params, at::TensorList grads,
                       at::TensorList momentum_buffers, const double *hyperparameters,
                       int32_t *status, bool with_duals) {
     const at::Tensor &first = params[0];
-    const int64_t batch = static_cast<int64_t>(params.size());
-    const dm_dtype dtype = to_dm_dtype(first, "params[0]");
     const c10::cuda::CUDAGuard guard(first.device());
-    const auto [rows, cols] = matrix_shape(first);
-    std::vector<at::Tensor> grads_contiguous;
-    std::vector<void *> param_ptrs(batch), buffer_ptrs(batch);
-    std::vector<const void *> grad_ptrs(batch);
-    for (int64_t i = 0; i < batch; ++i) {
-        grads_contiguous.push_back(grads[i].contiguous());
-        param_ptrs[i] = params[i].mutable_data_ptr();
-        buffer_ptrs[i] = momentum_buffers[i].mutable_data_ptr();
-        grad_ptrs[i] = grads_contiguous.back().const_data_ptr();
-    }
+    const UpdateArgs args = gather_update_args(params, grads, momentum_buffers);
     size_t bytes = 0;
-    DM_TORCH_CHECK_STATUS(dm_cuda_update_workspace_size(&config, dtype, batch, rows, cols, &bytes),
-                          "dm_cuda_update_workspace_size");
+    DMI_TORCH_CHECK_STATUS(dm_cuda_update_workspace_size(&config, args.dtype, args.batch, args.rows,
+                                                         args.cols, &bytes),
+                           "dm_cuda_update_workspace_size");
     const at::Tensor ws = workspace(bytes, first.device());
     // With a status the kernels may skip every write: the duals then read NaN, not garbage.
-    at::Tensor duals =
-        with_duals && status
-            ? at::full({batch}, std::numeric_limits<double>::quiet_NaN(),
-                       first.options().dtype(at::kDouble))
-            : at::empty({with_duals ? batch : 0}, first.options().dtype(at::kDouble));
+    at::Tensor duals = update_duals(first, args.batch, with_duals, status != nullptr);
     GemmContext context{first.device().index(), {}};
     const dm_gemm_provider gemm = {&aten_cuda_gemm, &context, nullptr};
     const dm_cuda_tuning tuning = tuning_from_environment();
     const dm_status st = dm_cuda_update(
-        &config, dtype, batch, rows, cols, param_ptrs.data(), grad_ptrs.data(), buffer_ptrs.data(),
-        with_duals ? static_cast<double *>(data_or_null(duals)) : nullptr, data_or_null(ws), bytes,
-        &gemm, reinterpret_cast<const dm_cuda_update_hyperparameters *>(hyperparameters), status,
-        &tuning, c10::cuda::getCurrentCUDAStream().stream());
+        &config, args.dtype, args.batch, args.rows, args.cols, args.params.data(),
+        args.grads.data(), args.momentum_buffers.data(), duals_or_null(duals), data_or_null(ws),
+        bytes, &gemm, reinterpret_cast<const dm_cuda_update_hyperparameters *>(hyperparameters),
+        status, &tuning, c10::cuda::getCurrentCUDAStream().stream());
     check_status(st, "dm_cuda_update", context);
     return duals;
 }
@@ -242,16 +193,11 @@ at::Tensor muon_update_cuda(at::TensorList params, at::TensorList grads,
                             double norm_offset, double eps, const std::string &ns_precision,
                             const std::string &adjust_lr_fn, const std::string &radius, double L0,
                             double L1, bool with_duals) {
-    if (params.empty()) {
-        TORCH_CHECK(grads.empty() && momentum_buffers.empty(),
-                    "dropmuon.muon_update_: params, grads and momentum_buffers must have the "
-                    "same length");
+    if (!check_update_lists(params, grads, momentum_buffers, "dropmuon.muon_update_", at::kCUDA))
         return at::empty({0}, at::TensorOptions().dtype(at::kDouble));
-    }
-    check_update_lists(params, grads, momentum_buffers, "dropmuon.muon_update_");
     TORCH_CHECK(!capturing(),
                 "dropmuon.muon_update_ waits for the device to report NaN/Inf, so it cannot be "
-                "captured in a CUDA graph; use torch.ops.dropmuon.muon_update_capturable_ "
+                "captured in a CUDA graph; use torch.ops.dropmuon._muon_update_capturable_ "
                 "(hyperparameters and status as device tensors)");
     const std::vector<double> coefficients = ns_coefficients.vec();
     const dm_update_config config =
@@ -266,33 +212,21 @@ at::Tensor muon_update_capturable_cuda(
     const std::string &norm, at::ArrayRef<double> ns_coefficients, double norm_scale,
     double norm_offset, double eps, const std::string &ns_precision,
     const std::string &adjust_lr_fn, const std::string &radius, bool with_duals) {
-    const char *op = "dropmuon.muon_update_capturable_";
+    const char *op = "dropmuon._muon_update_capturable_";
     TORCH_CHECK(hyperparameters.is_cuda() && status.is_cuda(), op,
                 ": hyperparameters and status must be CUDA tensors, got ", hyperparameters.device(),
                 " and ", status.device());
-    TORCH_CHECK(hyperparameters.scalar_type() == at::kDouble && hyperparameters.numel() == 5 &&
-                    hyperparameters.is_contiguous(),
-                op,
-                ": hyperparameters must be a contiguous float64 tensor of 5 values "
-                "(lr, weight_decay, momentum, L0, L1), got ",
-                hyperparameters.scalar_type(), " ", hyperparameters.sizes());
-    TORCH_CHECK(status.scalar_type() == at::kInt && status.numel() == 1, op,
-                ": status must be an int32 tensor of one element, got ", status.scalar_type(), " ",
-                status.sizes());
-    if (params.empty()) {
-        TORCH_CHECK(grads.empty() && momentum_buffers.empty(), op,
-                    ": params, grads and momentum_buffers must have the same length");
+    check_capturable_tensors(hyperparameters, status, op, true);
+    if (!check_update_lists(params, grads, momentum_buffers, op, at::kCUDA))
         return at::empty({0}, hyperparameters.options());
-    }
-    const at::Tensor &first = check_update_lists(params, grads, momentum_buffers, op);
+    const at::Tensor &first = params[0];
     TORCH_CHECK(hyperparameters.device() == first.device() && status.device() == first.device(), op,
                 ": hyperparameters (", hyperparameters.device(), ") and status (", status.device(),
                 ") must be on params[0]'s device ", first.device());
     const std::vector<double> coefficients = ns_coefficients.vec();
-    // The five device values replace these placeholders, which only have to be valid.
     const dm_update_config config =
-        make_update_config(coefficients, 0.0, 0.0, 0.0, nesterov, norm, norm_scale, norm_offset,
-                           eps, ns_precision, adjust_lr_fn, radius, 1.0, 0.0);
+        make_capturable_update_config(coefficients, nesterov, norm, norm_scale, norm_offset, eps,
+                                      ns_precision, adjust_lr_fn, radius);
     return run_update(config, params, grads, momentum_buffers,
                       hyperparameters.const_data_ptr<double>(), status.mutable_data_ptr<int32_t>(),
                       with_duals);
@@ -303,7 +237,7 @@ at::Tensor muon_update_capturable_cuda(
 TORCH_LIBRARY_IMPL(dropmuon, CUDA, m) {
     m.impl("sharp", &sharp_cuda);
     m.impl("muon_update_", &muon_update_cuda);
-    m.impl("muon_update_capturable_", &muon_update_capturable_cuda);
+    m.impl("_muon_update_capturable_", &muon_update_capturable_cuda);
 }
 
 } // namespace dropmuon

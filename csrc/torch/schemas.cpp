@@ -24,8 +24,8 @@ static at::Tensor sampler_distribution(int64_t num_layers, const std::string &ki
     const dm_sampler_config config =
         make_sampler_config(num_layers, 0, kind, probs, tau, progress, shift_strength, smooth);
     at::Tensor out = at::empty({num_layers}, at::TensorOptions().dtype(at::kDouble));
-    DM_TORCH_CHECK_STATUS(dm_sampler_distribution(&config, out.data_ptr<double>()),
-                          "dm_sampler_distribution");
+    DMI_TORCH_CHECK_STATUS(dm_sampler_distribution(&config, out.data_ptr<double>()),
+                           "dm_sampler_distribution");
     return out;
 }
 
@@ -39,10 +39,10 @@ static at::Tensor sample_layers(int64_t num_layers, int64_t seed, int64_t step,
         make_sampler_config(num_layers, seed, kind, probs, tau, progress, shift_strength, smooth);
     at::Tensor mask = at::empty({num_layers}, at::TensorOptions().dtype(at::kBool));
     static_assert(sizeof(bool) == sizeof(uint8_t), "bool tensors are one byte per element");
-    DM_TORCH_CHECK_STATUS(dm_sample_layers(&config, static_cast<uint64_t>(step),
-                                           reinterpret_cast<uint8_t *>(mask.data_ptr<bool>()),
-                                           nullptr),
-                          "dm_sample_layers");
+    DMI_TORCH_CHECK_STATUS(dm_sample_layers(&config, static_cast<uint64_t>(step),
+                                            reinterpret_cast<uint8_t *>(mask.data_ptr<bool>()),
+                                            nullptr),
+                           "dm_sample_layers");
     return mask;
 }
 
@@ -59,13 +59,14 @@ TORCH_LIBRARY(dropmuon, m) {
           "float[] ns_coefficients, float norm_scale, float norm_offset, float eps, "
           "str ns_precision, str adjust_lr_fn, str radius, float L0, float L1, "
           "bool with_duals=False) -> Tensor");
-    // muon_update_ for CUDA-graph capture: lr, weight_decay, momentum, L0 and L1 come from
-    // `hyperparameters` (float64 [5] in that order, on the params' device, read when the step
-    // runs), and NaN/Inf or out-of-range hyperparameters are reported into `status` (int32 [1]:
-    // set to the dm_status code, never cleared) instead of raising, so nothing waits for the
-    // device. On such an error, or when status is already nonzero, nothing is written (duals
-    // read NaN).
-    m.def("muon_update_capturable_(Tensor(a!)[] params, Tensor[] grads, "
+    // Experimental: muon_update_ for CUDA-graph capture, with a CPU twin. No public Python API
+    // exposes it (only the tests and the GPU benchmark call it), and it may change or go.
+    // lr, weight_decay, momentum, L0 and L1 come from `hyperparameters` (float64 [5] in that
+    // order, on the params' device, read when the step runs), and NaN/Inf or out-of-range
+    // hyperparameters are reported into `status` (int32 [1]: set to the dm_status code, never
+    // cleared) instead of raising, so nothing waits for the device. On such an error, or when
+    // status is already nonzero, nothing is written (duals read NaN).
+    m.def("_muon_update_capturable_(Tensor(a!)[] params, Tensor[] grads, "
           "Tensor(b!)[] momentum_buffers, Tensor hyperparameters, Tensor(c!) status, *, "
           "bool nesterov, str norm, float[] ns_coefficients, float norm_scale, "
           "float norm_offset, float eps, str ns_precision, str adjust_lr_fn, str radius, "

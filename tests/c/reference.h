@@ -1,7 +1,7 @@
 // reference.h - float64 references and helpers shared by the GoogleTest suite.
 //
-// Everything here is written from the contract in dropmuon.h and the notes (drop-muon.md
-// sections 2-4), not from csrc/core: the tests compare the kernels against these loops.
+// Everything here is written from the contract in dropmuon.h and docs/method.md
+// (sections 2-4), not from csrc/core: the tests compare the kernels against these loops.
 //   - bfloat16 storage (written independently of internal.h) and typed user buffers;
 //   - a small row-major float64 matrix type with products, norms and the sharp operators;
 //   - a one-sided Jacobi (Hestenes) SVD for exact polar factors and singular values;

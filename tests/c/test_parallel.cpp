@@ -45,7 +45,7 @@ struct SplittingThreads {
 
 const dm_dtype kDtypes[] = {DM_FLOAT32, DM_FLOAT64, DM_BFLOAT16};
 
-// Above DM_PARALLEL_GRAIN elements (32768) so that every pass splits; wide and tall.
+// Above DMI_PARALLEL_GRAIN elements (32768) so that every pass splits; wide and tall.
 const std::pair<int64_t, int64_t> kShapes[] = {{160, 300}, {420, 90}};
 
 dm_sharp_config spectral_without_steps(double coefficients[15], dm_ns_precision precision) {

@@ -14,7 +14,7 @@ cc="${FUZZ_CC:-clang}"
 command -v "$cc" >/dev/null || { echo "fuzz: $cc not found (scripts/setup.sh installs clang)"; exit 1; }
 
 # The core's own flags (-ffp-contract=off) plus the instrumentation; -O1 keeps the sanitizers
-# fast without hiding much. DM_NO_CLONES: clang 14 does not resolve calls across files to the
+# fast without hiding much. DMI_NO_CLONES: clang 14 does not resolve calls across files to the
 # core's multi-versioned (target_clones) functions, so one generic version of each is built.
 "$cc" -std=c11 -g -O1 -ffp-contract=off -fno-omit-frame-pointer -DDM_NO_CLONES \
     -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=all \

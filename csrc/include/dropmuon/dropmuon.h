@@ -10,7 +10,7 @@
  *   - the fused Muon update (momentum EMA, Nesterov, sharp, lr scale, weight decay, step);
  *   - the layer sampler (counter-based, keyed by (seed, step)).
  *
- * Conventions (see STYLE.md):
+ * Conventions (see docs/STYLE.md):
  *   - every function returns dm_status; nothing prints, exits or aborts;
  *   - no hidden allocation: dm_<op>_workspace_size() tells the bytes, the caller passes them;
  *   - matrices are row-major; sizes are int64_t; hyperparameters travel in POD structs;
@@ -30,6 +30,14 @@ extern "C" {
 #define DM_VERSION_MINOR 1
 #define DM_VERSION_PATCH 0
 
+/* Marks the public functions and data below: the library is compiled with -fvisibility=hidden,
+ * so a shared build exports these and nothing else (the internal dmi_ helpers stay hidden). */
+#if defined(__GNUC__) || defined(__clang__)
+#define DM_API __attribute__((visibility("default")))
+#else
+#define DM_API
+#endif
+
 /* ---------------------------------------------------------------------------------------------
  * Status codes. Values are stable: never renumber, only append.
  * ------------------------------------------------------------------------------------------- */
@@ -46,10 +54,10 @@ typedef enum dm_status {
 } dm_status;
 
 /* A static, human-readable name for a status ("DM_ERR_SHAPE: ..."); never NULL. */
-const char *dm_status_string(dm_status status);
+DM_API const char *dm_status_string(dm_status status);
 
 /* The library's version as MAJOR*10000 + MINOR*100 + PATCH (compare with the macros). */
-int dm_version(void);
+DM_API int dm_version(void);
 
 /* Element types of user memory. Compute precision: float32 for FLOAT32 and BFLOAT16,
  * float64 for FLOAT64. */
@@ -92,14 +100,14 @@ typedef struct dm_gemm_provider {
 } dm_gemm_provider;
 
 /* The plain C product (ctx unused). Same contract as dm_gemm_fn. */
-dm_status dm_gemm_reference(void *ctx, dm_dtype dtype, int trans_a, int trans_b, int64_t batch,
-                            int64_t m, int64_t n, int64_t k, double alpha, const void *a,
-                            int64_t lda, int64_t stride_a, const void *b, int64_t ldb,
-                            int64_t stride_b, double beta, const void *c_in, void *c, int64_t ldc,
-                            int64_t stride_c);
+DM_API dm_status dm_gemm_reference(void *ctx, dm_dtype dtype, int trans_a, int trans_b,
+                                   int64_t batch, int64_t m, int64_t n, int64_t k, double alpha,
+                                   const void *a, int64_t lda, int64_t stride_a, const void *b,
+                                   int64_t ldb, int64_t stride_b, double beta, const void *c_in,
+                                   void *c, int64_t ldc, int64_t stride_c);
 
 /* ---------------------------------------------------------------------------------------------
- * Sharp operators (notes section 4). For a matrix M (rows x cols):
+ * Sharp operators (docs/method.md section 4). For a matrix M (rows x cols):
  *   SPECTRAL   U V^T of M by Newton-Schulz: transpose so rows <= cols, X = M / d with
  *              d = max(norm_scale * ||M||_F + norm_offset, eps), then for each step j
  *              A = X X^T;  X = a_j X + (b_j A + c_j A^2) X.       (torch.optim.Muon's NS)
@@ -121,13 +129,13 @@ typedef enum dm_norm {
     DM_NORM_FROBENIUS = 4
 } dm_norm;
 
-/* Newton-Schulz coefficient schedules (notes section 4). Each is ns_steps * 3 doubles. */
+/* Newton-Schulz coefficient schedules (docs/method.md section 4). Each is ns_steps * 3 doubles. */
 #define DM_MUON_NS_A 3.4445
 #define DM_MUON_NS_B -4.7750
 #define DM_MUON_NS_C 2.0315
 #define DM_POLAR_EXPRESS_STEPS 5
 /* Polar Express (Amsel et al. 2025): pair with norm_scale = 1.02, norm_offset = 1e-6. */
-extern const double dm_polar_express_coefficients[DM_POLAR_EXPRESS_STEPS * 3];
+DM_API extern const double dm_polar_express_coefficients[DM_POLAR_EXPRESS_STEPS * 3];
 
 typedef enum dm_ns_precision { DM_NS_NATIVE = 0, DM_NS_BFLOAT16 = 1 } dm_ns_precision;
 
@@ -144,21 +152,21 @@ typedef struct dm_sharp_config {
 /* A config for Muon's defaults: spectral, 5 steps of (3.4445, -4.7750, 2.0315), eps 1e-7,
  * native precision.
  * coefficients must point to 15 doubles owned by the caller; they are filled in. */
-dm_status dm_sharp_config_muon(dm_sharp_config *config, double coefficients[15]);
+DM_API dm_status dm_sharp_config_muon(dm_sharp_config *config, double coefficients[15]);
 
 /* Workspace bytes for dm_sharp on batch matrices of rows x cols in dtype. */
-dm_status dm_sharp_workspace_size(const dm_sharp_config *config, dm_dtype dtype, int64_t batch,
-                                  int64_t rows, int64_t cols, size_t *bytes);
+DM_API dm_status dm_sharp_workspace_size(const dm_sharp_config *config, dm_dtype dtype,
+                                         int64_t batch, int64_t rows, int64_t cols, size_t *bytes);
 
 /* outputs[b] = sharp(inputs[b]) for b in [0, batch). Each matrix is rows x cols, row-major with
  * leading dimension in_ld / out_ld (>= cols; elements between rows are neither read nor
  * written). duals (may be NULL) receives batch values <M_b, sharp(M_b)>. outputs may alias
  * inputs (same ld). On any error status nothing has been written to outputs or duals. Passing
  * duals = NULL also saves the spectral operator one pass over the data. */
-dm_status dm_sharp(const dm_sharp_config *config, dm_dtype dtype, int64_t batch, int64_t rows,
-                   int64_t cols, const void *const *inputs, int64_t in_ld, void *const *outputs,
-                   int64_t out_ld, double *duals, void *workspace, size_t workspace_bytes,
-                   const dm_gemm_provider *gemm);
+DM_API dm_status dm_sharp(const dm_sharp_config *config, dm_dtype dtype, int64_t batch,
+                          int64_t rows, int64_t cols, const void *const *inputs, int64_t in_ld,
+                          void *const *outputs, int64_t out_ld, double *duals, void *workspace,
+                          size_t workspace_bytes, const dm_gemm_provider *gemm);
 
 /* ---------------------------------------------------------------------------------------------
  * Fused update (torch.optim.Muon's step, plus the theory-driven radius). For each same-shape
@@ -196,19 +204,20 @@ typedef struct dm_update_config {
     double radius_l1; /* ADAPTIVE: L1 >= 0, L0 + L1 > 0 */
 } dm_update_config;
 
-dm_status dm_update_workspace_size(const dm_update_config *config, dm_dtype dtype, int64_t batch,
-                                   int64_t rows, int64_t cols, size_t *bytes);
+DM_API dm_status dm_update_workspace_size(const dm_update_config *config, dm_dtype dtype,
+                                          int64_t batch, int64_t rows, int64_t cols, size_t *bytes);
 
 /* Applies the update to batch parameters in place. params, grads and momentum_buffers are
  * arrays of batch pointers to contiguous rows x cols matrices; duals (may be NULL) receives
  * <D_b, O_b>. */
-dm_status dm_update(const dm_update_config *config, dm_dtype dtype, int64_t batch, int64_t rows,
-                    int64_t cols, void *const *params, const void *const *grads,
-                    void *const *momentum_buffers, double *duals, void *workspace,
-                    size_t workspace_bytes, const dm_gemm_provider *gemm);
+DM_API dm_status dm_update(const dm_update_config *config, dm_dtype dtype, int64_t batch,
+                           int64_t rows, int64_t cols, void *const *params,
+                           const void *const *grads, void *const *momentum_buffers, double *duals,
+                           void *workspace, size_t workspace_bytes, const dm_gemm_provider *gemm);
 
 /* ---------------------------------------------------------------------------------------------
- * Layer sampler (notes section 2). Layers are 0-based, input (0) to output (num_layers - 1).
+ * Layer sampler (docs/method.md section 2). Layers are 0-based, input (0) to output
+ * (num_layers - 1).
  * A draw is a function of (seed, step) only (Philox4x32-10, key = seed, counter = step), so a
  * resumed run and every data-parallel rank draw the same layers with no state or communication.
  *
@@ -223,9 +232,9 @@ dm_status dm_update(const dm_update_config *config, dm_dtype dtype, int64_t batc
  *                 x_i = i / (num_layers - 1): at progress 0 shallow cutoffs dominate (nearly
  *                 full updates), at 0.5 it is uniform, at 1 deep cutoffs dominate. progress is
  *                 the fraction of training done, in [0, 1]. (Our definition; see README.)
- *   COST_OPTIMAL  from smoothness estimates L_i >= 0 (notes section 3): with the running maximum
- *                 R_i = max(L_0..L_i), P(cutoff = i) = (R_i - R_{i-1}) / R_last, R_{-1} = 0, so
- *                 layer i is active with probability R_i / R_last.
+ *   COST_OPTIMAL  from smoothness estimates L_i >= 0 (docs/method.md section 3): with the
+ *                 running maximum R_i = max(L_0..L_i), P(cutoff = i) = (R_i - R_{i-1}) /
+ *                 R_last, R_{-1} = 0, so layer i is active with probability R_i / R_last.
  * For all kinds but TAU_NICE the active layers are {cutoff, .., num_layers - 1}.
  * ------------------------------------------------------------------------------------------- */
 typedef enum dm_sampling {
@@ -250,18 +259,19 @@ typedef struct dm_sampler_config {
 
 /* P(cutoff = i) for i in [0, num_layers): the distribution of the lowest active layer (for
  * TAU_NICE: C(num_layers - 1 - i, tau - 1) / C(num_layers, tau)). */
-dm_status dm_sampler_distribution(const dm_sampler_config *config, double *cutoff_probabilities);
+DM_API dm_status dm_sampler_distribution(const dm_sampler_config *config,
+                                         double *cutoff_probabilities);
 
 /* Draws the layers for optimizer step `step`: active_mask[i] = 1 if layer i is updated, else 0
  * (num_layers bytes, may be NULL), *cutoff = the lowest active layer (may be NULL). */
-dm_status dm_sample_layers(const dm_sampler_config *config, uint64_t step, uint8_t *active_mask,
-                           int64_t *cutoff);
+DM_API dm_status dm_sample_layers(const dm_sampler_config *config, uint64_t step,
+                                  uint8_t *active_mask, int64_t *cutoff);
 
 /* The sampler's random numbers, exposed so that other implementations can match them:
  * uniform in [0, 1) with 53 random bits, from Philox4x32-10 with key (seed low 32 bits, seed
  * high 32 bits) and counter (step low, step high, index low, index high); with the first two
  * output words as w = (word0 << 32) | word1, the value is (w >> 11) * 2^-53. */
-double dm_random_uniform(uint64_t seed, uint64_t step, uint64_t index);
+DM_API double dm_random_uniform(uint64_t seed, uint64_t step, uint64_t index);
 
 /* =============================================================================================
  * CUDA entry points (the .cu files in csrc/cuda). Defined only in a CUDA build of the library;
@@ -331,31 +341,34 @@ typedef struct dm_cuda_update_hyperparameters {
 } dm_cuda_update_hyperparameters;
 
 /* Workspace bytes for dm_cuda_sharp (validates like dm_sharp_workspace_size). */
-dm_status dm_cuda_sharp_workspace_size(const dm_sharp_config *config, dm_dtype dtype, int64_t batch,
-                                       int64_t rows, int64_t cols, size_t *bytes);
+DM_API dm_status dm_cuda_sharp_workspace_size(const dm_sharp_config *config, dm_dtype dtype,
+                                              int64_t batch, int64_t rows, int64_t cols,
+                                              size_t *bytes);
 
 /* dm_sharp on the device: the same arguments plus status, tuning (may be NULL) and stream. */
-dm_status dm_cuda_sharp(const dm_sharp_config *config, dm_dtype dtype, int64_t batch, int64_t rows,
-                        int64_t cols, const void *const *inputs, int64_t in_ld,
-                        void *const *outputs, int64_t out_ld, double *duals, void *workspace,
-                        size_t workspace_bytes, const dm_gemm_provider *gemm, int32_t *status,
-                        const dm_cuda_tuning *tuning, void *stream);
+DM_API dm_status dm_cuda_sharp(const dm_sharp_config *config, dm_dtype dtype, int64_t batch,
+                               int64_t rows, int64_t cols, const void *const *inputs, int64_t in_ld,
+                               void *const *outputs, int64_t out_ld, double *duals, void *workspace,
+                               size_t workspace_bytes, const dm_gemm_provider *gemm,
+                               int32_t *status, const dm_cuda_tuning *tuning, void *stream);
 
 /* Workspace bytes for dm_cuda_update (validates like dm_update_workspace_size). */
-dm_status dm_cuda_update_workspace_size(const dm_update_config *config, dm_dtype dtype,
-                                        int64_t batch, int64_t rows, int64_t cols, size_t *bytes);
+DM_API dm_status dm_cuda_update_workspace_size(const dm_update_config *config, dm_dtype dtype,
+                                               int64_t batch, int64_t rows, int64_t cols,
+                                               size_t *bytes);
 
 /* dm_update on the device: the same arguments plus hyperparameters, status, tuning (may be NULL)
  * and stream. hyperparameters NULL: lr, weight_decay, momentum, radius_l0 and radius_l1 come
  * from config. Non-NULL: a DEVICE struct read when the kernels run, validated there
  * (DM_ERR_INVALID_ARG through the flag, nothing written); config's five values are then
  * unused but must still be valid (e.g. 0, 0, 0, 1, 0). */
-dm_status dm_cuda_update(const dm_update_config *config, dm_dtype dtype, int64_t batch,
-                         int64_t rows, int64_t cols, void *const *params, const void *const *grads,
-                         void *const *momentum_buffers, double *duals, void *workspace,
-                         size_t workspace_bytes, const dm_gemm_provider *gemm,
-                         const dm_cuda_update_hyperparameters *hyperparameters, int32_t *status,
-                         const dm_cuda_tuning *tuning, void *stream);
+DM_API dm_status dm_cuda_update(const dm_update_config *config, dm_dtype dtype, int64_t batch,
+                                int64_t rows, int64_t cols, void *const *params,
+                                const void *const *grads, void *const *momentum_buffers,
+                                double *duals, void *workspace, size_t workspace_bytes,
+                                const dm_gemm_provider *gemm,
+                                const dm_cuda_update_hyperparameters *hyperparameters,
+                                int32_t *status, const dm_cuda_tuning *tuning, void *stream);
 /* ========================================= end of CUDA entry points ========================== */
 
 #ifdef __cplusplus
