@@ -2,13 +2,13 @@
 
 For each batch size and each cutoff s (layers s.. are updated, backprop stops at s):
   - measured forward, backward and optimizer-step times (medians of --repeats runs);
-  - the cost model's prediction (notes section 1): forward unchanged; backward = the weight
+  - the cost model's prediction (docs/method.md section 1): forward unchanged; backward = the weight
     gradients of the active layers plus the input gradients of the layers above the cutoff,
     each as many FLOPs as the layer's forward; predicted backward time = measured full backward
     x (predicted backward FLOPs at s / at s = 0);
   - the sampling post-hook's own cost (drawing the next layers and setting requires_grad);
   - DropMuon's optimizer step next to torch.optim.Muon (+ AdamW for the biases, conv kernels
-    held as 2-D weights as in dropmuon.compare) on the same model and gradients.
+    held as 2-D weights as in dropmuon.compare.train) on the same model and gradients.
 
     python benchmarks/bench_step.py [--batch-sizes 1024 8192] [--repeats 5] [--output t.md]
 """
@@ -23,9 +23,10 @@ import torch
 from torch import nn
 
 import dropmuon
-from dropmuon.compare import OptimizerSpec, build_optimizer, parse_lr
-from dropmuon.models import PaperCNN
-from dropmuon.optimizer import _sample_next_layers
+from dropmuon.compare.cli import parse_lr
+from dropmuon.compare.models import PaperCNN
+from dropmuon.compare.train import OptimizerSpec, build_optimizer
+from dropmuon.truncation import apply_mask
 
 
 class FixedCutoff:
@@ -124,7 +125,11 @@ def bench_hook(repeats: int) -> tuple[float, float]:
 
     train_step()
     step_time = median_time(train_step, repeats)
-    hook_time = median_time(lambda: _sample_next_layers(opt, (), {}), 200)
+    # What the post-hook does after every step: draw the next step's layers, set requires_grad.
+    steps = iter(range(1, 10**9))
+    hook_time = median_time(
+        lambda: apply_mask(opt.param_groups, opt.sampler.sample(next(steps))), 200
+    )
     opt.unfreeze()
     return hook_time, step_time
 

@@ -12,8 +12,8 @@ import torch
 from torch import nn
 
 import dropmuon
-from dropmuon.data import batches, load_dataset
-from dropmuon.models import PaperCNN
+from dropmuon.compare.data import batches, load_dataset
+from dropmuon.compare.models import PaperCNN
 
 
 def main() -> None:

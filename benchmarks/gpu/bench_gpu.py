@@ -9,10 +9,10 @@
    the other product route (cuBLAS for the CNN shapes, the batched kernel being the default;
    the symmetric 2x2 split off for the large ones), and CUDA-graph replays for the small shapes
    (torch's too), where launches dominate.
-3. One optimizer step (gradients given) on dropmuon.models.PaperCNN and ResNet18 (width 64):
+3. One optimizer step (gradients given) on dropmuon.compare.models.PaperCNN and ResNet18 (width 64):
    torch.optim.Muon on the weights (conv kernels as out x in*kh*kw) + AdamW on the rest, vs
    dropmuon.Muon and DropMuon (uniform sampling) with the same AdamW fallback, DropMuon with its
-   default sign fallback, and a captured dropmuon Muon step (muon_update_capturable_, graph
+   default sign fallback, and a captured dropmuon Muon step (_muon_update_capturable_, graph
    replay; sign fallback).
 
 Timing: CUDA events around each call, after warm-ups, median of several runs (and the
@@ -37,7 +37,7 @@ from torch.optim._muon import _zeropower_via_newtonschulz
 
 import dropmuon
 from dropmuon import ops
-from dropmuon.models import PaperCNN, ResNet18
+from dropmuon.compare.models import PaperCNN, ResNet18
 
 MUON = list(ops.MUON_COEFFICIENTS) * 5
 CNN_SHAPES = [(64, 9), (128, 576), (256, 1152), (10, 2304)]
@@ -201,7 +201,7 @@ def is_matrix_param(name, p):
 
 
 class CapturedStep:
-    """DropMuon/Muon's step through muon_update_capturable_ (all layers; sign for vectors),
+    """DropMuon/Muon's step through _muon_update_capturable_ (all layers; sign for vectors),
     one status for the step, screened first: see tests/python/test_cuda.py's CapturableStep."""
 
     def __init__(self, optimizer):
@@ -254,7 +254,7 @@ class CapturedStep:
         norms = torch._foreach_norm(self.grads, float("inf"))
         self.status.masked_fill_(~torch.isfinite(torch.stack(norms)).all(), 5)
         for params, grads, bufs, hyper, kwargs in self.calls:
-            torch.ops.dropmuon.muon_update_capturable_(
+            torch.ops.dropmuon._muon_update_capturable_(
                 params, grads, bufs, hyper, self.status, **kwargs
             )
 

@@ -141,7 +141,7 @@ def sharp(
     ns_precision: str = "native",
     with_duals: bool = True,
 ) -> tuple[Tensor, Tensor]:
-    """sharp(M) for a matrix [rows, cols] or a batch [B, rows, cols] (notes section 4).
+    """sharp(M) for a matrix [rows, cols] or a batch [B, rows, cols] (docs/method.md section 4).
 
     Returns ``(out, duals)``: ``out`` has M's shape and dtype, ``duals`` (float64, one per
     matrix) is <M, sharp(M)>, e.g. the nuclear norm for ``norm="spectral"``. Norms:
@@ -232,9 +232,18 @@ def muon_update_keywords(
     )
 
 
-def sampler_arguments(kind, probabilities, tau, progress, shift_strength, smoothness) -> tuple:
+def sampler_arguments(
+    kind: str,
+    probabilities: Sequence[float] | None = None,
+    tau: int | None = None,
+    progress: float = 0.0,
+    shift_strength: float = DEFAULT_SHIFT_STRENGTH,
+    smoothness: Sequence[float] | None = None,
+) -> tuple:
     """The sampler operators' arguments after ``num_layers`` (and ``seed, step``), in their
-    schema's types: ``(kind, probabilities, tau, progress, shift_strength, smoothness)``."""
+    schema's order and types. ``probabilities``: ``custom``'s P(cutoff = i); ``tau``:
+    ``tau_nice``'s layers per step; ``progress`` in [0, 1] and ``shift_strength``:
+    ``epoch_shift``'s; ``smoothness``: ``cost_optimal``'s estimates, one per layer."""
     return (
         kind,
         [float(v) for v in (probabilities or ())],
@@ -245,49 +254,23 @@ def sampler_arguments(kind, probabilities, tau, progress, shift_strength, smooth
     )
 
 
-def sampler_distribution(
-    num_layers: int,
-    kind: str,
-    *,
-    probabilities: Sequence[float] | None = None,
-    tau: int | None = None,
-    progress: float = 0.0,
-    shift_strength: float = DEFAULT_SHIFT_STRENGTH,
-    smoothness: Sequence[float] | None = None,
-) -> Tensor:
-    """P(cutoff = i) for each layer i (float64), for a sampling kind (dm_sampler_distribution)."""
-    args = (
-        num_layers,
-        *sampler_arguments(kind, probabilities, tau, progress, shift_strength, smoothness),
-    )
+def sampler_distribution(num_layers: int, kind: str, **options) -> Tensor:
+    """P(cutoff = i) for each layer i (float64), for a sampling kind (dm_sampler_distribution);
+    ``options`` as :func:`sampler_arguments`' (docs/method.md section 2)."""
+    args = (num_layers, *sampler_arguments(kind, **options))
     if _extension_loaded():  # the sampler has no device: one kernel for all
         return torch.ops.dropmuon.sampler_distribution(*args)
     return reference.sampler_distribution(*args)
 
 
-def sample_layers(
-    num_layers: int,
-    seed: int,
-    step: int,
-    kind: str,
-    *,
-    probabilities: Sequence[float] | None = None,
-    tau: int | None = None,
-    progress: float = 0.0,
-    shift_strength: float = DEFAULT_SHIFT_STRENGTH,
-    smoothness: Sequence[float] | None = None,
-) -> Tensor:
-    """The bool mask of layers active at optimizer step ``step`` (dm_sample_layers).
+def sample_layers(num_layers: int, seed: int, step: int, kind: str, **options) -> Tensor:
+    """The bool mask of layers active at optimizer step ``step`` (dm_sample_layers);
+    ``options`` as :func:`sampler_arguments`'.
 
     A pure function of its arguments: the same (seed, step) gives the same mask on every
     process, before and after a resume.
     """
-    args = (
-        num_layers,
-        int(seed),
-        int(step),
-        *sampler_arguments(kind, probabilities, tau, progress, shift_strength, smoothness),
-    )
+    args = (num_layers, int(seed), int(step), *sampler_arguments(kind, **options))
     if _extension_loaded():
         return torch.ops.dropmuon.sample_layers(*args)
     return reference.sample_layers(*args)
@@ -314,7 +297,7 @@ if EXTENSION_ERROR is None:
         batch = len(params) if with_duals else 0
         return params[0].new_empty((batch,), dtype=torch.float64)
 
-    @torch.library.register_fake("dropmuon::muon_update_capturable_")
+    @torch.library.register_fake("dropmuon::_muon_update_capturable_")
     def _muon_update_capturable_fake(
         params, grads, momentum_buffers, hyperparameters, status, with_duals=False, **kwargs
     ):

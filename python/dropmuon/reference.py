@@ -49,8 +49,9 @@ def newton_schulz(
     eps: float,
     ns_precision: str = "native",
 ) -> Tensor:
-    """Newton-Schulz on a batch [B, rows, cols] (notes section 4), in torch.optim.Muon's order
-    of operations; the iterates stay in m's dtype, or bfloat16 for ``ns_precision="bfloat16"``."""
+    """Newton-Schulz on a batch [B, rows, cols] (docs/method.md section 4), in
+    torch.optim.Muon's order of operations; the iterates stay in m's dtype, or bfloat16 for
+    ``ns_precision="bfloat16"``."""
     if ns_precision not in NS_PRECISIONS:
         raise RuntimeError(f"dropmuon: unknown ns_precision '{ns_precision}'")
     x = m
@@ -170,7 +171,8 @@ def muon_update_(
         rows, cols = as_matrix(p).shape
         if radius == "adaptive":
             dual = float(duals[i])
-            step = lr * dual / (L0 + L1 * dual)
+            # A zero direction moves nothing, also when L0 = 0 (no 0 / 0), as in the C core.
+            step = lr * dual / (L0 + L1 * dual) if dual > 0 else 0.0
         else:
             step = lr * lr_ratio(adjust_lr_fn, rows, cols)
         p.mul_(1 - lr * weight_decay)

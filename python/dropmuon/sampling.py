@@ -123,33 +123,24 @@ class LayerSampler:
 
     # -- checkpoints -----------------------------------------------------------------------------
 
+    # The constructor's arguments, and the progress set by set_progress: all a checkpoint needs.
+    _CONFIG = ("seed", "probabilities", "tau", "total_steps", "shift_strength")
+
     def state_dict(self) -> dict:
-        return dict(
-            kind=self.kind,
-            num_layers=self.num_layers,
-            seed=self.seed,
-            probabilities=self.probabilities,
-            tau=self.tau,
-            total_steps=self.total_steps,
-            shift_strength=self.shift_strength,
-            progress=self.progress_value,
-        )
+        state = {key: getattr(self, key) for key in ("kind", "num_layers", *self._CONFIG)}
+        state["progress"] = self.progress_value
+        return state
 
     def load_state_dict(self, state: dict) -> None:
-        mine = self.state_dict()
         for key in ("kind", "num_layers"):
-            if state.get(key) != mine[key]:
+            if state.get(key) != getattr(self, key):
                 raise ValueError(
-                    f"checkpoint sampler has {key}={state.get(key)!r}, this optimizer {mine[key]!r}"
+                    f"checkpoint sampler has {key}={state.get(key)!r}, this optimizer "
+                    f"{getattr(self, key)!r}"
                 )
+        # Built anew from the saved values, so they pass the constructor's checks.
         restored = LayerSampler(
-            state["kind"],
-            state["num_layers"],
-            seed=state["seed"],
-            probabilities=state["probabilities"],
-            tau=state["tau"],
-            total_steps=state["total_steps"],
-            shift_strength=state["shift_strength"],
+            state["kind"], state["num_layers"], **{key: state[key] for key in self._CONFIG}
         )
         restored.set_progress(state["progress"])
         self.__dict__.update(restored.__dict__)

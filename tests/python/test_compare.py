@@ -1,11 +1,14 @@
-"""The main job end to end on the synthetic set, its errors, and interrupted runs."""
+"""The main job end to end on the synthetic set, its errors, and interrupted runs; the
+harness's separation from the library."""
 
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
 
-from dropmuon import compare, data
+from dropmuon.compare import cli, data, train
 
 
 def run_compare(tmp_path, *extra):
@@ -26,7 +29,7 @@ def run_compare(tmp_path, *extra):
         "0.05",
         *extra,
     ]
-    return compare.main(argv)
+    return cli.main(argv)
 
 
 def test_end_to_end_writes_every_output(tmp_path, capsys):
@@ -71,8 +74,8 @@ def test_train_and_test_subsets_are_fixed_and_recorded(tmp_path):
     # Test accuracy is counted over those 100 images: a multiple of 1/100.
     for record in first["epochs"]:
         assert abs(record["test_acc"] * 100 - round(record["test_acc"] * 100)) < 1e-9
-    x, y = compare.fixed_subset(torch.arange(10.0), torch.arange(10), 4)
-    again = compare.fixed_subset(torch.arange(10.0), torch.arange(10), 4)
+    x, y = cli.fixed_subset(torch.arange(10.0), torch.arange(10), 4)
+    again = cli.fixed_subset(torch.arange(10.0), torch.arange(10), 4)
     assert torch.equal(x, again[0]) and torch.equal(x.long(), y)
 
 
@@ -85,9 +88,9 @@ def test_subset_sizes_must_be_positive(tmp_path, option, capsys):
 
 def test_wrong_dataset_name_and_path(tmp_path, capsys):
     with pytest.raises(SystemExit):
-        compare.main(["--dataset", "imagenet", "--output", str(tmp_path)])
+        cli.main(["--dataset", "imagenet", "--output", str(tmp_path)])
     assert "invalid choice: 'imagenet'" in capsys.readouterr().err
-    code = compare.main(
+    code = cli.main(
         [
             "--dataset",
             "fashion-mnist",
@@ -105,12 +108,12 @@ def test_wrong_dataset_name_and_path(tmp_path, capsys):
     with pytest.raises(data.DatasetError, match="cifar10 needs --data-dir"):
         data.load_dataset("cifar10")
     with pytest.raises(SystemExit):
-        compare.main(["--optimizers", "sgd"])
+        cli.main(["--optimizers", "sgd"])
     assert "unknown optimizer 'sgd'" in capsys.readouterr().err
 
 
 def test_interrupted_comparison_keeps_finished_runs(tmp_path, monkeypatch):
-    real = compare.train_run
+    real = cli.train_run
     calls = []
 
     def interrupt_third(*args, **kwargs):
@@ -119,7 +122,7 @@ def test_interrupted_comparison_keeps_finished_runs(tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(compare, "train_run", interrupt_third)
+    monkeypatch.setattr(cli, "train_run", interrupt_third)
     assert run_compare(tmp_path, "--optimizers", "dropmuon", "muon") == 130
     runs = sorted(p.name for p in (tmp_path / "runs").glob("*"))
     assert runs == ["dropmuon-uniform_seed0.json", "muon_seed0.json"]
@@ -148,12 +151,12 @@ def test_shipped_mnist_loads():
 
 
 def test_torch_muon_holds_conv_kernels_as_matrices():
-    from dropmuon.models import PaperCNN
+    from dropmuon.compare.models import PaperCNN
 
     model = PaperCNN(1, 10, 12, channels=(4, 8, 8))
-    args = compare.build_parser().parse_args([])
-    args.lr = compare.parse_lr(["0.1"])
-    opt = compare.build_optimizer(compare.OptimizerSpec.parse("torch-muon"), model, args, 0, 10)
+    args = cli.build_parser().parse_args([])
+    args.lr = cli.parse_lr(["0.1"])
+    opt = train.build_optimizer(train.OptimizerSpec.parse("torch-muon"), model, args, 0, 10)
     muon, adamw = opt.optimizers
     assert all(p.dim() == 2 for g in muon.param_groups for p in g["params"])
     assert len(muon.param_groups[0]["params"]) == 4  # 3 conv kernels + head
@@ -180,3 +183,28 @@ def test_cifar10_pickle_layout(tmp_path):
     (tmp_path / "test_batch").unlink()
     with pytest.raises(data.DatasetError, match="has no test_batch"):
         data.load_dataset("cifar10", str(tmp_path))
+
+
+def test_library_imports_no_harness_and_harness_data_needs_no_plots():
+    # Against what torch itself loads (torch.hub imports tqdm when it is installed).
+    code = (
+        "import sys, torch\n"
+        "loaded = set(sys.modules)\n"
+        "import dropmuon\n"
+        "print(sorted(m for m in set(sys.modules) - loaded if 'compare' in m))\n"
+        "import dropmuon.compare.models, dropmuon.compare.data\n"
+        "new = set(sys.modules) - loaded\n"
+        "print(sorted(m for m in new if m.split('.')[0] in ('matplotlib', 'tqdm')))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.splitlines() == ["[]", "[]"]
+
+
+def test_module_entry_point_is_the_cli():
+    out = subprocess.run(
+        [sys.executable, "-m", "dropmuon.compare", "--help"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert out.stdout.startswith("usage: dropmuon-compare") and "--dataset" in out.stdout

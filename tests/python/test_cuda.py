@@ -3,7 +3,7 @@ kernels: every operator and norm, float32 and bfloat16, the paper CNN's layer sh
 batches (also past one launch's 64 tensors), zeros and NaN, every route of the Newton-Schulz
 products, CUDA-graph capture of a whole optimizer step, and opcheck on CUDA tensors.
 
-Skipped without a GPU, except the CPU half of muon_update_capturable_ (parametrized by device).
+Skipped without a GPU, except the CPU half of _muon_update_capturable_ (parametrized by device).
 `-k small` selects a quick subset that covers every kernel (what run.sh hands to
 compute-sanitizer).
 """
@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from dropmuon import DropMuon, ops, reference
-from dropmuon.models import PaperCNN
+from dropmuon.compare.models import PaperCNN
 
 pytestmark = pytest.mark.skipif(ops.EXTENSION_ERROR is not None, reason="extension not built")
 
@@ -113,7 +113,7 @@ def make_lists(shape, dtype, device, count=3, scale=1.0):
 @requires_cuda
 def test_extension_has_cuda_kernels():
     assert ops.has_kernel("cuda"), "the extension was built without CUDA: run setup.py with nvcc"
-    for op in ("sharp", "muon_update_", "muon_update_capturable_"):
+    for op in ("sharp", "muon_update_", "_muon_update_capturable_"):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"dropmuon::{op}", "CUDA"), op
 
 
@@ -383,7 +383,7 @@ def test_small_every_kernel_against_cpu(monkeypatch, shape, batch, dtype, norm, 
 
 
 # --------------------------------------------------------------------------------------------
-# muon_update_capturable_: device hyperparameters and a status tensor (CPU and CUDA)
+# _muon_update_capturable_: device hyperparameters and a status tensor (CPU and CUDA)
 # --------------------------------------------------------------------------------------------
 
 
@@ -396,7 +396,7 @@ def test_capturable_equals_muon_update(device, options):
     hyper, rest = capturable_kwargs(kwargs)
     hyperparameters = torch.tensor(hyper, dtype=torch.float64, device=device)
     status = torch.zeros(1, dtype=torch.int32, device=device)
-    duals = torch.ops.dropmuon.muon_update_capturable_(
+    duals = torch.ops.dropmuon._muon_update_capturable_(
         params, grads, bufs, hyperparameters, status, **rest
     )
     twin_duals = torch.ops.dropmuon.muon_update_(twins[0], grads, twins[1], **kwargs)
@@ -417,7 +417,7 @@ def test_capturable_reports_into_status(device, norm):
     before = [t.clone() for t in params + bufs]
 
     def run():
-        return torch.ops.dropmuon.muon_update_capturable_(
+        return torch.ops.dropmuon._muon_update_capturable_(
             params, grads, bufs, hyperparameters, status, **rest
         )
 
@@ -446,11 +446,11 @@ def test_capturable_rejects_bad_tensors():
     _, rest = capturable_kwargs(update_kwargs())
     status = torch.zeros(1, dtype=torch.int32, device="cuda")
     with pytest.raises(RuntimeError, match="5 values"):
-        torch.ops.dropmuon.muon_update_capturable_(
+        torch.ops.dropmuon._muon_update_capturable_(
             params, grads, bufs, torch.zeros(4, dtype=torch.float64, device="cuda"), status, **rest
         )
     with pytest.raises(RuntimeError, match="int32"):
-        torch.ops.dropmuon.muon_update_capturable_(
+        torch.ops.dropmuon._muon_update_capturable_(
             params,
             grads,
             bufs,
@@ -499,13 +499,13 @@ def test_muon_update_refuses_capture():
     params, grads, bufs = make_lists((6, 9), torch.float32, "cuda")
     torch.ops.dropmuon.muon_update_(params, grads, bufs, **update_kwargs())  # warm-up
     graph = torch.cuda.CUDAGraph()
-    with pytest.raises(RuntimeError, match="muon_update_capturable_"):
+    with pytest.raises(RuntimeError, match="_muon_update_capturable_"):
         with torch.cuda.graph(graph):
             torch.ops.dropmuon.muon_update_(params, grads, bufs, **update_kwargs())
 
 
 class CapturableStep:
-    """DropMuon.step for a fixed set of active layers through muon_update_capturable_, with
+    """DropMuon.step for a fixed set of active layers through _muon_update_capturable_, with
     device hyperparameters per group and one status for the whole step, all-or-nothing: the
     gradients are screened on the device first, and a nonzero status gates every update. This
     is the optimizer change proposed for DropMuon(capturable=True) (see the issue's report);
@@ -562,7 +562,7 @@ class CapturableStep:
         bad = ~torch.isfinite(torch.stack(norms)).all()
         self.status.masked_fill_(bad, 5)  # DM_ERR_NONFINITE; the gate then stops every update
         for params, grads, bufs, hyper, kwargs in self.calls:
-            torch.ops.dropmuon.muon_update_capturable_(
+            torch.ops.dropmuon._muon_update_capturable_(
                 params, grads, bufs, hyper, self.status, **kwargs
             )
 
@@ -665,7 +665,7 @@ def test_opcheck_muon_update_cuda(radius):
         torch.tensor(hyper, dtype=torch.float64, device="cuda"),
         torch.zeros(1, dtype=torch.int32, device="cuda"),
     )
-    torch.library.opcheck(torch.ops.dropmuon.muon_update_capturable_.default, args, rest)
+    torch.library.opcheck(torch.ops.dropmuon._muon_update_capturable_.default, args, rest)
 
 
 def test_opcheck_capturable_cpu():
@@ -678,4 +678,4 @@ def test_opcheck_capturable_cpu():
         torch.tensor(hyper, dtype=torch.float64),
         torch.zeros(1, dtype=torch.int32),
     )
-    torch.library.opcheck(torch.ops.dropmuon.muon_update_capturable_.default, args, rest)
+    torch.library.opcheck(torch.ops.dropmuon._muon_update_capturable_.default, args, rest)

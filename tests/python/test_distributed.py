@@ -325,7 +325,7 @@ def test_wrap_ddp_refuses_find_unused_parameters_false():
 
 
 def _measure_worker(rank, port, workdir):
-    from dropmuon.models import PaperCNN
+    from dropmuon.compare.models import PaperCNN
 
     torch.set_num_threads(1)
     dist.init_process_group(

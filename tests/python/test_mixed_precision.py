@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 import dropmuon
-from dropmuon.models import PaperCNN
+from dropmuon.compare.models import PaperCNN
 
 
 def batch(step, n=16):

@@ -8,7 +8,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 import dropmuon
-from dropmuon.models import PaperCNN, ResNet18
+from dropmuon.compare.models import PaperCNN, ResNet18
 
 
 class FixedCutoff:
@@ -51,9 +51,9 @@ def measure(model, x, cutoff):
     # FLOPs). In a sequential net the latter are the layers above the cutoff; with residual
     # branches, autograd's requires_grad on each input says which.
     active_modules = {
-        id(layer.module)
-        for layer in opt._layers
-        if opt.active_layers[opt.param_groups[layer.index]["layer"]]
+        id(model.get_submodule(name))
+        for name, active in zip(opt.layer_names(), opt.active_layers)
+        if active
     }
     predicted = 0
     for module, (flops, input_needs_grad) in records.items():

@@ -1,6 +1,6 @@
 """The models of the comparisons: the paper's 3-layer CNN and a ResNet-18-style residual CNN.
 
-The paper (section 6 of the notes) gives only the channel counts of its CNN (64, 128, 256); the
+The paper (docs/method.md section 6) gives only the channel counts of its CNN (64, 128, 256); the
 rest is our choice, stated here: 3x3 convolutions with padding 1, each followed by ReLU and 2x2
 max-pooling, then one linear head on the flattened features.
 """
