@@ -39,6 +39,7 @@ POLAR_EXPRESS_NORM = (1.02, 1e-6)
 # -- Sampling (docs/method.md section 2) --------------------------------------------------------
 
 SAMPLINGS = ("full", "uniform", "custom", "tau_nice", "epoch_shift", "cost_optimal")
+DEFAULT_SAMPLING = "uniform"  # the paper's experiments
 PROBABILITY_TOLERANCE = 1e-6  # the C sampler's tolerance on sum(p) == 1
 DEFAULT_SHIFT_STRENGTH = 4.0  # epoch_shift's tilt
 

@@ -15,6 +15,7 @@ from torch import Tensor
 from . import reference
 from .defaults import (
     DEFAULT_SHIFT_STRENGTH,
+    GROUP_DEFAULTS,
     MUON_COEFFICIENTS,
     POLAR_EXPRESS_COEFFICIENTS,
     POLAR_EXPRESS_NORM,
@@ -41,7 +42,10 @@ class NewtonSchulzSchedule:
         return len(self.coefficients) // 3
 
 
-def ns_schedule(ns_coefficients="muon", ns_steps: int | None = 5) -> NewtonSchulzSchedule:
+def ns_schedule(
+    ns_coefficients=GROUP_DEFAULTS["ns_coefficients"],
+    ns_steps: int | None = GROUP_DEFAULTS["ns_steps"],
+) -> NewtonSchulzSchedule:
     """Resolves the user's ``ns_coefficients`` / ``ns_steps`` into a schedule.
 
     ``ns_coefficients`` is ``"muon"`` or one (a, b, c) triple (repeated ``ns_steps`` times),
@@ -135,9 +139,9 @@ def _use_kernel(device_type: str) -> bool:
 def sharp(
     m: Tensor,
     norm: str = "spectral",
-    ns_coefficients="muon",
-    ns_steps: int | None = 5,
-    eps: float = 1e-7,
+    ns_coefficients=GROUP_DEFAULTS["ns_coefficients"],
+    ns_steps: int | None = GROUP_DEFAULTS["ns_steps"],
+    eps: float = GROUP_DEFAULTS["eps"],
     ns_precision: str = "native",
     with_duals: bool = True,
 ) -> tuple[Tensor, Tensor]:

@@ -53,7 +53,12 @@ from .checks import (
     check_param,
     nonfinite_params,
 )
-from .defaults import DEFAULT_SHIFT_STRENGTH, DEFAULT_SMOOTHNESS_BETA, GROUP_DEFAULTS
+from .defaults import (
+    DEFAULT_SAMPLING,
+    DEFAULT_SHIFT_STRENGTH,
+    DEFAULT_SMOOTHNESS_BETA,
+    GROUP_DEFAULTS,
+)
 from .partition import FirstForwardTrace, Layer, assign_norms, check_norms, partition
 from .sampling import LayerSampler, draw, make_sampler
 from .smoothness import SmoothnessEstimator
@@ -166,7 +171,7 @@ class DropMuon(Optimizer):
         radius: str = _D["radius"],
         L0: float = _D["L0"],
         L1: float = _D["L1"],
-        sampling="uniform",
+        sampling=DEFAULT_SAMPLING,
         tau: int | None = None,
         seed: int = 0,
         total_steps: int | None = None,

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from . import ops
-from .defaults import DEFAULT_SHIFT_STRENGTH, PROBABILITY_TOLERANCE, SAMPLINGS
+from .defaults import DEFAULT_SAMPLING, DEFAULT_SHIFT_STRENGTH, PROBABILITY_TOLERANCE, SAMPLINGS
 
 
 class LayerSampler:
@@ -44,7 +44,7 @@ class LayerSampler:
 
     def __init__(
         self,
-        kind: str = "uniform",
+        kind: str = DEFAULT_SAMPLING,
         num_layers: int = 1,
         *,
         seed: int = 0,

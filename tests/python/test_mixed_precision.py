@@ -78,16 +78,22 @@ def test_bfloat16_parameters_momentum_buffer_is_its_own(nesterov):
         assert len(storages) == 3
 
 
-def torch_muon_aliases_its_buffer():
-    """Whether torch.optim.Muon still normalises a bfloat16 momentum buffer in place (nesterov
-    off: the update *is* the buffer, and grad.bfloat16() of a bfloat16 tensor is itself)."""
+def torch_muon_bf16_step():
+    """One torch.optim.Muon step on a bfloat16 weight (nesterov off: the update *is* the
+    buffer, and grad.bfloat16() of a bfloat16 tensor is itself): (its buffer, the true EMA)."""
     torch.manual_seed(0)
     weight = nn.Parameter(torch.randn(24, 16, dtype=torch.bfloat16))
     opt = torch.optim.Muon([weight], lr=0.05, momentum=0.9, nesterov=False)
     weight.grad = torch.randn_like(weight) * 4
-    expected = lerp_bf16(torch.zeros_like(weight), weight.grad, 0.9)
+    ema = lerp_bf16(torch.zeros_like(weight), weight.grad, 0.9)
     opt.step()
-    return not torch.equal(opt.state[weight]["momentum_buffer"], expected)
+    return opt.state[weight]["momentum_buffer"], ema
+
+
+def torch_muon_aliases_its_buffer():
+    """Whether torch.optim.Muon still normalises a bfloat16 momentum buffer in place."""
+    buffer, ema = torch_muon_bf16_step()
+    return not torch.equal(buffer, ema)
 
 
 def test_the_aliasing_check_catches_torch_muon():
@@ -95,15 +101,8 @@ def test_the_aliasing_check_catches_torch_muon():
     if not torch_muon_aliases_its_buffer():
         pytest.skip("this torch's Muon no longer aliases its momentum buffer")
     # Its buffer was divided by its norm: far from the EMA, not a rounding difference.
-    torch.manual_seed(0)
-    weight = nn.Parameter(torch.randn(24, 16, dtype=torch.bfloat16))
-    opt = torch.optim.Muon([weight], lr=0.05, momentum=0.9, nesterov=False)
-    weight.grad = torch.randn_like(weight) * 4
-    ema = lerp_bf16(torch.zeros_like(weight), weight.grad, 0.9)
-    opt.step()
-    torch.testing.assert_close(
-        opt.state[weight]["momentum_buffer"].float().norm(), torch.tensor(1.0), atol=0.02, rtol=0
-    )
+    buffer, ema = torch_muon_bf16_step()
+    torch.testing.assert_close(buffer.float().norm(), torch.tensor(1.0), atol=0.02, rtol=0)
     assert ema.float().norm() > 5
 
 

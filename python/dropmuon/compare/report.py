@@ -73,18 +73,22 @@ def time_to(run: dict, metric: str, target: float) -> float | None:
     return None
 
 
-def mean_std(values: list[float]) -> str:
+def spread(values: list[float], digits: int = 1, scale: float = 1.0, unit: str = "") -> str:
+    """``mean ± stdev`` of scaled values (the value alone for one, ``-`` for none)."""
     if not values:
         return "-"
+    values = [scale * v for v in values]
     if len(values) == 1:
-        return f"{values[0]:.1f}"
-    return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}"
+        return f"{values[0]:.{digits}f}{unit}"
+    return f"{statistics.mean(values):.{digits}f}{unit} ± {statistics.stdev(values):.{digits}f}"
+
+
+def mean_std(values: list[float]) -> str:
+    return spread(values)
 
 
 def pct(values: list[float]) -> str:
-    if len(values) == 1:
-        return f"{100 * values[0]:.2f}"
-    return f"{100 * statistics.mean(values):.2f} ± {100 * statistics.stdev(values):.2f}"
+    return spread(values, digits=2, scale=100.0)
 
 
 def summary(runs: list[dict], meta: dict) -> str:
@@ -173,11 +177,7 @@ def summary(runs: list[dict], meta: dict) -> str:
 
 
 def _ratio(ratios: list[float]) -> str:
-    if not ratios:
-        return "-"
-    if len(ratios) == 1:
-        return f"{ratios[0]:.2f}x"
-    return f"{statistics.mean(ratios):.2f}x ± {statistics.stdev(ratios):.2f}"
+    return spread(ratios, digits=2, unit="x")
 
 
 def losses(groups: dict[str, list[dict]], targets) -> list[str]:

@@ -28,7 +28,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from .. import DropMuon, Muon
-from ..defaults import SAMPLINGS
+from ..defaults import DEFAULT_SAMPLING, SAMPLINGS
 from .data import batches
 from .models import build_model
 
@@ -58,7 +58,7 @@ class OptimizerSpec:
             raise argparse.ArgumentTypeError(
                 f"unknown sampling {sampling!r}; choose from {', '.join(SAMPLINGS)}"
             )
-        return OptimizerSpec(kind, sampling or ("uniform" if kind == "dropmuon" else None))
+        return OptimizerSpec(kind, sampling or (DEFAULT_SAMPLING if kind == "dropmuon" else None))
 
 
 # ----------------------------------------------------------------------------------------------
