@@ -32,6 +32,7 @@ import time
 from contextlib import contextmanager
 
 import torch
+from captured_step import CapturedStep  # this script's folder: benchmarks/gpu/captured_step.py
 from torch import nn
 from torch.optim._muon import _zeropower_via_newtonschulz
 
@@ -198,65 +199,6 @@ def full_gradients(model, batch=256):
 
 def is_matrix_param(name, p):
     return p.dim() >= 2
-
-
-class CapturedStep:
-    """DropMuon/Muon's step through _muon_update_capturable_ (all layers; sign for vectors),
-    one status for the step, screened first: see tests/python/test_cuda.py's CapturableStep."""
-
-    def __init__(self, optimizer):
-        device = next(p for g in optimizer.param_groups for p in g["params"]).device
-        self.status = torch.zeros(1, dtype=torch.int32, device=device)
-        self.grads, self.calls = [], []
-        for group in optimizer.param_groups:
-            hyper = torch.tensor(
-                [
-                    float(group["lr"]),
-                    group["weight_decay"],
-                    group["momentum"],
-                    group["L0"],
-                    group["L1"],
-                ],
-                dtype=torch.float64,
-                device=device,
-            )
-            schedule = ops.ns_schedule(group["ns_coefficients"], group["ns_steps"])
-            buckets = {}
-            for p, norm in zip(group["params"], group["param_norms"]):
-                state = optimizer.state[p]
-                state.setdefault("momentum_buffer", torch.zeros_like(p))
-                buckets.setdefault((norm, tuple(p.shape)), []).append(p)
-                self.grads.append(p.grad)
-            for (norm, _), params in buckets.items():
-                self.calls.append(
-                    (
-                        params,
-                        [p.grad for p in params],
-                        [optimizer.state[p]["momentum_buffer"] for p in params],
-                        hyper,
-                        dict(
-                            nesterov=group["nesterov"],
-                            norm=norm,
-                            ns_coefficients=list(schedule.coefficients),
-                            norm_scale=schedule.norm_scale,
-                            norm_offset=schedule.norm_offset,
-                            eps=group["eps"],
-                            ns_precision=group["ns_precision"],
-                            adjust_lr_fn=(group["adjust_lr_fn"] or "original")
-                            if norm == "spectral"
-                            else "none",
-                            radius=group["radius"],
-                        ),
-                    )
-                )
-
-    def __call__(self):
-        norms = torch._foreach_norm(self.grads, float("inf"))
-        self.status.masked_fill_(~torch.isfinite(torch.stack(norms)).all(), 5)
-        for params, grads, bufs, hyper, kwargs in self.calls:
-            torch.ops.dropmuon._muon_update_capturable_(
-                params, grads, bufs, hyper, self.status, **kwargs
-            )
 
 
 def bench_optimizer(model_name, lr=0.02, adamw_lr=1e-3, weight_decay=0.0):

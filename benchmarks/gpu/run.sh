@@ -6,8 +6,8 @@
 #     bash benchmarks/gpu/run.sh --data-dir <folder with the four Fashion-MNIST IDX files>
 #
 #   1. builds the CUDA extension in place (TORCH_CUDA_ARCH_LIST defaults to 9.0, Hopper);
-#   2. runs the Python tests (tests/python: the GPU tests of test_cuda.py and the CPU suite),
-#      then a quick subset of test_cuda.py under compute-sanitizer memcheck when it is installed;
+#   2. runs the Python tests (tests/python, CUDA cases in test_op_*.py and test_cuda_graph.py),
+#      then their quick `-k small` subset under compute-sanitizer memcheck when it is installed;
 #   3. benchmarks/gpu/bench_gpu.py: bf16 matmul peak, Newton-Schulz vs torch.optim.Muon, one
 #      optimizer step vs torch.optim.Muon + AdamW;
 #   4. Fashion-MNIST time-to-accuracy at batch 8192, Drop-Muon vs Muon vs torch.optim.Muon
@@ -80,7 +80,8 @@ if command -v compute-sanitizer >/dev/null 2>&1; then
     step "compute-sanitizer memcheck on the quick subset"
     # Every kernel, chunking and product route on small inputs; memcheck slows CUDA ~10-100x.
     if timeout 150 compute-sanitizer --tool memcheck --error-exitcode 99 \
-        "$PYTHON" -m pytest tests/python/test_cuda.py -q -x -p no:cacheprovider \
+        "$PYTHON" -m pytest tests/python/test_op_sharp.py tests/python/test_op_muon_update.py \
+        -q -x -p no:cacheprovider \
         -k "small and 37x11 and (default or batched)" >"$RESULTS/sanitizer.log" 2>&1; then
         note "- compute-sanitizer memcheck: $(grep -E 'ERROR SUMMARY' "$RESULTS/sanitizer.log" | tail -1); pytest: $(grep -E 'passed|failed' "$RESULTS/sanitizer.log" | tail -1)"
     else
