@@ -155,15 +155,20 @@ double dmi_dot(const dm_gemm_provider *threads, const void *x, dm_dtype x_dtype,
 #define ABS_f32(k) ((double)fabsf(LOAD_f32(x, k)))
 #define ABS_f64(k) fabs(LOAD_f64(x, k))
 
-/* The compute types only: float32 or float64. */
-DMI_VECTORIZE static double sum_squares(const void *x, dm_dtype dtype, size_t n) {
-    double acc;
-    if (dtype == DM_FLOAT64)
-        DMI_REDUCE(n, SQUARE_f64, acc);
-    else
-        DMI_REDUCE(n, SQUARE_f32, acc);
-    return acc;
-}
+/* NAME(x, dtype, n) = sum over k < n of TERM_f64(k) or TERM_f32(k): the compute types only
+ * (float32 or float64). */
+#define DEFINE_SUM(NAME, TERM)                                                                     \
+    DMI_VECTORIZE static double NAME(const void *x, dm_dtype dtype, size_t n) {                    \
+        double acc;                                                                                \
+        if (dtype == DM_FLOAT64)                                                                   \
+            DMI_REDUCE(n, TERM##_f64, acc);                                                        \
+        else                                                                                       \
+            DMI_REDUCE(n, TERM##_f32, acc);                                                        \
+        return acc;                                                                                \
+    }
+
+DEFINE_SUM(sum_squares, SQUARE)
+DEFINE_SUM(sum_abs, ABS)
 
 static double sum_squares_chunk(void *arg, size_t begin, size_t end) {
     const pair_job *job = arg;
@@ -173,15 +178,6 @@ static double sum_squares_chunk(void *arg, size_t begin, size_t end) {
 double dmi_sum_squares(const dm_gemm_provider *threads, const void *x, dm_dtype dtype, size_t n) {
     pair_job job = {.x = x, .x_dtype = dtype};
     return dmi_parallel_sum(threads, n, sum_squares_chunk, &job);
-}
-
-DMI_VECTORIZE static double sum_abs(const void *x, dm_dtype dtype, size_t n) {
-    double acc;
-    if (dtype == DM_FLOAT64)
-        DMI_REDUCE(n, ABS_f64, acc);
-    else
-        DMI_REDUCE(n, ABS_f32, acc);
-    return acc;
 }
 
 DMI_VECTORIZE static void column_sum_squares(const void *x, dm_dtype dtype, int64_t rows,

@@ -58,6 +58,19 @@ static inline uint16_t dmi_f32_to_bf16(float f) {
     return (uint16_t)((bits + rounding_bias) >> 16);
 }
 
+/* The shape-dependent factor of torch.optim.Muon's _adjust_lr (dm_update and dm_cuda_update). */
+static inline double dmi_lr_ratio(dm_lr_adjust adjust, int64_t rows, int64_t cols) {
+    switch (adjust) {
+    case DM_LR_ADJUST_ORIGINAL: {
+        const double r = (double)rows / (double)cols;
+        return sqrt(r > 1.0 ? r : 1.0);
+    }
+    case DM_LR_ADJUST_MATCH_RMS_ADAMW: return 0.2 * sqrt((double)(rows > cols ? rows : cols));
+    case DM_LR_ADJUST_NONE: break;
+    }
+    return 1.0;
+}
+
 static inline size_t dmi_dtype_size(dm_dtype dtype) {
     switch (dtype) {
     case DM_FLOAT32: return 4;

@@ -30,19 +30,6 @@ static dm_status check_update_config(const dm_update_config *config) {
     return DM_OK;
 }
 
-/* The shape-dependent factor of torch.optim.Muon's _adjust_lr. */
-static double lr_ratio(dm_lr_adjust adjust, int64_t rows, int64_t cols) {
-    switch (adjust) {
-    case DM_LR_ADJUST_ORIGINAL: {
-        const double r = (double)rows / (double)cols;
-        return sqrt(r > 1.0 ? r : 1.0);
-    }
-    case DM_LR_ADJUST_MATCH_RMS_ADAMW: return 0.2 * sqrt((double)(rows > cols ? rows : cols));
-    case DM_LR_ADJUST_NONE: break;
-    }
-    return 1.0;
-}
-
 /* torch's lerp: self + w (end - self) for |w| < 0.5, else end - (end - self)(1 - w). */
 #define LERP(CT, self, end, w)                                                                     \
     ((w) < (CT)0.5 ? (self) + (w) * ((end) - (self)) : (end) - ((end) - (self)) * ((CT)1 - (w)))
@@ -225,7 +212,7 @@ dm_status dm_update(const dm_update_config *config, dm_dtype dtype, int64_t batc
         const double dual = panel.duals[b];
         /* A zero direction has dual 0 and moves nothing (also when L0 = 0: no 0 / 0). */
         job.step = config->radius == DM_RADIUS_FIXED
-                       ? config->lr * lr_ratio(config->lr_adjust, rows, cols)
+                       ? config->lr * dmi_lr_ratio(config->lr_adjust, rows, cols)
                    : dual > 0.0 ? config->lr * dual / (config->radius_l0 + config->radius_l1 * dual)
                                 : 0.0;
         job.x = params[b];

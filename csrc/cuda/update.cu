@@ -117,19 +117,6 @@ dm_status dmi_cuda_final(const dmi_cuda_layout &L, void *const *params, const vo
     return DM_OK;
 }
 
-/* The shape-dependent factor of torch.optim.Muon's _adjust_lr (update.c's lr_ratio). */
-double dmi_cuda_lr_ratio(dm_lr_adjust adjust, int64_t rows, int64_t cols) {
-    switch (adjust) {
-    case DM_LR_ADJUST_ORIGINAL: {
-        const double r = (double)rows / (double)cols;
-        return sqrt(r > 1.0 ? r : 1.0);
-    }
-    case DM_LR_ADJUST_MATCH_RMS_ADAMW: return 0.2 * sqrt((double)(rows > cols ? rows : cols));
-    case DM_LR_ADJUST_NONE: break;
-    }
-    return 1.0;
-}
-
 template <typename S>
 dm_status
 dmi_cuda_update_typed(const dm_update_config *config, const dmi_cuda_layout &L, void *const *params,
@@ -159,7 +146,7 @@ dmi_cuda_update_typed(const dm_update_config *config, const dmi_cuda_layout &L, 
     dmi_cuda_step_params sp;
     sp.nesterov = config->nesterov;
     sp.adaptive = adaptive;
-    sp.ratio = dmi_cuda_lr_ratio(config->lr_adjust, L.rows, L.cols);
+    sp.ratio = dmi_lr_ratio(config->lr_adjust, L.rows, L.cols);
     const int want_duals = duals != NULL || adaptive;
     switch (config->sharp.norm) {
     case DM_NORM_SPECTRAL:

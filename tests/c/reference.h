@@ -441,6 +441,17 @@ inline dm_sharp_config simple_config(dm_norm norm, double eps = 1e-7) {
     return config;
 }
 
+// The configuration a test uses for a norm: Muon's (its schedule written into coefficients) for
+// SPECTRAL, simple_config otherwise.
+inline dm_sharp_config sharp_config_for(dm_norm norm, double coefficients[15]) {
+    return norm == DM_NORM_SPECTRAL ? muon_config(coefficients) : simple_config(norm);
+}
+
+// Every storage dtype and every norm, for the tests that run each case.
+inline constexpr dm_dtype kDtypes[] = {DM_FLOAT32, DM_FLOAT64, DM_BFLOAT16};
+inline constexpr dm_norm kNorms[] = {DM_NORM_SPECTRAL, DM_NORM_SIGN, DM_NORM_COLUMN, DM_NORM_ROW,
+                                     DM_NORM_FROBENIUS};
+
 inline const char *norm_name(dm_norm norm) {
     switch (norm) {
     case DM_NORM_SPECTRAL: return "spectral";

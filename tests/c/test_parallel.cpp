@@ -14,6 +14,7 @@
 namespace {
 
 using dmtest::Buffer;
+using dmtest::kDtypes;
 
 // Runs body on ranges of `grain` (the smallest allowed), last range first, on up to 4 threads:
 // a split unlike any thread pool's, so that a pass depending on the split shows.
@@ -42,8 +43,6 @@ struct SplittingThreads {
         for (std::thread &t : pool) t.join();
     }
 };
-
-const dm_dtype kDtypes[] = {DM_FLOAT32, DM_FLOAT64, DM_BFLOAT16};
 
 // Above DMI_PARALLEL_GRAIN elements (32768) so that every pass splits; wide and tall.
 const std::pair<int64_t, int64_t> kShapes[] = {{160, 300}, {420, 90}};

@@ -349,21 +349,30 @@ void expect_sampler_error(const dm_sampler_config &config, dm_status expected, c
     EXPECT_EQ(dm_sample_layers(&config, 0, mask, &cutoff), expected);
 }
 
+// Each array of bad values, and NULL, as the `field` array of a 3-layer `kind` sampler: `expected`.
+void expect_bad_arrays(dm_sampling kind, const double *dm_sampler_config::*field,
+                       const std::vector<std::vector<double>> &bad, dm_status expected,
+                       const char *what, const char *what_null) {
+    for (const auto &values : bad) {
+        dm_sampler_config config = sampler(kind, 3);
+        config.*field = values.data();
+        expect_sampler_error(config, expected, what);
+    }
+    dm_sampler_config config = sampler(kind, 3);
+    config.*field = nullptr;
+    expect_sampler_error(config, expected, what_null);
+}
+
 TEST(Sampler, ErrProbability) {
     const double nan = std::numeric_limits<double>::quiet_NaN();
     const double inf = std::numeric_limits<double>::infinity();
     const std::vector<std::vector<double>> bad = {{-0.1, 0.6, 0.5}, {nan, 0.5, 0.5},
                                                   {inf, 0.0, 0.0},  {0.3, 0.3, 0.41},
                                                   {0.3, 0.3, 0.39}, {0.0, 0.0, 0.0}};
-    for (const auto &p : bad) {
-        dm_sampler_config config = sampler(DM_SAMPLING_CUSTOM, 3);
-        config.probabilities = p.data();
-        expect_sampler_error(config, DM_ERR_PROBABILITY, "bad custom probabilities");
-    }
-    dm_sampler_config config = sampler(DM_SAMPLING_CUSTOM, 3);
-    config.probabilities = nullptr;
-    expect_sampler_error(config, DM_ERR_PROBABILITY, "NULL custom probabilities");
+    expect_bad_arrays(DM_SAMPLING_CUSTOM, &dm_sampler_config::probabilities, bad,
+                      DM_ERR_PROBABILITY, "bad custom probabilities", "NULL custom probabilities");
     // Within 1e-6 of 1 is accepted as given (not renormalised).
+    dm_sampler_config config = sampler(DM_SAMPLING_CUSTOM, 3);
     const double close[3] = {0.2, 0.3, 0.5 + 5e-7};
     config.probabilities = close;
     std::vector<double> out(3);
@@ -400,14 +409,8 @@ TEST(Sampler, ErrInvalidArg) {
     }
     const std::vector<std::vector<double>> bad_smoothness = {
         {1.0, -1.0, 2.0}, {1.0, nan, 2.0}, {1.0, inf, 2.0}, {0.0, 0.0, 0.0}};
-    for (const auto &l : bad_smoothness) {
-        dm_sampler_config config = sampler(DM_SAMPLING_COST_OPTIMAL, 3);
-        config.smoothness = l.data();
-        expect_sampler_error(config, DM_ERR_INVALID_ARG, "bad smoothness");
-    }
-    dm_sampler_config config = sampler(DM_SAMPLING_COST_OPTIMAL, 3);
-    config.smoothness = nullptr;
-    expect_sampler_error(config, DM_ERR_INVALID_ARG, "NULL smoothness");
+    expect_bad_arrays(DM_SAMPLING_COST_OPTIMAL, &dm_sampler_config::smoothness, bad_smoothness,
+                      DM_ERR_INVALID_ARG, "bad smoothness", "NULL smoothness");
     // NULL config; NULL output of the distribution.
     double p[4];
     uint8_t mask[4];

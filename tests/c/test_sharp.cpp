@@ -13,11 +13,9 @@
 namespace {
 
 using dmtest::Buffer;
+using dmtest::kDtypes;
+using dmtest::kNorms;
 using dmtest::Mat;
-
-const dm_dtype kDtypes[] = {DM_FLOAT32, DM_FLOAT64, DM_BFLOAT16};
-const dm_norm kNorms[] = {DM_NORM_SPECTRAL, DM_NORM_SIGN, DM_NORM_COLUMN, DM_NORM_ROW,
-                          DM_NORM_FROBENIUS};
 const int64_t kShapes[][2] = {{1, 1},   {1, 7},    {7, 1},    {7, 64},   {64, 7},
                               {64, 64}, {1, 4097}, {4097, 1}, {3, 4097}, {4097, 3}};
 
@@ -147,9 +145,7 @@ TEST(Sharp, OutputsAliasInputs) {
         for (dm_dtype dtype : kDtypes) {
             SCOPED_TRACE(testing::Message()
                          << dmtest::norm_name(norm) << " " << dmtest::dtype_name(dtype));
-            const dm_sharp_config config = norm == DM_NORM_SPECTRAL
-                                               ? dmtest::muon_config(coefficients)
-                                               : dmtest::simple_config(norm);
+            const dm_sharp_config config = dmtest::sharp_config_for(norm, coefficients);
             for (int64_t shape = 0; shape < 2; ++shape) {
                 const int64_t r = shape ? cols : rows, c = shape ? rows : cols, l = shape ? 9 : ld;
                 std::vector<Buffer> in, out;
@@ -182,8 +178,7 @@ TEST(Sharp, DualsMayBeNull) {
     double coefficients[15];
     for (dm_norm norm : kNorms) {
         SCOPED_TRACE(dmtest::norm_name(norm));
-        const dm_sharp_config config = norm == DM_NORM_SPECTRAL ? dmtest::muon_config(coefficients)
-                                                                : dmtest::simple_config(norm);
+        const dm_sharp_config config = dmtest::sharp_config_for(norm, coefficients);
         std::vector<Buffer> in{dmtest::to_buffer(make_input(norm, 7, 64, 0, 5), DM_FLOAT32, 64)};
         std::vector<Buffer> out{Buffer(DM_FLOAT32, 7 * 64)}, out2{Buffer(DM_FLOAT32, 7 * 64)};
         double dual = 0.0;
@@ -255,9 +250,7 @@ TEST(Sharp, ErrNonfinite) {
                     SCOPED_TRACE(testing::Message()
                                  << dmtest::norm_name(norm) << " " << dmtest::dtype_name(dtype)
                                  << " " << bad << " " << shape.first << "x" << shape.second);
-                    const dm_sharp_config config = norm == DM_NORM_SPECTRAL
-                                                       ? dmtest::muon_config(coefficients)
-                                                       : dmtest::simple_config(norm);
+                    const dm_sharp_config config = dmtest::sharp_config_for(norm, coefficients);
                     const int64_t rows = shape.first, cols = shape.second, ld = cols + 2;
                     std::vector<Buffer> in, out;
                     for (int64_t b = 0; b < 3; ++b) {
@@ -288,8 +281,7 @@ TEST(Sharp, HugeFiniteValuesAreNotNonfinite) {
     // square into float64 without overflow.
     double coefficients[15];
     for (dm_norm norm : kNorms) {
-        const dm_sharp_config config = norm == DM_NORM_SPECTRAL ? dmtest::muon_config(coefficients)
-                                                                : dmtest::simple_config(norm);
+        const dm_sharp_config config = dmtest::sharp_config_for(norm, coefficients);
         for (double scale : {1e200, 1e300}) {
             SCOPED_TRACE(testing::Message() << dmtest::norm_name(norm) << " f64 scale " << scale);
             for (const auto &shape : {std::make_pair(7, 64), std::make_pair(64, 64)}) {
@@ -360,9 +352,7 @@ TEST(Sharp, ZeroSizes) {
         for (dm_dtype dtype : kDtypes) {
             SCOPED_TRACE(testing::Message()
                          << dmtest::norm_name(norm) << " " << dmtest::dtype_name(dtype));
-            const dm_sharp_config config = norm == DM_NORM_SPECTRAL
-                                               ? dmtest::muon_config(coefficients)
-                                               : dmtest::simple_config(norm);
+            const dm_sharp_config config = dmtest::sharp_config_for(norm, coefficients);
             const int64_t sizes[][3] = {{0, 7, 7}, {3, 0, 7}, {3, 7, 0}, {0, 0, 0}};
             for (const auto &s : sizes) {
                 size_t bytes = 123;

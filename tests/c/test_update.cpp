@@ -15,11 +15,9 @@
 namespace {
 
 using dmtest::Buffer;
+using dmtest::kDtypes;
+using dmtest::kNorms;
 using dmtest::Mat;
-
-const dm_dtype kDtypes[] = {DM_FLOAT32, DM_FLOAT64, DM_BFLOAT16};
-const dm_norm kNorms[] = {DM_NORM_SPECTRAL, DM_NORM_SIGN, DM_NORM_COLUMN, DM_NORM_ROW,
-                          DM_NORM_FROBENIUS};
 
 double lr_ratio(dm_lr_adjust adjust, int64_t rows, int64_t cols) {
     switch (adjust) {
@@ -58,10 +56,7 @@ Expected reference_update(const dm_update_config &config, dm_dtype dtype, const 
 
 dm_update_config base_config(dm_norm norm, double coefficients[15]) {
     dm_update_config config{};
-    if (norm == DM_NORM_SPECTRAL)
-        dm_sharp_config_muon(&config.sharp, coefficients);
-    else
-        config.sharp = dmtest::simple_config(norm);
+    config.sharp = dmtest::sharp_config_for(norm, coefficients);
     config.lr = 0.05;
     config.weight_decay = 0.1;
     config.momentum = 0.9;
@@ -406,6 +401,29 @@ void expect_update_error(dm_status expected, const char *what, Mutate mutate,
     }
 }
 
+// One float32 7x64 matrix under the spectral base config, as the raw pointer arrays a call
+// takes, with a copy of its tensors and a generous workspace, for calls that must be refused.
+struct OneMatrix {
+    double coefficients[15];
+    const dm_update_config config = base_config(DM_NORM_SPECTRAL, coefficients);
+    Tensors t;
+    const Tensors before;
+    std::vector<unsigned char> workspace = std::vector<unsigned char>(1 << 20);
+    void *x[1], *m[1];
+    const void *g[1];
+
+    explicit OneMatrix(uint64_t seed)
+        : t(make_tensors(DM_FLOAT32, 1, 7, 64, seed)), before(t), x{t.params[0].data()},
+          m{t.momentum[0].data()}, g{t.grads[0].data()} {}
+    OneMatrix(const OneMatrix &) = delete; // config and the arrays point into this object
+    OneMatrix &operator=(const OneMatrix &) = delete;
+
+    void expect_untouched() const {
+        EXPECT_EQ(t.params[0].bytes(), before.params[0].bytes());
+        EXPECT_EQ(t.momentum[0].bytes(), before.momentum[0].bytes());
+    }
+};
+
 TEST(Update, ErrInvalidArg) {
     const double nan = std::numeric_limits<double>::quiet_NaN();
     const double inf = std::numeric_limits<double>::infinity();
@@ -449,29 +467,23 @@ TEST(Update, ErrInvalidArg) {
                         [](C &c) { c.sharp.ns_coefficients = nullptr; });
 
     // NULL config and NULL arrays or matrices.
-    double coefficients[15];
-    const dm_update_config config = base_config(DM_NORM_SPECTRAL, coefficients);
-    Tensors t = make_tensors(DM_FLOAT32, 1, 7, 64, 9);
-    const Tensors before = t;
-    std::vector<unsigned char> workspace(1 << 20);
-    void *x[1] = {t.params[0].data()}, *m[1] = {t.momentum[0].data()};
-    const void *g[1] = {t.grads[0].data()};
+    OneMatrix one(9);
     void *null_m[1] = {nullptr};
     auto call = [&](const dm_update_config *c, void *const *px, const void *const *pg,
                     void *const *pm) {
-        return dm_update(c, DM_FLOAT32, 1, 7, 64, px, pg, pm, nullptr, workspace.data(),
-                         workspace.size(), nullptr);
+        return dm_update(c, DM_FLOAT32, 1, 7, 64, px, pg, pm, nullptr, one.workspace.data(),
+                         one.workspace.size(), nullptr);
     };
-    EXPECT_EQ(call(nullptr, x, g, m), DM_ERR_INVALID_ARG);
-    EXPECT_EQ(call(&config, nullptr, g, m), DM_ERR_INVALID_ARG);
-    EXPECT_EQ(call(&config, x, nullptr, m), DM_ERR_INVALID_ARG);
-    EXPECT_EQ(call(&config, x, g, nullptr), DM_ERR_INVALID_ARG);
-    EXPECT_EQ(call(&config, x, g, null_m), DM_ERR_INVALID_ARG);
-    EXPECT_EQ(t.params[0].bytes(), before.params[0].bytes());
-    EXPECT_EQ(t.momentum[0].bytes(), before.momentum[0].bytes());
+    EXPECT_EQ(call(nullptr, one.x, one.g, one.m), DM_ERR_INVALID_ARG);
+    EXPECT_EQ(call(&one.config, nullptr, one.g, one.m), DM_ERR_INVALID_ARG);
+    EXPECT_EQ(call(&one.config, one.x, nullptr, one.m), DM_ERR_INVALID_ARG);
+    EXPECT_EQ(call(&one.config, one.x, one.g, nullptr), DM_ERR_INVALID_ARG);
+    EXPECT_EQ(call(&one.config, one.x, one.g, null_m), DM_ERR_INVALID_ARG);
+    one.expect_untouched();
     size_t bytes = 0;
     EXPECT_EQ(dm_update_workspace_size(nullptr, DM_FLOAT32, 1, 7, 64, &bytes), DM_ERR_INVALID_ARG);
-    EXPECT_EQ(dm_update_workspace_size(&config, DM_FLOAT32, 1, 7, 64, nullptr), DM_ERR_INVALID_ARG);
+    EXPECT_EQ(dm_update_workspace_size(&one.config, DM_FLOAT32, 1, 7, 64, nullptr),
+              DM_ERR_INVALID_ARG);
 }
 
 TEST(Update, ErrNonfinite) {
@@ -542,27 +554,20 @@ TEST(Update, ErrDtype) {
 }
 
 TEST(Update, ErrShape) {
-    double coefficients[15];
-    const dm_update_config config = base_config(DM_NORM_SPECTRAL, coefficients);
-    Tensors t = make_tensors(DM_FLOAT32, 1, 7, 64, 12);
-    const Tensors before = t;
-    std::vector<unsigned char> workspace(1 << 20);
-    void *x[1] = {t.params[0].data()}, *m[1] = {t.momentum[0].data()};
-    const void *g[1] = {t.grads[0].data()};
+    OneMatrix one(12);
     const int64_t sizes[][3] = {{-1, 7, 64}, {1, -7, 64}, {1, 7, -64}};
     for (const auto &s : sizes) {
-        EXPECT_EQ(dm_update(&config, DM_FLOAT32, s[0], s[1], s[2], x, g, m, nullptr,
-                            workspace.data(), workspace.size(), nullptr),
+        EXPECT_EQ(dm_update(&one.config, DM_FLOAT32, s[0], s[1], s[2], one.x, one.g, one.m, nullptr,
+                            one.workspace.data(), one.workspace.size(), nullptr),
                   DM_ERR_SHAPE);
         size_t bytes = 0;
-        EXPECT_EQ(dm_update_workspace_size(&config, DM_FLOAT32, s[0], s[1], s[2], &bytes),
+        EXPECT_EQ(dm_update_workspace_size(&one.config, DM_FLOAT32, s[0], s[1], s[2], &bytes),
                   DM_ERR_SHAPE);
     }
     size_t bytes = 0;
-    EXPECT_EQ(dm_update_workspace_size(&config, DM_FLOAT32, 4, INT64_MAX / 4, 3, &bytes),
+    EXPECT_EQ(dm_update_workspace_size(&one.config, DM_FLOAT32, 4, INT64_MAX / 4, 3, &bytes),
               DM_ERR_SHAPE);
-    EXPECT_EQ(t.params[0].bytes(), before.params[0].bytes());
-    EXPECT_EQ(t.momentum[0].bytes(), before.momentum[0].bytes());
+    one.expect_untouched();
 }
 
 } // namespace

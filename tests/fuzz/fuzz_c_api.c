@@ -265,10 +265,19 @@ static const dm_gemm_provider *pick_provider(reader *r, provider_ctx *ctx, dm_ge
 
 /* ---- helpers --------------------------------------------------------------------------------- */
 
-static void check_status(dm_status st) {
+/* st, once checked to be a dm_status value that dm_status_string() names. */
+static dm_status check_status(dm_status st) {
     CHECK((int)st >= DM_OK && (int)st <= DM_ERR_CUDA);
     const char *name = dm_status_string(st);
     CHECK(name != NULL && strncmp(name, "DM_", 3) == 0);
+    return st;
+}
+
+/* A call that the library must refuse, with the query's error where the query found one. */
+static void check_refused(dm_status st, dm_status query) {
+    check_status(st);
+    CHECK(st != DM_OK);
+    if (query != DM_OK) CHECK(st == query);
 }
 
 static void *xmalloc(size_t bytes) {
@@ -292,15 +301,41 @@ static int64_t span(int64_t rows, int64_t cols, int64_t ld) {
     return n > MAX_ELEMENTS ? -1 : (int64_t)n;
 }
 
-/* Workspace: exact, NULL, one byte short, half, or generous, from the input. */
-static size_t pick_workspace(reader *r, size_t needed, int *adequate) {
+/* The call's workspace, from the input: *bytes exact, one byte short, half, or generous, and
+ * sometimes a NULL pointer; the checking provider is told where it lies. *enough: whether the
+ * call has what it needs (nothing, or a non-NULL workspace of at least `needed` bytes). */
+static void *pick_workspace(reader *r, size_t needed, provider_ctx *ctx, size_t *bytes,
+                            int *enough) {
     const uint8_t mode = u8(r) % 8;
-    size_t bytes = needed;
-    if (mode == 5) bytes = needed ? needed - 1 : 0;
-    if (mode == 6) bytes = needed / 2;
-    if (mode == 7) bytes = needed + 4096;
-    *adequate = bytes >= needed;
-    return bytes;
+    size_t n = needed;
+    if (mode == 5) n = needed ? needed - 1 : 0;
+    if (mode == 6) n = needed / 2;
+    if (mode == 7) n = needed + 4096;
+    const int null_ws = u8(r) % 16 == 0;
+    void *ws = null_ws ? NULL : xmalloc(n);
+    ctx->ws = ws;
+    ctx->ws_bytes = n;
+    *bytes = n;
+    *enough = needed == 0 || (!null_ws && n >= needed);
+    return ws;
+}
+
+/* The status a call must return, as far as its arguments let us know the answer: the query's
+ * argument error; with valid arguments, DM_ERR_WORKSPACE without enough workspace, and with it
+ * DM_OK for an empty call, DM_ERR_NONFINITE for NaN/Inf data (found before any product),
+ * DM_ERR_GEMM from a failing provider, and DM_OK for moderate finite data. */
+static void check_outcome(dm_status st, dm_status query, int valid_args, int workspace_ok,
+                          int empty, int nonfinite, double max_abs, const provider_ctx *ctx) {
+    if (query != DM_OK) CHECK(st == query);
+    if (valid_args && !workspace_ok) CHECK(st == DM_ERR_WORKSPACE);
+    if (valid_args && workspace_ok && !empty) {
+        if (nonfinite)
+            CHECK(st == DM_ERR_NONFINITE);
+        else if (ctx->fail_after == 0 && max_abs <= MODERATE)
+            CHECK(st == DM_OK);
+        if (ctx->calls >= ctx->fail_after && ctx->fail_after) CHECK(st == DM_ERR_GEMM);
+    }
+    if (valid_args && workspace_ok && empty) CHECK(st == DM_OK);
 }
 
 static void pick_sharp_config(reader *r, dm_sharp_config *config, double *coefficients,
@@ -358,8 +393,7 @@ static void fuzz_sharp(reader *r) {
 
     size_t needed = 0;
     const dm_status query =
-        dm_sharp_workspace_size(&config, (dm_dtype)dtype, batch, rows, cols, &needed);
-    check_status(query);
+        check_status(dm_sharp_workspace_size(&config, (dm_dtype)dtype, batch, rows, cols, &needed));
     const int64_t in_span = span(rows, cols, in_ld), out_span = span(rows, cols, out_ld);
     const int fits = batch >= 0 && batch <= MAX_POINTERS && in_span >= 0 && out_span >= 0 &&
                      (double)batch * (double)(in_span + out_span) <= MAX_ELEMENTS &&
@@ -371,12 +405,10 @@ static void fuzz_sharp(reader *r) {
         const void *dummy_in[1] = {coefficients};
         void *dummy_out[1] = {coefficients};
         const int have_arrays = batch >= 0 && batch <= 1;
-        const dm_status st =
-            dm_sharp(&config, (dm_dtype)dtype, batch, rows, cols, have_arrays ? dummy_in : NULL,
-                     in_ld, have_arrays ? dummy_out : NULL, out_ld, NULL, NULL, 0, gemm);
-        check_status(st);
-        CHECK(st != DM_OK);
-        if (query != DM_OK) CHECK(st == query);
+        check_refused(dm_sharp(&config, (dm_dtype)dtype, batch, rows, cols,
+                               have_arrays ? dummy_in : NULL, in_ld, have_arrays ? dummy_out : NULL,
+                               out_ld, NULL, NULL, 0, gemm),
+                      query);
         return;
     }
 
@@ -417,17 +449,13 @@ static void fuzz_sharp(reader *r) {
         else
             out[null_at] = NULL;
     }
-    int adequate;
-    const size_t ws_bytes = pick_workspace(r, needed, &adequate);
-    const int null_ws = u8(r) % 16 == 0;
-    void *ws = null_ws ? NULL : xmalloc(ws_bytes);
-    ctx.ws = ws;
-    ctx.ws_bytes = ws_bytes;
+    size_t ws_bytes;
+    int workspace_ok;
+    void *ws = pick_workspace(r, needed, &ctx, &ws_bytes, &workspace_ok);
 
     const dm_status st =
-        dm_sharp(&config, (dm_dtype)dtype, batch, rows, cols, (const void *const *)in, in_ld, out,
-                 out_ld, duals, ws, ws_bytes, gemm);
-    check_status(st);
+        check_status(dm_sharp(&config, (dm_dtype)dtype, batch, rows, cols, (const void *const *)in,
+                              in_ld, out, out_ld, duals, ws, ws_bytes, gemm));
     if (null_at >= 0) {
         if (in[null_at] == NULL)
             in[null_at] = saved;
@@ -435,22 +463,10 @@ static void fuzz_sharp(reader *r) {
             out[null_at] = saved;
     }
 
-    /* The contract, as far as the arguments let us know the answer. */
-    if (query != DM_OK) CHECK(st == query);
     const int empty = batch == 0 || rows == 0 || cols == 0;
     const int valid_args =
         query == DM_OK && in_ld >= cols && out_ld >= cols && (null_at < 0 || empty);
-    const int workspace_ok = needed == 0 || (!null_ws && adequate);
-    if (valid_args && !workspace_ok) CHECK(st == DM_ERR_WORKSPACE);
-    if (valid_args && workspace_ok && !empty) {
-        /* NaN/Inf is found before any product; moderate finite data always goes through. */
-        if (nonfinite)
-            CHECK(st == DM_ERR_NONFINITE);
-        else if (ctx.fail_after == 0 && max_abs <= MODERATE)
-            CHECK(st == DM_OK);
-        if (ctx.calls >= ctx.fail_after && ctx.fail_after) CHECK(st == DM_ERR_GEMM);
-    }
-    if (valid_args && workspace_ok && empty) CHECK(st == DM_OK);
+    check_outcome(st, query, valid_args, workspace_ok, empty, nonfinite, max_abs, &ctx);
     for (int64_t b = 0; b < batch; ++b) {
         if (!aliased || st != DM_OK) CHECK(memcmp(in[b], in_copy[b], in_bytes) == 0);
         if (st != DM_OK) {
@@ -496,9 +512,8 @@ static void fuzz_update(reader *r) {
     const dm_gemm_provider *gemm = pick_provider(r, &ctx, &provider);
 
     size_t needed = 0;
-    const dm_status query =
-        dm_update_workspace_size(&config, (dm_dtype)dtype, batch, rows, cols, &needed);
-    check_status(query);
+    const dm_status query = check_status(
+        dm_update_workspace_size(&config, (dm_dtype)dtype, batch, rows, cols, &needed));
     const int64_t n = span(rows, cols, cols);
     const int fits = batch >= 0 && batch <= MAX_POINTERS && n >= 0 &&
                      (double)batch * 3.0 * (double)n <= MAX_ELEMENTS && needed <= MAX_WORKSPACE &&
@@ -507,13 +522,11 @@ static void fuzz_update(reader *r) {
         if (query == DM_OK && needed == 0) return;
         void *dummy[1] = {coefficients};
         const int have_arrays = batch >= 0 && batch <= 1;
-        const dm_status st =
-            dm_update(&config, (dm_dtype)dtype, batch, rows, cols, have_arrays ? dummy : NULL,
-                      have_arrays ? (const void *const *)dummy : NULL, have_arrays ? dummy : NULL,
-                      NULL, NULL, 0, gemm);
-        check_status(st);
-        CHECK(st != DM_OK);
-        if (query != DM_OK) CHECK(st == query);
+        check_refused(dm_update(&config, (dm_dtype)dtype, batch, rows, cols,
+                                have_arrays ? dummy : NULL,
+                                have_arrays ? (const void *const *)dummy : NULL,
+                                have_arrays ? dummy : NULL, NULL, NULL, 0, gemm),
+                      query);
         return;
     }
 
@@ -546,31 +559,18 @@ static void fuzz_update(reader *r) {
     void **arrays[3] = {params, grads, bufs};
     void *saved = NULL;
     if (null_at >= 0) saved = arrays[null_which][null_at], arrays[null_which][null_at] = NULL;
-    int adequate;
-    const size_t ws_bytes = pick_workspace(r, needed, &adequate);
-    const int null_ws = u8(r) % 16 == 0;
-    void *ws = null_ws ? NULL : xmalloc(ws_bytes);
-    ctx.ws = ws;
-    ctx.ws_bytes = ws_bytes;
+    size_t ws_bytes;
+    int workspace_ok;
+    void *ws = pick_workspace(r, needed, &ctx, &ws_bytes, &workspace_ok);
 
-    const dm_status st = dm_update(&config, (dm_dtype)dtype, batch, rows, cols, params,
-                                   (const void *const *)grads, bufs, duals, ws, ws_bytes, gemm);
-    check_status(st);
+    const dm_status st =
+        check_status(dm_update(&config, (dm_dtype)dtype, batch, rows, cols, params,
+                               (const void *const *)grads, bufs, duals, ws, ws_bytes, gemm));
     if (null_at >= 0) arrays[null_which][null_at] = saved;
 
-    if (query != DM_OK) CHECK(st == query);
     const int empty = batch == 0 || rows == 0 || cols == 0;
     const int valid_args = query == DM_OK && (null_at < 0 || empty);
-    const int workspace_ok = needed == 0 || (!null_ws && adequate);
-    if (valid_args && !workspace_ok) CHECK(st == DM_ERR_WORKSPACE);
-    if (valid_args && workspace_ok && !empty) {
-        if (nonfinite)
-            CHECK(st == DM_ERR_NONFINITE);
-        else if (ctx.fail_after == 0 && max_abs <= MODERATE)
-            CHECK(st == DM_OK);
-        if (ctx.calls >= ctx.fail_after && ctx.fail_after) CHECK(st == DM_ERR_GEMM);
-    }
-    if (valid_args && workspace_ok && empty) CHECK(st == DM_OK);
+    check_outcome(st, query, valid_args, workspace_ok, empty, nonfinite, max_abs, &ctx);
     for (int64_t b = 0; b < batch; ++b) {
         CHECK(memcmp(grads[b], copies[3 * b + 1], bytes) == 0); /* gradients are const */
         if (st != DM_OK) {
@@ -613,9 +613,8 @@ static void fuzz_gemm(reader *r) {
         (double)batch * (double)m * (double)n * (double)(k + 1) > MAX_FLOPS) {
         /* Arguments the library must refuse (or that do nothing): no memory behind them. */
         const dm_status st =
-            dm_gemm_reference(NULL, (dm_dtype)dtype, ta, tb, batch, m, n, k, alpha, NULL, lda, 0,
-                              NULL, ldb, 0, beta, NULL, NULL, ldc, 0);
-        check_status(st);
+            check_status(dm_gemm_reference(NULL, (dm_dtype)dtype, ta, tb, batch, m, n, k, alpha,
+                                           NULL, lda, 0, NULL, ldb, 0, beta, NULL, NULL, ldc, 0));
         if (batch < 0 || m < 0 || n < 0 || k < 0)
             CHECK(st == DM_ERR_SHAPE);
         else if (!dtype_ok(dtype))
@@ -643,9 +642,9 @@ static void fuzz_gemm(reader *r) {
     if (c_in_mode == 0) fill_matrix(r, c_in, dtype, 1, (int64_t)c_n, (int64_t)c_n, &ignored);
     void *a0 = copy_of(a, a_n * es), *b0 = copy_of(b, b_n * es), *c0 = copy_of(c, c_n * es);
 
-    const dm_status st = dm_gemm_reference(NULL, (dm_dtype)dtype, ta, tb, batch, m, n, k, alpha, a,
-                                           lda, sa, b, ldb, sb, beta, c_in, c, ldc, sc);
-    check_status(st);
+    const dm_status st =
+        check_status(dm_gemm_reference(NULL, (dm_dtype)dtype, ta, tb, batch, m, n, k, alpha, a, lda,
+                                       sa, b, ldb, sb, beta, c_in, c, ldc, sc));
     const int needs_c_in = beta != 0.0 && batch > 0 && m > 0 && n > 0;
     if (needs_c_in && c_in == NULL)
         CHECK(st == DM_ERR_INVALID_ARG);
@@ -742,8 +741,8 @@ static void fuzz_sampler(reader *r, int draw) {
         return;
     }
     double *distribution = xmalloc(sizeof(double) * (size_t)n);
-    const dm_status st_d = dm_sampler_distribution(&config, u8(r) % 16 == 0 ? NULL : distribution);
-    check_status(st_d);
+    const dm_status st_d =
+        check_status(dm_sampler_distribution(&config, u8(r) % 16 == 0 ? NULL : distribution));
     if (st_d == DM_OK) {
         long double sum = 0;
         for (int64_t i = 0; i < n; ++i) {
@@ -759,10 +758,10 @@ static void fuzz_sampler(reader *r, int draw) {
         memset(mask, 0xEE, (size_t)n);
         int64_t cutoff = -7, cutoff2 = -7;
         const int with_mask = u8(r) % 8 != 0;
-        const dm_status st = dm_sample_layers(&config, step, with_mask ? mask : NULL, &cutoff);
-        check_status(st);
-        const dm_status st2 = dm_sample_layers(&config, step, again, u8(r) % 4 ? &cutoff2 : NULL);
-        check_status(st2);
+        const dm_status st =
+            check_status(dm_sample_layers(&config, step, with_mask ? mask : NULL, &cutoff));
+        const dm_status st2 =
+            check_status(dm_sample_layers(&config, step, again, u8(r) % 4 ? &cutoff2 : NULL));
         CHECK(st == st2);
         if (st_d != DM_OK && st_d != DM_ERR_INVALID_ARG) CHECK(st == st_d);
         if (st == DM_OK) {
