@@ -185,7 +185,7 @@ class DropMuon(Optimizer):
         estimate_smoothness: bool | None = None,
         smoothness_beta: float = DEFAULT_SMOOTHNESS_BETA,
     ) -> None:
-        # Every argument is checked before anything of the model changes.
+        # Every argument is checked before anything of the model changes (see below).
         check_hyperparameters(
             lr, weight_decay, momentum, eps, adjust_lr_fn, ns_precision, radius, L0, L1,
             adamw_betas, adamw_eps,
@@ -242,8 +242,14 @@ class DropMuon(Optimizer):
         self._estimate = cost_optimal if estimate_smoothness is None else bool(estimate_smoothness)
         self._smoothness = SmoothnessEstimator(self._num_layers, smoothness_beta)
 
-        # Step 0's layers are drawn now; with a module, the first forward orders the layers and
-        # freezes each as it is reached (the registration order may differ from the real one).
+        assign_norms(self.param_groups, self._group_layers, self._role_norms, self._fallback)
+        for group in self.param_groups:
+            for p, norm in zip(group["params"], group["param_norms"]):
+                check_param(p, self._param_names[id(p)], norm)
+
+        # Only now is the model touched. Step 0's layers are drawn; with a module, the first
+        # forward orders the layers and freezes each as it is reached (the registration order
+        # may differ from the real one).
         self._mask = self._draw(0)
         self._trace = None
         if any(layer.module is not None for layer in self._layers):
@@ -252,10 +258,6 @@ class DropMuon(Optimizer):
         else:
             self._layer_order = "param groups"
             apply_mask(self.param_groups, self._mask)
-        assign_norms(self.param_groups, self._group_layers, self._role_norms, self._fallback)
-        for group in self.param_groups:
-            for p, norm in zip(group["params"], group["param_norms"]):
-                check_param(p, self._param_names[id(p)], norm)
         self.register_step_post_hook(_draw_next_layers)
 
     def add_param_group(self, param_group) -> None:

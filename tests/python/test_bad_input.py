@@ -314,6 +314,17 @@ def test_unsupported_parameters_are_refused_at_construction(params, options, mes
         dropmuon.DropMuon(params, **options)
 
 
+@pytest.mark.parametrize("build", ["module", "param-list"])
+def test_a_refused_construction_leaves_the_model_as_it_was(build):
+    """No layer frozen and no forward hook left behind when a parameter is refused."""
+    model = nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 2))
+    model[1].weight.data = model[1].weight.data.half()  # no kernel for float16 matrices
+    with pytest.raises(ValueError, match="float16"):
+        dropmuon.DropMuon(model if build == "module" else list(model.parameters()))
+    assert all(p.requires_grad for p in model.parameters())
+    assert all(not m._forward_pre_hooks for m in model.modules())
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float64], ids=["fp16", "fp64"])
 def test_adamw_vectors_take_any_float(dtype):
     vector = nn.Parameter(torch.randn(5, dtype=dtype))
