@@ -234,10 +234,6 @@ class FirstForwardTrace:
 
         return hook
 
-    @property
-    def started(self) -> bool:
-        return bool(self.positions)
-
     def finish(self) -> dict[int, int]:
         """Removes the hooks; returns each layer's position, construction index -> position
         (layers that never ran follow in registration order)."""
