@@ -247,13 +247,22 @@ def bench_optimizer(model_name, lr=0.02, adamw_lr=1e-3, weight_decay=0.0):
     ms, iqr = time_cuda(torch_step, warmup=5, repeats=20, before=set_torch_grads)
     rows.append(dict(model=model_name, optimizer="torch.optim.Muon + AdamW", step_ms=ms, iqr=iqr))
 
-    common = dict(momentum=0.95, nesterov=True)
+    # The custom kernels are opt-in until validated: these rows ask for them, and one row shows
+    # the pure-PyTorch reference path that CUDA users get by default today.
+    common = dict(momentum=0.95, nesterov=True, cuda_kernels=True)
     ours(
         "dropmuon.Muon (AdamW fallback)",
         cls=dropmuon.Muon,
         fallback="adamw",
         adamw_lr=adamw_lr,
         **common,
+    )
+    ours(
+        "dropmuon.Muon (AdamW fallback), reference path (the default until validated)",
+        cls=dropmuon.Muon,
+        fallback="adamw",
+        adamw_lr=adamw_lr,
+        **dict(common, cuda_kernels=False),
     )
     ours(
         "DropMuon uniform (AdamW fallback)",

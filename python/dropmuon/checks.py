@@ -73,8 +73,10 @@ def check_hyperparameters(
         raise ValueError(f"Invalid epsilon value: {adamw_eps}")
 
 
-def check_optimizer_options(nonfinite, smoothness_beta, adamw_lr, lr) -> None:
+def check_optimizer_options(nonfinite, smoothness_beta, adamw_lr, lr, cuda_kernels) -> None:
     """The options of DropMuon that are not per group."""
+    if cuda_kernels not in (None, True, False):
+        raise ValueError(f"cuda_kernels must be None, True or False, got {cuda_kernels!r}")
     if nonfinite not in NONFINITE_MODES:
         raise ValueError(f"nonfinite must be 'raise' or 'skip', got {nonfinite!r}")
     if not 0.0 <= smoothness_beta < 1.0:
@@ -142,14 +144,17 @@ def check_grad(p: Tensor, name: str) -> None:
         )
 
 
-def nonfinite_params(params: list[Tensor]) -> list[bool]:
-    """Which of the parameters have a NaN or Inf in their gradient (one device sync for all)."""
-    if not params:
-        return []
+def nonfinite_layers(by_layer: dict[int, list], param_name) -> dict[int, str]:
+    """The layers whose gradients hold a NaN or Inf, each with the name of its first such
+    parameter (``by_layer``: position -> [(group, norm, param)]); one device sync for all."""
+    entries = [(layer, p) for layer, items in by_layer.items() for _, _, p in items]
+    if not entries:
+        return {}
     # A sum is NaN/Inf when an element is, and costs a fraction of isfinite().all(); it can
     # also overflow on finite values, so a non-finite sum is confirmed element by element.
-    sums = torch.stack([p.grad.sum(dtype=torch.float32).cpu() for p in params]).tolist()
-    return [
-        not math.isfinite(total) and not bool(torch.isfinite(p.grad).all())
-        for p, total in zip(params, sums)
-    ]
+    sums = torch.stack([p.grad.sum(dtype=torch.float32).cpu() for _, p in entries]).tolist()
+    bad: dict[int, str] = {}
+    for (layer, p), total in zip(entries, sums):
+        if not math.isfinite(total) and not bool(torch.isfinite(p.grad).all()):
+            bad.setdefault(layer, param_name(p))
+    return bad

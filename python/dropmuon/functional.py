@@ -5,7 +5,8 @@
   build their kernel calls from it.
 - :func:`buckets`: the active parameters gathered into fused calls (same shape, dtype, device
   and arguments share one call).
-- :func:`sharp_update_`: one fused call over a bucket, with the momentum buffers it needs.
+- :func:`update_bucket_`: one bucket's update: :func:`sharp_update_` (one fused call, with
+  the momentum buffers it needs) or AdamW (:mod:`dropmuon.adamw`).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch
 from torch import Tensor
 
 from . import ops
+from .adamw import adamw_step_
 
 
 def update_arguments(group: dict, norm: str, schedule: ops.NewtonSchulzSchedule) -> dict:
@@ -86,15 +88,26 @@ def momentum_buffer(state: dict, p: Tensor) -> Tensor:
     return state["momentum_buffer"]
 
 
-def sharp_update_(params: list[Tensor], state, arguments: dict) -> None:
+def sharp_update_(
+    params: list[Tensor], state, arguments: dict, cuda_kernels: bool | None = None
+) -> None:
     """One fused update of same-shape parameters in place from their ``.grad``, with their
-    momentum buffers in ``state`` (the optimizer's per-parameter state)."""
+    momentum buffers in ``state`` (the optimizer's per-parameter state); ``cuda_kernels``: see
+    :func:`dropmuon.ops.use_kernel`."""
     grads = [p.grad for p in params]
     bufs = [momentum_buffer(state[p], p) for p in params]
     # Parameters stored otherwise (channels_last conv kernels, transposed views) are updated
     # through a row-major copy that is written back.
     work = [p if p.is_contiguous() else p.contiguous() for p in params]
-    ops.muon_update_(work, grads, bufs, **arguments)
+    ops.muon_update_(work, grads, bufs, cuda_kernels=cuda_kernels, **arguments)
     for p, w in zip(params, work):
         if w is not p:
             p.copy_(w)
+
+
+def update_bucket_(bucket: Bucket, state, cuda_kernels: bool | None = None) -> None:
+    """Updates a bucket's parameters in place: AdamW, or the fused sharp update."""
+    if bucket.norm == "adamw":
+        adamw_step_(bucket.params, state, bucket.group)
+    else:
+        sharp_update_(bucket.params, state, bucket.arguments, cuda_kernels)

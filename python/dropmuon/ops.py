@@ -5,6 +5,7 @@ compiled extension is missing or has no kernel for a tensor's device (warned onc
 
 from __future__ import annotations
 
+import os
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -92,13 +93,22 @@ def _flatten(triples) -> tuple[float, ...]:
 
 _warned: set[str] = set()
 
+# The custom CUDA kernels (csrc/cuda) compile but have not yet passed on real hardware. Until the
+# commit that records such a run flips this, CUDA tensors take the pure-PyTorch reference (torch's
+# own CUDA matrix products) unless the kernels are asked for: DropMuon(cuda_kernels=True), or
+# DROPMUON_CUDA_KERNELS=1 in the environment (the option wins over the variable).
+CUDA_KERNELS_VALIDATED = False
+CUDA_KERNELS_ENV = "DROPMUON_CUDA_KERNELS"
 
-def _warn_once(reason: str) -> None:
-    if reason not in _warned:
-        _warned.add(reason)
-        warnings.warn(
-            f"dropmuon: {reason}; using the pure-PyTorch reference (slower)", stacklevel=3
-        )
+
+def _warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        warnings.warn(f"dropmuon: {message}", stacklevel=4)
+
+
+def _warn_reference(reason: str) -> None:
+    _warn_once(f"{reason}; using the pure-PyTorch reference (slower)")
 
 
 @torch.compiler.assume_constant_result  # fixed per process; lets Dynamo trace the wrappers
@@ -112,22 +122,41 @@ def has_kernel(device_type: str) -> bool:
     )
 
 
+def cuda_kernels_enabled(cuda_kernels: bool | None = None) -> bool:
+    """Whether CUDA tensors use the custom kernels: ``cuda_kernels`` if given, else
+    ``DROPMUON_CUDA_KERNELS`` (``1`` or ``0``), else the default (``CUDA_KERNELS_VALIDATED``)."""
+    if cuda_kernels is not None:
+        return bool(cuda_kernels)
+    value = os.environ.get(CUDA_KERNELS_ENV, "")
+    if value not in ("", "0", "1"):
+        raise ValueError(f"{CUDA_KERNELS_ENV} must be 0 or 1, got {value!r}")
+    return CUDA_KERNELS_VALIDATED if value == "" else value == "1"
+
+
 def _extension_loaded() -> bool:
     """Whether the compiled extension is loaded; warns once (saying why) when it is not."""
     if EXTENSION_ERROR is None:
         return True
-    _warn_once(f"the compiled extension is not available ({EXTENSION_ERROR})")
+    _warn_reference(f"the compiled extension is not available ({EXTENSION_ERROR})")
     return False
 
 
-def _use_kernel(device_type: str) -> bool:
-    """Whether to call the compiled kernel for tensors on ``device_type``; warns once when the
-    reference stands in."""
+def use_kernel(device_type: str, cuda_kernels: bool | None = None) -> bool:
+    """Whether the wrappers call the compiled kernel (True) or the reference (False) for tensors
+    on ``device_type``; warns once when the reference stands in. CUDA: see
+    :func:`cuda_kernels_enabled`."""
     if not _extension_loaded():
+        return False
+    if device_type == "cuda" and not cuda_kernels_enabled(cuda_kernels):
+        _warn_once(
+            "the custom CUDA kernels are opt-in until they have passed on real hardware, so "
+            "CUDA tensors use the pure-PyTorch reference (torch's own CUDA matrix products); "
+            f"DropMuon(..., cuda_kernels=True) or {CUDA_KERNELS_ENV}=1 turns them on"
+        )
         return False
     if has_kernel(device_type):
         return True
-    _warn_once(f"the compiled extension has no kernels for '{device_type}' tensors")
+    _warn_reference(f"the compiled extension has no kernels for '{device_type}' tensors")
     return False
 
 
@@ -144,6 +173,7 @@ def sharp(
     eps: float = GROUP_DEFAULTS["eps"],
     ns_precision: str = "native",
     with_duals: bool = True,
+    cuda_kernels: bool | None = None,
 ) -> tuple[Tensor, Tensor]:
     """sharp(M) for a matrix [rows, cols] or a batch [B, rows, cols] (docs/method.md section 4).
 
@@ -153,7 +183,8 @@ def sharp(
     ``ns_precision="bfloat16"`` keeps the Newton-Schulz iterates in bfloat16 (float32
     accumulation), as torch.optim.Muon does; ``"native"`` keeps M's precision (float32 for
     bfloat16 input). ``with_duals=False`` skips the duals (an empty tensor comes back) and, for
-    the spectral norm, the pass over the data they cost.
+    the spectral norm, the pass over the data they cost. ``cuda_kernels``: see
+    :func:`use_kernel`.
     """
     single = m.dim() == 2
     batch = m.unsqueeze(0) if single else m
@@ -168,7 +199,7 @@ def sharp(
         ns_precision,
         with_duals,
     )
-    if _use_kernel(m.device.type):
+    if use_kernel(m.device.type, cuda_kernels):
         out, duals = torch.ops.dropmuon.sharp(*args)
     else:
         out, duals = reference.sharp(*args)
@@ -181,18 +212,21 @@ def muon_update_(
     params: Sequence[Tensor],
     grads: Sequence[Tensor],
     momentum_buffers: Sequence[Tensor],
+    *,
+    cuda_kernels: bool | None = None,
     **arguments,
 ) -> Tensor:
     """One fused update of same-shape tensors in place (dm_update in dropmuon.h;
     docs/method.md section 1). The keywords are :func:`muon_update_keywords`' (as
-    :func:`dropmuon.functional.update_arguments` builds them for a param group).
+    :func:`dropmuon.functional.update_arguments` builds them for a param group);
+    ``cuda_kernels``: see :func:`use_kernel`.
 
     Returns the float64 duals <D, sharp(D)> of the update directions with ``with_duals``, an
     empty tensor otherwise.
     """
     kwargs = muon_update_keywords(**arguments)
     device = params[0].device.type if params else "cpu"
-    if _use_kernel(device):
+    if use_kernel(device, cuda_kernels):
         return torch.ops.dropmuon.muon_update_(
             list(params), list(grads), list(momentum_buffers), **kwargs
         )

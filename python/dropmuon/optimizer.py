@@ -43,7 +43,6 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from . import checkpoint, functional, ops
-from .adamw import adamw_step_
 from .checks import (
     check_grad,
     check_group,
@@ -51,7 +50,7 @@ from .checks import (
     check_hyperparameters,
     check_optimizer_options,
     check_param,
-    nonfinite_params,
+    nonfinite_layers,
 )
 from .defaults import (
     DEFAULT_SAMPLING,
@@ -154,6 +153,10 @@ class DropMuon(Optimizer):
             smoothed by ``smoothness_beta``). On by default for ``"cost_optimal"`` (which
             needs them); costs a copy of each gradient and one more sharp operator per step.
         smoothness_beta: EMA factor of the smoothness estimates (default 0.9).
+        cuda_kernels: CUDA parameters use dropmuon's CUDA kernels (True) or the pure-PyTorch
+            reference, torch's own CUDA products (False). Default None: the environment's
+            ``DROPMUON_CUDA_KERNELS`` (``1``/``0``), else the reference until the kernels have
+            passed on real hardware (:func:`dropmuon.ops.cuda_kernels_enabled`).
     """
 
     def __init__(
@@ -184,6 +187,7 @@ class DropMuon(Optimizer):
         nonfinite: str = "raise",
         estimate_smoothness: bool | None = None,
         smoothness_beta: float = DEFAULT_SMOOTHNESS_BETA,
+        cuda_kernels: bool | None = None,
     ) -> None:
         # Every argument is checked before anything of the model changes (see below).
         check_hyperparameters(
@@ -191,7 +195,7 @@ class DropMuon(Optimizer):
             adamw_betas, adamw_eps,
         )  # fmt: skip
         ops.ns_schedule(ns_coefficients, ns_steps)  # validates
-        check_optimizer_options(nonfinite, smoothness_beta, adamw_lr, lr)
+        check_optimizer_options(nonfinite, smoothness_beta, adamw_lr, lr, cuda_kernels)
         self._role_norms = check_norms(norms, fallback)
         self._fallback = fallback
         defaults = dict(
@@ -240,7 +244,8 @@ class DropMuon(Optimizer):
         if estimate_smoothness is False and cost_optimal:
             raise ValueError("sampling='cost_optimal' needs estimate_smoothness")
         self._estimate = cost_optimal if estimate_smoothness is None else bool(estimate_smoothness)
-        self._smoothness = SmoothnessEstimator(self._num_layers, smoothness_beta)
+        self._smoothness = SmoothnessEstimator(self._num_layers, smoothness_beta, cuda_kernels)
+        self._cuda_kernels = cuda_kernels
 
         assign_norms(self.param_groups, self._group_layers, self._role_norms, self._fallback)
         for group in self.param_groups:
@@ -369,10 +374,7 @@ class DropMuon(Optimizer):
         by_layer = self._without_nonfinite(by_layer)
         before = self._smoothness.before_step(by_layer, self.state) if self._estimate else None
         for bucket in functional.buckets(chain(*by_layer.values()), schedules):
-            if bucket.norm == "adamw":
-                adamw_step_(bucket.params, self.state, bucket.group)
-            else:
-                functional.sharp_update_(bucket.params, self.state, bucket.arguments)
+            functional.update_bucket_(bucket, self.state, self._cuda_kernels)
         for layer in by_layer:
             self.update_counts[layer] += 1
         if before is not None:
@@ -399,12 +401,7 @@ class DropMuon(Optimizer):
     def _without_nonfinite(self, by_layer: dict[int, list]) -> dict[int, list]:
         """Raises on a NaN/Inf gradient before anything is modified (``nonfinite="raise"``), or
         leaves its layer out of the step and counts it (``"skip"``)."""
-        entries = [(layer, p) for layer, items in by_layer.items() for _, _, p in items]
-        flags = nonfinite_params([p for _, p in entries])
-        bad_layers: dict[int, str] = {}
-        for (layer, p), bad in zip(entries, flags):
-            if bad:
-                bad_layers.setdefault(layer, self._param_names[id(p)])
+        bad_layers = nonfinite_layers(by_layer, self.param_name)
         for layer, name in bad_layers.items():
             if self._nonfinite == "raise":
                 raise RuntimeError(

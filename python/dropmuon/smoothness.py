@@ -27,7 +27,7 @@ def _geometry(norm: str) -> str:
     return "frobenius" if norm == "adamw" else norm
 
 
-def dual_norm(t: Tensor, norm: str) -> float:
+def dual_norm(t: Tensor, norm: str, cuda_kernels: bool | None = None) -> float:
     """||t||_* for ``norm``: <t, sharp(t)> (the nuclear norm for spectral, by Newton-Schulz)."""
     _, dual = ops.sharp(
         as_matrix(t).float(),
@@ -35,6 +35,7 @@ def dual_norm(t: Tensor, norm: str) -> float:
         ns_coefficients="polar_express",
         ns_steps=8,
         ns_precision="native",
+        cuda_kernels=cuda_kernels,
     )
     return float(dual)
 
@@ -70,8 +71,9 @@ class SmoothnessEstimator:
     each layer's last step (``last_step_norm``). Call :meth:`before_step` with the step's active
     parameters before updating them, :meth:`after_step` with its result after."""
 
-    def __init__(self, num_layers: int, beta: float) -> None:
+    def __init__(self, num_layers: int, beta: float, cuda_kernels: bool | None = None) -> None:
         self.beta = beta
+        self.cuda_kernels = cuda_kernels
         self.smoothness: list[float | None] = [None] * num_layers
         self.last_step_norm: list[float | None] = [None] * num_layers
 
@@ -86,7 +88,7 @@ class SmoothnessEstimator:
                 if previous is None:
                     complete = False
                     continue
-                numerator += dual_norm(p.grad - previous, _geometry(norm))
+                numerator += dual_norm(p.grad - previous, _geometry(norm), self.cuda_kernels)
             if complete and self.last_step_norm[layer] > 0:
                 estimate = numerator / self.last_step_norm[layer]
                 old = self.smoothness[layer]
