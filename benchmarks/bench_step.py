@@ -26,6 +26,8 @@ import dropmuon
 from dropmuon.compare.cli import parse_lr
 from dropmuon.compare.models import PaperCNN
 from dropmuon.compare.train import OptimizerSpec, build_optimizer
+from dropmuon.diagnostics import Diagnostics
+from dropmuon.partition import partition
 from dropmuon.truncation import apply_mask
 
 
@@ -134,6 +136,33 @@ def bench_hook(repeats: int) -> tuple[float, float]:
     return hook_time, step_time
 
 
+def bench_diagnostics() -> dict[str, float]:
+    """Seconds per step of DropMuon's two checks (dropmuon.diagnostics) on the paper CNN: moving
+    the truncation check to the next cutoff layer (post-hook), the no-gradient check (step), and
+    the forward pre-hook's own call (a tiny layer's forward with the check minus without it,
+    timed round-robin, so that the difference is the hook and not the layer)."""
+    torch.manual_seed(0)
+    found = partition(PaperCNN())
+    diagnostics = Diagnostics()
+    active, with_grad = [False, False, True, True], {2, 3}
+    watch = median_time(lambda: diagnostics.watch_cutoff(2, found.groups, found.group_layers), 500)
+    check = median_time(lambda: diagnostics.check_gradients(active, with_grad, list, 0), 500)
+    diagnostics.stop_watching()
+    tiny = [nn.Linear(4, 4), nn.Linear(4, 4)]
+    watched = Diagnostics()
+    groups = [{"params": [], "layer": 1}]
+    watched.watch_cutoff(1, groups, partition(tiny[1]).layers)
+    x = torch.randn(1, 4)
+    with torch.no_grad():
+        plain_times, hooked_times = [], []
+        for _ in range(20):
+            plain_times.append(median_time(lambda: tiny[0](x), 200))
+            hooked_times.append(median_time(lambda: tiny[1](x), 200))
+    watched.stop_watching()
+    hook = statistics.median(hooked_times) - statistics.median(plain_times)
+    return {"watch_cutoff": watch, "check_gradients": check, "forward pre-hook": hook}
+
+
 def bench_optimizer_steps(repeats: int) -> list[str]:
     """optimizer.step() alone, same model and gradients: dropmuon.Muon (every layer; bfloat16 and
     native Newton-Schulz iterates) vs torch.optim.Muon + AdamW, timed round-robin."""
@@ -203,11 +232,22 @@ def main() -> None:
         f"Sampling post-hook: {hook * 1e6:.1f} us per step = "
         f"{100 * hook / step:.3f}% of a {step:.3f} s training step (batch 1024, "
         "uniform sampling).",
+    ]
+    print("\n".join(lines[-2:]), flush=True)
+    checks = bench_diagnostics()
+    total = sum(checks.values())
+    lines += [
+        "",
+        "Diagnostics (dropmuon.diagnostics) per step: "
+        + ", ".join(f"{name} {seconds * 1e6:.1f} us" for name, seconds in checks.items())
+        + f"; together {100 * total / step:.4f}% of the training step above.",
+    ]
+    print(lines[-1], flush=True)
+    lines += [
         "",
         "| optimizer.step() only, paper CNN | ms | vs torch.optim.Muon + AdamW |",
         "|---|---|---|",
     ]
-    print("\n".join(lines[-5:]), flush=True)
     lines += bench_optimizer_steps(args.repeats)
     if args.output:
         with open(args.output, "w") as f:

@@ -10,6 +10,7 @@ import torch  # noqa: F401  (loads libtorch before the extension)
 from . import ops, reference
 from .defaults import MUON_COEFFICIENTS, POLAR_EXPRESS_COEFFICIENTS
 from .describe import describe
+from .diagnostics import DropMuonWarning, NoGradientWarning, TruncationDefeatedWarning
 from .ops import (
     NewtonSchulzSchedule,
     ns_schedule,
@@ -24,6 +25,9 @@ __version__ = "0.1.0"
 
 __all__ = [
     "DropMuon",
+    "DropMuonWarning",
+    "NoGradientWarning",
+    "TruncationDefeatedWarning",
     "LayerSampler",
     "Muon",
     "describe",

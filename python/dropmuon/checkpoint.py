@@ -56,8 +56,11 @@ def section(
     update_counts: list[int],
     skipped_nonfinite: list[int],
     estimator: SmoothnessEstimator,
+    layer_order: str,
 ) -> dict:
-    """The ``"dropmuon"`` section (estimates not made yet are saved as -1)."""
+    """The ``"dropmuon"`` section (estimates not made yet are saved as -1). ``layer_order``
+    (what ordered the layers) tells a checkpoint written before the first forward pass, whose
+    order is not final; checkpoints without it (older ones) count as final."""
     return dict(
         version=STATE_VERSION,
         step=step,
@@ -68,6 +71,7 @@ def section(
         skipped_nonfinite=list(skipped_nonfinite),
         smoothness=_or_minus_one(estimator.smoothness),
         last_step_norm=_or_minus_one(estimator.last_step_norm),
+        layer_order=layer_order,
         world_size=world_size(),
     )
 

@@ -58,6 +58,7 @@ from .defaults import (
     DEFAULT_SMOOTHNESS_BETA,
     GROUP_DEFAULTS,
 )
+from .diagnostics import Diagnostics
 from .partition import FirstForwardTrace, Layer, assign_norms, check_norms, partition
 from .sampling import LayerSampler, draw, make_sampler
 from .smoothness import SmoothnessEstimator
@@ -189,7 +190,6 @@ class DropMuon(Optimizer):
         smoothness_beta: float = DEFAULT_SMOOTHNESS_BETA,
         cuda_kernels: bool | None = None,
     ) -> None:
-        # Every argument is checked before anything of the model changes (see below).
         check_hyperparameters(
             lr, weight_decay, momentum, eps, adjust_lr_fn, ns_precision, radius, L0, L1,
             adamw_betas, adamw_eps,
@@ -246,6 +246,7 @@ class DropMuon(Optimizer):
         self._estimate = cost_optimal if estimate_smoothness is None else bool(estimate_smoothness)
         self._smoothness = SmoothnessEstimator(self._num_layers, smoothness_beta, cuda_kernels)
         self._cuda_kernels = cuda_kernels
+        self._diagnostics = Diagnostics()
 
         assign_norms(self.param_groups, self._group_layers, self._role_norms, self._fallback)
         for group in self.param_groups:
@@ -279,16 +280,17 @@ class DropMuon(Optimizer):
         return draw(self.sampler, step, self._num_layers, self._smoothness.smoothness)
 
     def _begin_step(self, step: int) -> None:
-        """Makes ``step`` the coming step: draws its layers and freezes the others."""
+        """Makes ``step`` the coming step: its layers, the others frozen, the cutoff watched."""
         self._step_count = step
         self._mask = self._draw(step)
-        apply_mask(self.param_groups, self._mask)
+        if self._trace is None:  # while tracing, each layer is frozen as the forward reaches it
+            apply_mask(self.param_groups, self._mask)
+            self._diagnostics.watch_cutoff(self.cutoff, self.param_groups, self._group_layers)
 
     def _freeze_during_trace(self, layer: Layer, position: int) -> None:
         if torch.compiler.is_compiling():
-            # Inside a graph being traced, requires_grad cannot change (it would break the
-            # graph, and Dynamo then leaves the whole model uncompiled). The first step then
-            # computes every gradient, and the step drops those of the frozen layers.
+            # requires_grad cannot change inside a graph being traced (Dynamo would give up on
+            # the model): the first step then computes every gradient and drops the frozen ones.
             return
         set_layer_trainable([p for _, p in layer.params], self._mask[position])
 
@@ -371,6 +373,7 @@ class DropMuon(Optimizer):
                 loss = closure()
         self._finish_trace()
         by_layer, schedules = self._active_gradients()
+        self._diagnostics.check_gradients(self._mask, by_layer, self.layer_names, self._step_count)
         by_layer = self._without_nonfinite(by_layer)
         before = self._smoothness.before_step(by_layer, self.state) if self._estimate else None
         for bucket in functional.buckets(chain(*by_layer.values()), schedules):
@@ -427,6 +430,7 @@ class DropMuon(Optimizer):
             update_counts=self.update_counts,
             skipped_nonfinite=self.skipped_nonfinite,
             estimator=self._smoothness,
+            layer_order=self._layer_order,
         )
         return state
 
@@ -445,10 +449,11 @@ class DropMuon(Optimizer):
         sampler = checkpoint.restored_sampler(self.sampler, extra["sampler"])
         super().load_state_dict(state_dict)
         self.sampler = sampler
-        if self._trace is not None:  # the checkpoint's order replaces the first-forward trace
+        # The checkpoint's order replaces the first-forward trace, unless it was written before
+        # the first forward too (accelerate's state_dict/load_state_dict round trip, say).
+        if self._trace is not None and extra.get("layer_order") != self._layer_order:
             self._trace.finish()
-            self._trace = None
-            self._layer_order = "checkpoint"
+            self._trace, self._layer_order = None, "checkpoint"
         self.update_counts = list(extra["update_counts"])
         self.skipped_nonfinite = list(extra["skipped_nonfinite"])
         checkpoint.restore_estimates(self._smoothness, extra)

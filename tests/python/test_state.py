@@ -114,3 +114,28 @@ def test_load_before_the_first_forward_adopts_the_checkpoint_order():
     assert opt2.active_layers == opt.active_layers
     requires = [p.requires_grad for p in model2.parameters()]
     assert requires == [p.requires_grad for p in model.parameters()]
+
+
+def test_a_round_trip_before_the_first_forward_keeps_the_first_forward_order():
+    """accelerate (HF Trainer) calls load_state_dict(state_dict()) before training: that must
+    not replace the first forward's layer order by the registration order."""
+
+    class Reversed(nn.Module):  # registered a, b; run b then a
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 2), nn.Linear(4, 4)
+
+        def forward(self, x):
+            return self.a(torch.tanh(self.b(x)))
+
+    model = Reversed()
+    opt = dropmuon.DropMuon(model, lr=0.02, sampling="full")
+    opt.load_state_dict(opt.state_dict())
+    model(torch.randn(3, 4)).sum().backward()
+    opt.step()
+    assert opt.layer_order == "first forward"
+    assert opt.layer_names() == ["b", "a"]
+    # A checkpoint written after the first forward still replaces a pending trace.
+    again = dropmuon.DropMuon(Reversed(), lr=0.02, sampling="full")
+    again.load_state_dict(opt.state_dict())
+    assert again.layer_order == "checkpoint" and again.layer_names() == ["b", "a"]
