@@ -23,7 +23,6 @@ import torch
 from torch import nn
 
 import dropmuon
-from dropmuon.compare.cli import parse_lr
 from dropmuon.compare.models import PaperCNN
 from dropmuon.compare.train import OptimizerSpec, build_optimizer
 from dropmuon.diagnostics import Diagnostics
@@ -175,7 +174,6 @@ def bench_optimizer_steps(repeats: int) -> list[str]:
     steps = []
     for name, precision, _ in contenders:
         args = argparse.Namespace(
-            lr=parse_lr(["0.05"]),
             momentum=0.95,
             weight_decay=0.0,
             adamw_lr=1e-3,
@@ -183,7 +181,7 @@ def bench_optimizer_steps(repeats: int) -> list[str]:
         )
         torch.manual_seed(0)
         model = PaperCNN()
-        opt = build_optimizer(OptimizerSpec.parse(name), model, args, 0, 100)
+        opt = build_optimizer(OptimizerSpec.parse(name), model, args, 0, 100, lr=0.05)
         nn.functional.cross_entropy(model(x), y).backward()
         grads = [p.grad.clone() for p in model.parameters()]
 

@@ -1,17 +1,15 @@
 """The main job's command line (``python -m dropmuon.compare`` or ``dropmuon-compare``): train
-one model with several optimizers under the same budget and report time to accuracy.
+one model with several optimizers under the same budget and report time to a target, with
+paired per-seed speedups and their 95% bootstrap intervals.
 
-The optimizers and what a run times are described in ``dropmuon.compare.train``.
-
-Each finished run is written at once (``runs/<name>.json``); ``runs.csv``, ``summary.md`` and
-the plots are rewritten after every run, so an interrupted comparison leaves complete files for
-the runs that finished.
+The optimizers and what a run times are described in ``dropmuon.compare.train``, the splits and
+metrics in ``dropmuon.compare.tasks``, the sweep and the files in
+``dropmuon.compare.experiment``, the statistics in ``dropmuon.compare.stats``.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -21,137 +19,302 @@ import torch
 
 from .. import __version__
 from .data import DATASETS, DatasetError, load_dataset
-from .train import OPTIMIZER_KINDS, OptimizerSpec, train_run
+from .experiment import Experiment
+from .models import IMAGE_MODELS, MODELS, TEXT_MODELS
+from .tasks import ImageTask, TextTask
+from .text import TEXT_DATASETS, load_text
+from .train import OPTIMIZER_KINDS, OptimizerSpec, learning_rate, train_run
 
-DEFAULT_TARGETS = {
+DEFAULT_TARGETS = {  # (train, test) accuracy targets; validation ones default to the test ones
     "fashion-mnist": ([0.80, 0.85, 0.88], [0.80, 0.85, 0.87]),
     "mnist": ([0.90, 0.95, 0.97], [0.90, 0.95, 0.97]),
     "cifar10": ([0.40, 0.50, 0.60], [0.40, 0.50, 0.60]),
     "synthetic": ([0.50, 0.80, 0.95], [0.50, 0.80, 0.95]),
 }
+DEFAULT_LOSS_TARGETS = {  # per-character cross-entropy (nats) targets for language modelling
+    "fortunes": [2.6, 2.3, 2.0],
+    "synthetic-text": [2.5, 2.0, 1.5],
+}
+
+
+def _optimizer_key(name: str, option: str) -> str:
+    if name in OPTIMIZER_KINDS:
+        return name
+    try:
+        return OptimizerSpec.parse(name).name
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"{option}: unknown optimizer {name!r}") from None
+
+
+def _positive(text: str, option: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{option}: {text!r} is not a number") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{option}: {text!r} must be positive")
+    return value
 
 
 def parse_lr(values: list[str]) -> dict[str, float]:
-    """``0.1`` (every optimizer) and/or ``name=value`` pairs."""
+    """``0.1`` (every optimizer) and/or ``name=value`` pairs (a kind or a full optimizer name,
+    e.g. ``adamw=1e-3`` or ``dropmuon:epoch_shift=0.05``)."""
     table = {}
     for value in values:
         name, sep, number = value.rpartition("=")
-        key = name if sep else "default"
-        if sep and name not in OPTIMIZER_KINDS:
-            raise argparse.ArgumentTypeError(f"--lr: unknown optimizer {name!r}")
-        try:
-            table[key] = float(number)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"--lr: {value!r} is not a number") from None
-        if table[key] <= 0:
-            raise argparse.ArgumentTypeError(f"--lr: {value!r} must be positive")
+        key = _optimizer_key(name, "--lr") if sep else "default"
+        table[key] = _positive(number, "--lr")
     table.setdefault("default", 0.1)
     table.setdefault("adamw", 1e-3)
     return table
 
 
-def fixed_subset(x: torch.Tensor, y: torch.Tensor, size: int):
-    """The first `size` images of a fixed shuffle (the same for every run and optimizer)."""
-    keep = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))[:size]
-    return x[keep], y[keep]
+def parse_lr_grid(values: list[str]) -> dict[str, list[float]]:
+    """``v1 v2 ...`` (every optimizer) and/or ``name=v1,v2,...`` (one optimizer's grid)."""
+    table: dict[str, list[float]] = {}
+    for value in values:
+        name, sep, numbers = value.rpartition("=")
+        key = _optimizer_key(name, "--lr-grid") if sep else "default"
+        for number in numbers.split(","):
+            table.setdefault(key, []).append(_positive(number, "--lr-grid"))
+    if "default" not in table:
+        raise argparse.ArgumentTypeError(
+            "--lr-grid needs plain values for the optimizers without a grid of their own"
+        )
+    return {key: sorted(set(grid)) for key, grid in table.items()}
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dropmuon-compare",
-        description="Drop-Muon vs Muon (and torch.optim.Muon, AdamW): time to accuracy.",
+        description="Drop-Muon vs Muon (and torch.optim.Muon, AdamW): time to a target.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("--dataset", default="fashion-mnist", choices=DATASETS)
-    parser.add_argument(
+    add = parser.add_argument
+    add("--dataset", default="fashion-mnist", choices=DATASETS + TEXT_DATASETS)
+    add(
         "--data-dir",
         default=None,
         help="folder of the dataset's files (default: its standard place)",
     )
-    parser.add_argument("--model", default="paper-cnn", choices=["paper-cnn", "resnet18"])
-    parser.add_argument(
+    add(
+        "--model",
+        default="paper-cnn",
+        choices=MODELS,
+        help=f"images: {', '.join(IMAGE_MODELS)}; text: {', '.join(TEXT_MODELS)}",
+    )
+    add(
         "--width",
         type=int,
         default=16,
         help="resnet18: channels of the first stage (64 in the original)",
     )
-    parser.add_argument(
+    add("--context", type=int, default=64, help="gpt: characters per training window")
+    add(
         "--optimizers",
         nargs="+",
         type=OptimizerSpec.parse,
         default=[OptimizerSpec.parse(n) for n in ("dropmuon", "muon", "torch-muon")],
+        help="dropmuon[:<sampling>] (tau_nice: dropmuon:tau_nice:tau=<k>), muon, torch-muon, adamw",
     )
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument(
+    add("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4], help="seeds of the final runs")
+    add(
         "--epochs",
         type=int,
         default=10,
         help="epochs per run (an upper bound when --time-budget is set)",
     )
-    parser.add_argument(
+    add(
         "--time-budget",
         type=float,
         default=None,
         help="seconds of training per run; a run stops at the first step past it",
     )
-    parser.add_argument("--batch-size", type=int, default=8192)
-    parser.add_argument(
+    add("--batch-size", type=int, default=8192)
+    add(
         "--train-size",
         type=int,
         default=None,
-        help="use only the first N training images (a fixed shuffled subset)",
+        help="use only N training samples (a fixed subset, disjoint from the validation split)",
     )
-    parser.add_argument(
+    add(
+        "--val-size",
+        type=int,
+        default=None,
+        help="hold out N training samples as the validation split (what --lr-grid selects on)",
+    )
+    add(
         "--test-size",
         type=int,
         default=None,
-        help="measure test accuracy on N test images only (a fixed shuffled subset)",
+        help="measure on N test samples only (a fixed subset)",
     )
-    parser.add_argument(
+    add(
+        "--eval-train-size",
+        type=int,
+        default=10000,
+        help="training metrics are measured on this many fixed training samples",
+    )
+    add(
+        "--eval-every-steps",
+        type=int,
+        default=None,
+        help=(
+            "evaluate every N steps and at the end (default: every epoch's end); time to a target "
+            "is then resolved to N steps"
+        ),
+    )
+    add(
         "--lr",
         nargs="+",
         default=["0.1"],
-        help="learning rate: one value for all, and/or optimizer=value pairs; "
-        "adamw defaults to 1e-3",
+        help=(
+            "learning rate: one value for all, and/or optimizer=value pairs; adamw defaults to 1e-3"
+        ),
     )
-    parser.add_argument(
+    add(
+        "--lr-grid",
+        nargs="+",
+        default=None,
+        help=(
+            "sweep: values for all, and/or optimizer=v1,v2,... grids; each optimizer's lr is "
+            "chosen on the validation split (needs --val-size), then the final --seeds run at it"
+        ),
+    )
+    add(
+        "--sweep-seeds",
+        type=int,
+        default=2,
+        help="--lr-grid: runs per grid value (seeds 1000, 1001, ...)",
+    )
+    add(
+        "--select-target",
+        type=float,
+        default=None,
+        help=(
+            "--lr-grid: choose by median time to this validation accuracy (or loss, for text); "
+            "default, or when no value reaches it: the best final validation metric"
+        ),
+    )
+    add(
         "--adamw-lr",
         type=float,
         default=1e-3,
         help="AdamW's lr for the non-matrix parameters of the Muon-family runs",
     )
-    parser.add_argument("--momentum", type=float, default=0.95)
-    parser.add_argument("--weight-decay", type=float, default=0.0)
-    parser.add_argument("--ns-precision", default="bfloat16", choices=["bfloat16", "native"])
-    parser.add_argument(
+    add("--momentum", type=float, default=0.95)
+    add("--weight-decay", type=float, default=0.0)
+    add("--ns-precision", default="bfloat16", choices=["bfloat16", "native"])
+    add(
         "--train-targets",
         nargs="+",
         type=float,
         default=None,
         help="train-accuracy targets (default: per dataset)",
     )
-    parser.add_argument(
+    add(
+        "--val-targets",
+        nargs="+",
+        type=float,
+        default=None,
+        help="validation-accuracy targets (default: the test ones)",
+    )
+    add(
         "--test-targets",
         nargs="+",
         type=float,
         default=None,
         help="test-accuracy targets (default: per dataset)",
     )
-    parser.add_argument(
-        "--eval-train-size",
-        type=int,
-        default=10000,
-        help="train accuracy is measured on this many fixed training images",
+    add(
+        "--loss-targets",
+        nargs="+",
+        type=float,
+        default=None,
+        help="text: train/validation/test loss targets, nats per character (default: per dataset)",
     )
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    parser.add_argument(
+    add(
+        "--log-smoothness",
+        action="store_true",
+        help=(
+            "record DropMuon's per-layer smoothness estimates at each evaluation (turns the "
+            "estimates on; any sampling)"
+        ),
+    )
+    add(
+        "--resume",
+        action="store_true",
+        help=(
+            "keep the runs already written in --output (same optimizer, seed and lr) instead of "
+            "rerunning them"
+        ),
+    )
+    add("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add("--threads", type=int, default=None, help="torch CPU threads")
+    add(
         "--output",
         default="results/compare",
-        help="results folder (runs/*.json, runs.csv, summary.md, *.png)",
+        help="results folder (runs/, sweep/, runs.csv, sweep.csv, summary.md, *.png)",
     )
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add("--no-progress", action="store_true", help="no progress bars")
     return parser
+
+
+def check_args(parser, args) -> None:
+    try:
+        args.lr = parse_lr(args.lr)
+        args.lr_grid = parse_lr_grid(args.lr_grid) if args.lr_grid else None
+    except argparse.ArgumentTypeError as error:
+        parser.error(str(error))
+    text = args.dataset in TEXT_DATASETS
+    if text != (args.model in TEXT_MODELS):
+        parser.error(
+            f"--model {args.model} does not go with --dataset {args.dataset}: text datasets "
+            f"({', '.join(TEXT_DATASETS)}) take {', '.join(TEXT_MODELS)}, images "
+            f"{', '.join(IMAGE_MODELS)}"
+        )
+    for option in ("batch_size", "epochs", "sweep_seeds", "context"):
+        if getattr(args, option) < 1:
+            parser.error(f"--{option.replace('_', '-')} must be positive")
+    for option in ("train_size", "val_size", "test_size", "eval_train_size", "eval_every_steps"):
+        value = getattr(args, option)
+        if value is not None and value < 1:
+            parser.error(f"--{option.replace('_', '-')} must be positive, got {value}")
+    if args.lr_grid and not args.val_size:
+        parser.error("--lr-grid chooses on the validation split: give --val-size too")
+    names = [spec.name for spec in args.optimizers]
+    if len(set(names)) != len(names):
+        parser.error(f"--optimizers: {names} names one optimizer twice")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is available")
+    args.select_metric = "val_loss" if text else "val_acc"
+
+
+def build_task(args):
+    if args.dataset in TEXT_DATASETS:
+        data = load_text(args.dataset, args.data_dir)
+        return TextTask.from_dataset(
+            data, args.context, args.val_size, args.train_size, args.test_size, args.eval_train_size
+        )
+    data = load_dataset(args.dataset, args.data_dir)
+    return ImageTask.from_dataset(
+        data, args.val_size, args.train_size, args.test_size, args.eval_train_size
+    )
+
+
+def targets(args, task) -> list[tuple[str, float]]:
+    """The (metric, target) pairs the report measures time to."""
+    splits = ["train"] + (["val"] if args.val_size else []) + ["test"]
+    if task.kind == "language-model":
+        losses = args.loss_targets or DEFAULT_LOSS_TARGETS.get(args.dataset, [2.5, 2.0])
+        return [(f"{split}_loss", t) for split in splits for t in losses]
+    train, test = DEFAULT_TARGETS.get(args.dataset, DEFAULT_TARGETS["synthetic"])
+    per_split = {
+        "train": args.train_targets or train,
+        "val": args.val_targets or args.test_targets or test,
+        "test": args.test_targets or test,
+    }
+    return [(f"{split}_acc", t) for split in splits for t in per_split[split]]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -159,111 +322,75 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = build_parser()
     args = parser.parse_args(argv)
-    try:
-        args.lr = parse_lr(args.lr)
-    except argparse.ArgumentTypeError as error:
-        parser.error(str(error))
-    if args.batch_size < 1 or args.epochs < 1:
-        parser.error("--batch-size and --epochs must be positive")
-    for option in ("train_size", "test_size", "eval_train_size"):
-        value = getattr(args, option)
-        if value is not None and value < 1:
-            parser.error(f"--{option.replace('_', '-')} must be positive, got {value}")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: no CUDA device is available")
+    check_args(parser, args)
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
-        data = load_dataset(args.dataset, args.data_dir)
-    except DatasetError as error:
+        task = build_task(args)
+    except (DatasetError, ValueError) as error:
         print(f"dropmuon-compare: {error}", file=sys.stderr)
         return 2
-    if args.train_size:
-        data.train_x, data.train_y = fixed_subset(data.train_x, data.train_y, args.train_size)
-    if args.test_size:
-        data.test_x, data.test_y = fixed_subset(data.test_x, data.test_y, args.test_size)
-    data = data.to(args.device)
-    train_targets, test_targets = DEFAULT_TARGETS[args.dataset]
-    args.train_targets = args.train_targets or train_targets
-    args.test_targets = args.test_targets or test_targets
-
+    task = task.to(args.device)
     output = Path(args.output)
-    (output / "runs").mkdir(parents=True, exist_ok=True)
+    output.mkdir(parents=True, exist_ok=True)
     meta = dict(
         command=" ".join(["dropmuon-compare", *(argv if argv is not None else sys.argv[1:])]),
         dataset=args.dataset,
         model=args.model,
+        task=task.kind,
         width=args.width if args.model == "resnet18" else None,
-        train_size=len(data.train_x),
-        test_size=len(data.test_x),
+        context=args.context if task.kind == "language-model" else None,
+        **task.sizes(),
         batch_size=args.batch_size,
         lr=args.lr,
+        lr_grid=args.lr_grid,
+        sweep_seeds=args.sweep_seeds,
+        select_target=args.select_target,
         adamw_lr=args.adamw_lr,
         momentum=args.momentum,
         weight_decay=args.weight_decay,
         ns_precision=args.ns_precision,
         epochs=args.epochs,
         time_budget=args.time_budget,
-        train_targets=args.train_targets,
-        test_targets=args.test_targets,
+        eval_every_steps=args.eval_every_steps,
+        targets=targets(args, task),
         device=args.device if args.device == "cpu" else torch.cuda.get_device_name(),
         threads=torch.get_num_threads(),
         torch=torch.__version__,
         dropmuon=__version__,
         machine=f"{platform.machine()}, {os.cpu_count()} cpus",
     )
-    warm_up(args, data)
-    runs = []
-    total = len(args.optimizers) * len(args.seeds)
-    try:
-        # Seed-major order: an interrupted comparison keeps whole optimizer sets per seed.
-        for seed in args.seeds:
-            for spec in args.optimizers:
-                progress = None
-                if not args.no_progress:
-                    from tqdm import tqdm
+    warm_up(args, task)
+    sweep = selections = None
 
-                    steps = args.epochs * (len(data.train_x) // args.batch_size or 1)
-                    progress = tqdm(
-                        total=steps,
-                        desc=f"[{len(runs) + 1}/{total}] {spec.name} seed {seed}",
-                        unit="step",
-                        leave=False,
-                    )
-                run = train_run(spec, seed, data, args, progress)
-                if progress is not None:
-                    progress.close()
-                run["meta"] = meta
-                _write_json(output / "runs" / f"{spec.name.replace(':', '-')}_seed{seed}.json", run)
-                runs.append(run)
-                report.write_all(output, runs, meta)
+    def write_report(runs):
+        report.write_all(output, runs, meta, sweep, selections)
+
+    experiment = Experiment(args, task, meta, output, on_run=write_report)
+    try:
+        if args.lr_grid:
+            sweep, selections = experiment.sweep()
+            report.write_sweep_csv(output / "sweep.csv", sweep, selections, meta)
+            lrs = {name: selection.lr for name, selection in selections.items()}
+        else:
+            lrs = {spec.name: learning_rate(spec, args.lr) for spec in args.optimizers}
+        experiment.final(lrs)
     except KeyboardInterrupt:
-        print(f"\ninterrupted: {len(runs)} finished runs are in {output}", file=sys.stderr)
+        print(f"\ninterrupted: the finished runs are in {output}", file=sys.stderr)
         return 130
+    if experiment.resumed:
+        print(f"(--resume: {experiment.resumed} runs were loaded, not rerun)", file=sys.stderr)
     print((output / "summary.md").read_text())
     return 0
 
 
-def warm_up(args, data) -> None:
-    """Two untimed steps of every optimizer first: BLAS/oneDNN/cuBLAS pick and compile their
-    kernels on first use, which would otherwise land in whichever run comes first."""
+def warm_up(args, task) -> None:
+    """One or two untimed steps of every optimizer first: BLAS/oneDNN/cuBLAS pick and compile
+    their kernels on first use, which would otherwise land in whichever run comes first."""
     quick = argparse.Namespace(
-        **{**vars(args), "epochs": 1, "time_budget": 1e-9, "eval_train_size": 1}
-    )
-    tiny = type(data)(
-        data.name,
-        data.train_x[: 2 * args.batch_size],
-        data.train_y[: 2 * args.batch_size],
-        data.test_x[:1],
-        data.test_y[:1],
-        data.num_classes,
-    )
+        **{**vars(args), "epochs": 1, "time_budget": 1e-9, "eval_every_steps": None,
+           "log_smoothness": False}
+    )  # fmt: skip
+    tiny = task.for_warm_up()
     for spec in args.optimizers:
-        train_run(spec, 0, tiny, quick)
-
-
-def _write_json(path: Path, payload: dict) -> None:
-    """Atomically: a reader never sees half a file."""
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(payload, indent=1))
-    tmp.replace(path)
+        train_run(spec, 0, tiny, quick, learning_rate(spec, args.lr))

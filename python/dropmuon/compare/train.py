@@ -12,9 +12,8 @@ DropMuon and Muon use ``fallback="adamw"`` with the same AdamW settings as ``tor
 that the Muon-family runs differ only in which layers they update.
 
 Wall-clock is the training steps only (batch gather, forward, backward, optimizer step; the
-device synchronised around each phase), not evaluation. Train accuracy is measured on a fixed
-subset of the training set (``--eval-train-size``), test accuracy on the whole test set (or a
-fixed subset of it, ``--test-size``).
+device synchronised around each phase), not evaluation. What is evaluated, on which splits, is
+``dropmuon.compare.tasks``'.
 """
 
 from __future__ import annotations
@@ -30,27 +29,37 @@ from torch.nn.utils import parametrize
 from .. import DropMuon, Muon
 from ..defaults import DEFAULT_SAMPLING, SAMPLINGS
 from .data import batches
-from .models import build_model
+from .models import build_language_model, build_model
 
 OPTIMIZER_KINDS = ("dropmuon", "muon", "torch-muon", "adamw")
 
 
 @dataclass(frozen=True)
 class OptimizerSpec:
+    """``kind[:sampling[:tau=k]]``: ``dropmuon:tau_nice:tau=2`` is DropMuon with tau_nice
+    sampling over 2 layers per step."""
+
     kind: str
     sampling: str | None = None
+    tau: int | None = None
 
     @property
     def name(self) -> str:
-        return f"{self.kind}:{self.sampling}" if self.sampling else self.kind
+        parts = [self.kind] + ([self.sampling] if self.sampling else [])
+        return ":".join(parts + ([f"tau={self.tau}"] if self.tau is not None else []))
+
+    @property
+    def file_stem(self) -> str:
+        return self.name.replace(":", "-")
 
     @staticmethod
     def parse(text: str) -> OptimizerSpec:
-        kind, _, sampling = text.partition(":")
+        kind, _, rest = text.partition(":")
+        sampling, _, option = rest.partition(":")
         if kind not in OPTIMIZER_KINDS:
             raise argparse.ArgumentTypeError(
                 f"unknown optimizer {text!r}; choose from {', '.join(OPTIMIZER_KINDS)} "
-                "(dropmuon may take ':<sampling>')"
+                "(dropmuon may take ':<sampling>', and tau_nice ':tau=<k>')"
             )
         if sampling and kind != "dropmuon":
             raise argparse.ArgumentTypeError(f"only dropmuon takes a sampling, not {kind!r}")
@@ -58,7 +67,18 @@ class OptimizerSpec:
             raise argparse.ArgumentTypeError(
                 f"unknown sampling {sampling!r}; choose from {', '.join(SAMPLINGS)}"
             )
-        return OptimizerSpec(kind, sampling or (DEFAULT_SAMPLING if kind == "dropmuon" else None))
+        tau = None
+        if sampling == "tau_nice":
+            key, _, value = option.partition("=")
+            if key != "tau" or not value.isdigit() or int(value) < 1:
+                raise argparse.ArgumentTypeError(
+                    f"{text!r}: tau_nice needs ':tau=<k>' with k >= 1, e.g. dropmuon:tau_nice:tau=2"
+                )
+            tau = int(value)
+        elif option:
+            raise argparse.ArgumentTypeError(f"{text!r}: only tau_nice takes an option")
+        default = DEFAULT_SAMPLING if kind == "dropmuon" else None
+        return OptimizerSpec(kind, sampling or default, tau)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -95,16 +115,24 @@ class Combined:
             o.step()
 
 
-def build_optimizer(spec: OptimizerSpec, model: nn.Module, args, seed: int, total_steps: int):
-    lr = args.lr.get(spec.kind, args.lr.get("default"))
+def build_optimizer(spec: OptimizerSpec, model: nn.Module, args, seed: int, total_steps: int, lr):
+    """The optimizer of ``spec`` for ``model`` at learning rate ``lr`` (the Muon family: for
+    matrices; AdamW: for everything). ``args.log_smoothness`` turns DropMuon's smoothness
+    estimates on."""
     common = dict(lr=lr, momentum=args.momentum, nesterov=True, weight_decay=args.weight_decay)
     if spec.kind in ("dropmuon", "muon"):
         options = dict(
-            common, fallback="adamw", adamw_lr=args.adamw_lr, ns_precision=args.ns_precision
+            common,
+            fallback="adamw",
+            adamw_lr=args.adamw_lr,
+            ns_precision=args.ns_precision,
+            estimate_smoothness=True if getattr(args, "log_smoothness", False) else None,
         )
         if spec.kind == "muon":
             return Muon(model, **options)
         extra = {"total_steps": total_steps} if spec.sampling == "epoch_shift" else {}
+        if spec.tau is not None:
+            extra["tau"] = spec.tau
         return DropMuon(model, sampling=spec.sampling, seed=seed, **options, **extra)
     if spec.kind == "torch-muon":
         for module in model.modules():
@@ -121,9 +149,15 @@ def build_optimizer(spec: OptimizerSpec, model: nn.Module, args, seed: int, tota
             else None
         )
         return Combined(muon, adamw)
-    return torch.optim.AdamW(
-        model.parameters(), lr=args.lr.get("adamw", args.adamw_lr), weight_decay=args.weight_decay
-    )
+    return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=args.weight_decay)
+
+
+def learning_rate(spec: OptimizerSpec, table: dict[str, float]) -> float:
+    """The lr for ``spec`` from an ``--lr`` table: by full name, then kind, then default."""
+    for key in (spec.name, spec.kind):
+        if key in table:
+            return table[key]
+    return table["default"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -136,48 +170,69 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-@torch.no_grad()
-def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, chunk: int = 2048) -> float:
-    model.eval()
-    correct = 0
-    for start in range(0, len(x), chunk):
-        correct += (model(x[start : start + chunk]).argmax(1) == y[start : start + chunk]).sum()
-    model.train()
-    return int(correct) / len(x)
+def build_task_model(args, task) -> nn.Module:
+    if task.kind == "language-model":
+        return build_language_model(args.model, task.vocab_size, task.context)
+    options = {"width": args.width} if args.model == "resnet18" else {}
+    return build_model(args.model, task.in_channels, task.num_classes, task.image_size, **options)
 
 
-def train_run(spec: OptimizerSpec, seed: int, data, args, progress=None) -> dict:
+def fingerprint(values) -> float:
+    """A number that two runs share when they start from the same tensors (or indices)."""
+    total = 0.0
+    for i, t in enumerate(values):
+        flat = t.detach().double().flatten()
+        weights = torch.arange(1, len(flat) + 1, dtype=torch.float64, device=flat.device)
+        total += (i + 1) * float((flat * weights.remainder(97)).sum())
+    return total
+
+
+def train_run(spec: OptimizerSpec, seed: int, task, args, lr: float, progress=None) -> dict:
+    """One timed run. Evaluates every ``args.eval_every_steps`` steps and at the end (every
+    epoch's end without it); evaluation is not on the clock. The same ``seed`` gives every
+    optimizer the same initial weights and the same batches (``init_fingerprint``,
+    ``order_fingerprint`` in the result say so)."""
     device = torch.device(args.device)
     torch.manual_seed(seed)
-    model = build_model(
-        args.model,
-        data.in_channels,
-        data.num_classes,
-        data.image_size,
-        **({"width": args.width} if args.model == "resnet18" else {}),
-    )
-    model.to(device)
-    steps_per_epoch = len(batches(len(data.train_x), args.batch_size, torch.Generator()))
-    optimizer = build_optimizer(spec, model, args, seed, steps_per_epoch * args.epochs)
+    model = build_task_model(args, task).to(device)
+    init_fingerprint = fingerprint(p for _, p in sorted(model.named_parameters()))
+    steps_per_epoch = len(batches(task.num_train, args.batch_size, torch.Generator()))
+    total_steps = steps_per_epoch * args.epochs
+    optimizer = build_optimizer(spec, model, args, seed, total_steps, lr)
     shuffle = torch.Generator().manual_seed(seed)
-    eval_order = torch.randperm(len(data.train_x), generator=torch.Generator().manual_seed(0))
-    eval_idx = eval_order[: args.eval_train_size].to(device)
-    loss_fn = nn.CrossEntropyLoss()
+    every = getattr(args, "eval_every_steps", None)
 
     phases = {"forward": 0.0, "backward": 0.0, "optimizer": 0.0}
-    train_time, step, epochs, cutoffs = 0.0, 0, [], []
+    train_time, step, evals, cutoffs, losses = 0.0, 0, [], [], []
+    order_fingerprint = None
+
+    def evaluate(epoch: float) -> None:
+        record = dict(
+            epoch=epoch,
+            step=step,
+            train_time=train_time,
+            running_loss=sum(losses) / max(len(losses), 1),
+            **task.evaluate(model),
+            **{f"{k}_time": v for k, v in phases.items()},
+        )
+        if getattr(args, "log_smoothness", False) and isinstance(optimizer, DropMuon):
+            record["smoothness"] = list(optimizer.smoothness)
+        evals.append(record)
+        losses.clear()
+
     out_of_time = False
     for epoch in range(1, args.epochs + 1):
-        losses = []
-        for idx in batches(len(data.train_x), args.batch_size, shuffle):
+        epoch_batches = batches(task.num_train, args.batch_size, shuffle)
+        if order_fingerprint is None:
+            order_fingerprint = fingerprint(epoch_batches[:8])
+        for idx in epoch_batches:
             if isinstance(optimizer, DropMuon):
                 cutoffs.append(optimizer.cutoff)
             synchronize(device)
             t0 = time.perf_counter()
-            idx = idx.to(device, non_blocking=True)
-            x, y = data.train_x[idx], data.train_y[idx]
+            x, y = task.batch(idx.to(device, non_blocking=True))
             optimizer.zero_grad()
-            loss = loss_fn(model(x), y)
+            loss = task.loss(model, x, y)
             synchronize(device)
             t1 = time.perf_counter()
             loss.backward()
@@ -195,28 +250,28 @@ def train_run(spec: OptimizerSpec, seed: int, data, args, progress=None) -> dict
             if progress is not None:
                 progress.update(1)
                 progress.set_postfix(loss=f"{losses[-1]:.3f}", t=f"{train_time:.0f}s")
-            if args.time_budget and train_time >= args.time_budget:
-                out_of_time = True
+            if every and step % every == 0:
+                evaluate(step / steps_per_epoch)
+            out_of_time = bool(args.time_budget and train_time >= args.time_budget)
+            if out_of_time:
                 break
-        record = dict(
-            epoch=epoch,
-            step=step,
-            train_time=train_time,
-            train_loss=sum(losses) / max(len(losses), 1),
-            train_acc=accuracy(model, data.train_x[eval_idx], data.train_y[eval_idx]),
-            test_acc=accuracy(model, data.test_x, data.test_y),
-            **{f"{k}_time": v for k, v in phases.items()},
-        )
-        epochs.append(record)
         if out_of_time:
             break
+        if not every:
+            evaluate(float(epoch))
+    if not evals or evals[-1]["step"] != step:  # the end, if not just evaluated
+        evaluate(step / steps_per_epoch)
     if isinstance(optimizer, DropMuon):
         optimizer.unfreeze()
     return dict(
         optimizer=spec.name,
         seed=seed,
-        epochs=epochs,
+        lr=lr,
+        evals=evals,
         cutoffs=cutoffs,
         update_counts=getattr(optimizer, "update_counts", None),
+        layer_names=optimizer.layer_names() if isinstance(optimizer, DropMuon) else None,
         steps_per_epoch=steps_per_epoch,
+        init_fingerprint=init_fingerprint,
+        order_fingerprint=order_fingerprint,
     )
