@@ -451,3 +451,19 @@ def test_vit_end_to_end(tmp_path):
     assert run_compare(tmp_path, "--model", "vit", "--optimizers", "dropmuon", "--seeds", "0") == 0
     run = json.loads((tmp_path / "runs" / "dropmuon-uniform_seed0.json").read_text())
     assert len(set(run["cutoffs"])) > 1 and run["evals"][-1]["step"] == 16
+
+
+def test_max_steps_ends_a_run_and_spans_epoch_shift(tmp_path, monkeypatch):
+    seen = {}
+
+    class Recording(train.DropMuon):
+        def __init__(self, *args, **kwargs):
+            seen["total_steps"] = kwargs.get("total_steps")
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(train, "DropMuon", Recording)
+    argv = ["--optimizers", "dropmuon:epoch_shift", "--seeds", "0", "--max-steps", "5"]
+    assert run_compare(tmp_path, *argv) == 0
+    run = json.loads((tmp_path / "runs" / "dropmuon-epoch_shift_seed0.json").read_text())
+    assert run["evals"][-1]["step"] == 5 and len(run["cutoffs"]) == 5
+    assert seen["total_steps"] == 5

@@ -130,6 +130,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="seconds of training per run; a run stops at the first step past it",
     )
+    add(
+        "--max-steps",
+        type=int,
+        default=None,
+        help="stop a run after N optimizer steps (epoch_shift's schedule then spans N steps)",
+    )
     add("--batch-size", type=int, default=8192)
     add(
         "--train-size",
@@ -276,7 +282,9 @@ def check_args(parser, args) -> None:
     for option in ("batch_size", "epochs", "sweep_seeds", "context"):
         if getattr(args, option) < 1:
             parser.error(f"--{option.replace('_', '-')} must be positive")
-    for option in ("train_size", "val_size", "test_size", "eval_train_size", "eval_every_steps"):
+    for option in (
+        "train_size", "val_size", "test_size", "eval_train_size", "eval_every_steps", "max_steps"
+    ):  # fmt: skip
         value = getattr(args, option)
         if value is not None and value < 1:
             parser.error(f"--{option.replace('_', '-')} must be positive, got {value}")
@@ -352,6 +360,7 @@ def main(argv: list[str] | None = None) -> int:
         ns_precision=args.ns_precision,
         epochs=args.epochs,
         time_budget=args.time_budget,
+        max_steps=args.max_steps,
         eval_every_steps=args.eval_every_steps,
         targets=targets(args, task),
         device=args.device if args.device == "cpu" else torch.cuda.get_device_name(),

@@ -45,6 +45,7 @@ class Experiment:
             from tqdm import tqdm
 
             steps = self.args.epochs * max(1, self.task.num_train // self.args.batch_size)
+            steps = min(steps, self.args.max_steps or steps)
             progress = tqdm(total=steps, desc=label, unit="step", leave=False)
         run = train_run(spec, seed, self.task, self.args, lr, progress)
         if progress is not None:

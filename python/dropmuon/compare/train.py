@@ -19,6 +19,7 @@ device synchronised around each phase), not evaluation. What is evaluated, on wh
 from __future__ import annotations
 
 import argparse
+import math
 import time
 from dataclasses import dataclass
 
@@ -197,7 +198,8 @@ def train_run(spec: OptimizerSpec, seed: int, task, args, lr: float, progress=No
     model = build_task_model(args, task).to(device)
     init_fingerprint = fingerprint(p for _, p in sorted(model.named_parameters()))
     steps_per_epoch = len(batches(task.num_train, args.batch_size, torch.Generator()))
-    total_steps = steps_per_epoch * args.epochs
+    max_steps = getattr(args, "max_steps", None)
+    total_steps = min(steps_per_epoch * args.epochs, max_steps or math.inf)
     optimizer = build_optimizer(spec, model, args, seed, total_steps, lr)
     shuffle = torch.Generator().manual_seed(seed)
     every = getattr(args, "eval_every_steps", None)
@@ -253,6 +255,7 @@ def train_run(spec: OptimizerSpec, seed: int, task, args, lr: float, progress=No
             if every and step % every == 0:
                 evaluate(step / steps_per_epoch)
             out_of_time = bool(args.time_budget and train_time >= args.time_budget)
+            out_of_time = out_of_time or step == max_steps
             if out_of_time:
                 break
         if out_of_time:
