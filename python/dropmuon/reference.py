@@ -266,21 +266,12 @@ def sampler_distribution(
     return torch.tensor(p, dtype=torch.float64)
 
 
-def sample_layers(
-    num_layers: int,
-    seed: int,
-    step: int,
-    kind: str,
-    probabilities: list[float],
-    tau: int,
-    progress: float,
-    shift_strength: float,
-    smoothness: list[float],
-) -> Tensor:
-    """Reference of ``torch.ops.dropmuon.sample_layers``: the bool active mask of a step."""
-    p = sampler_distribution(
-        num_layers, kind, probabilities, tau, progress, shift_strength, smoothness
-    ).tolist()
+def sample_layers(num_layers: int, seed: int, step: int, kind: str, *options) -> Tensor:
+    """Reference of ``torch.ops.dropmuon.sample_layers``: the bool active mask of a step.
+    ``options`` are :func:`sampler_distribution`'s after ``kind``, in the schema's order:
+    probabilities, tau, progress, shift_strength, smoothness."""
+    p = sampler_distribution(num_layers, kind, *options).tolist()
+    tau = options[1]
     if step < 0:
         raise RuntimeError(f"dropmuon: step must be >= 0, got {step}")
     if kind == "tau_nice":

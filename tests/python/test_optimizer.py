@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.optim._muon as torch_muon
 from torch import nn
+from training import train_steps
 
 import dropmuon
 from dropmuon import ops, reference
@@ -199,14 +200,7 @@ def manual_training(
 
 def optimizer_training(model, steps, scheduler=None, **options):
     opt = dropmuon.DropMuon(model, sampling="full", ns_precision="native", **options)
-    sched = scheduler(opt) if scheduler else None
-    for s in range(steps):
-        x, y = net_batch(s)
-        opt.zero_grad()
-        nn.functional.cross_entropy(model(x), y).backward()
-        opt.step()
-        if sched:
-            sched.step()
+    train_steps(model, opt, net_batch, steps, scheduler=scheduler(opt) if scheduler else None)
     return [p.detach().clone() for p in model.parameters()]
 
 

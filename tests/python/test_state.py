@@ -5,6 +5,7 @@ import io
 import pytest
 import torch
 from torch import nn
+from training import train_steps
 
 import dropmuon
 from dropmuon.compare.models import PaperCNN
@@ -24,16 +25,7 @@ def make(seed=0, **options):
 
 
 def train(model, opt, start, steps, scheduler=None):
-    cutoffs = []
-    for s in range(start, start + steps):
-        cutoffs.append(opt.cutoff)
-        x, y = batch(s)
-        opt.zero_grad()
-        nn.functional.cross_entropy(model(x), y).backward()
-        opt.step()
-        if scheduler:
-            scheduler.step()
-    return cutoffs
+    return train_steps(model, opt, batch, steps, start, scheduler)
 
 
 def save(*objects):

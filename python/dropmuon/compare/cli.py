@@ -37,6 +37,13 @@ DEFAULT_LOSS_TARGETS = {  # per-character cross-entropy (nats) targets for langu
 }
 
 
+# The options every run's meta (and the summary's header) records as they were given.
+RECORDED_OPTIONS = (
+    "batch_size", "lr", "lr_grid", "sweep_seeds", "select_target", "adamw_lr", "momentum",
+    "weight_decay", "ns_precision", "epochs", "time_budget", "max_steps", "eval_every_steps",
+)  # fmt: skip
+
+
 def _optimizer_key(name: str, option: str) -> str:
     if name in OPTIMIZER_KINDS:
         return name
@@ -349,19 +356,7 @@ def main(argv: list[str] | None = None) -> int:
         width=args.width if args.model == "resnet18" else None,
         context=args.context if task.kind == "language-model" else None,
         **task.sizes(),
-        batch_size=args.batch_size,
-        lr=args.lr,
-        lr_grid=args.lr_grid,
-        sweep_seeds=args.sweep_seeds,
-        select_target=args.select_target,
-        adamw_lr=args.adamw_lr,
-        momentum=args.momentum,
-        weight_decay=args.weight_decay,
-        ns_precision=args.ns_precision,
-        epochs=args.epochs,
-        time_budget=args.time_budget,
-        max_steps=args.max_steps,
-        eval_every_steps=args.eval_every_steps,
+        **{option: getattr(args, option) for option in RECORDED_OPTIONS},
         targets=targets(args, task),
         device=args.device if args.device == "cpu" else torch.cuda.get_device_name(),
         threads=torch.get_num_threads(),

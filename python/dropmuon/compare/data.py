@@ -36,14 +36,8 @@ class DatasetError(ValueError):
     """A dataset that cannot be found or read; the message says what to do."""
 
 
-@dataclass
-class Dataset:
-    name: str
-    train_x: Tensor  # [N, C, H, W] float32, standardised
-    train_y: Tensor  # [N] int64
-    test_x: Tensor
-    test_y: Tensor
-    num_classes: int
+class ImageShape:
+    """``in_channels`` and ``image_size`` of a holder of [N, C, H, W] ``train_x``."""
 
     @property
     def in_channels(self) -> int:
@@ -52,6 +46,16 @@ class Dataset:
     @property
     def image_size(self) -> int:
         return self.train_x.shape[-1]
+
+
+@dataclass
+class Dataset(ImageShape):
+    name: str
+    train_x: Tensor  # [N, C, H, W] float32, standardised
+    train_y: Tensor  # [N] int64
+    test_x: Tensor
+    test_y: Tensor
+    num_classes: int
 
     def to(self, device) -> Dataset:
         move = {k: getattr(self, k).to(device) for k in ("train_x", "train_y", "test_x", "test_y")}

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from .data import ImageShape
 from .text import TextDataset, window_count, windows
 
 
@@ -32,7 +33,7 @@ def _fixed_permutation(n: int) -> Tensor:
 
 
 @dataclass
-class ImageTask:
+class ImageTask(ImageShape):
     """Classification: batches of images, accuracy and loss on fixed subsets."""
 
     train_x: Tensor
@@ -66,14 +67,6 @@ class ImageTask:
             eval_train=_fixed_permutation(len(train))[:eval_train_size],
             num_classes=data.num_classes,
         )
-
-    @property
-    def in_channels(self) -> int:
-        return self.train_x.shape[1]
-
-    @property
-    def image_size(self) -> int:
-        return self.train_x.shape[-1]
 
     @property
     def num_train(self) -> int:
