@@ -9,7 +9,9 @@ sudo=""
 if [ "$(id -u)" -ne 0 ]; then sudo="sudo"; fi
 missing=()
 # clang + libclang-rt-14-dev: libFuzzer for tests/fuzz. fortunes: the harness's text corpus.
-for package in libgtest-dev dataset-fashion-mnist fortunes cmake g++ clang libclang-rt-14-dev; do
+# zlib1g-dev: the C++ example reads the shipped gzip digits.
+for package in libgtest-dev dataset-fashion-mnist fortunes cmake g++ clang libclang-rt-14-dev \
+    zlib1g-dev; do
     dpkg -s "$package" >/dev/null 2>&1 || missing+=("$package")
 done
 if [ ${#missing[@]} -gt 0 ]; then

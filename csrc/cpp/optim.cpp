@@ -1,0 +1,672 @@
+// optim.cpp - dropmuon::DropMuon and dropmuon::Muon for LibTorch's C++ frontend (optim.h). The
+// step is the Python optimizer's (python/dropmuon/optimizer.py): the same buckets of same-shape
+// parameters into one dm_update call each, through the shim's own argument helpers
+// (csrc/torch/update_args.h) and CPU provider, and the same sampler (dm_sample_layers).
+#include "dropmuon/optim.h"
+
+#include <torch/optim/serialize.h>
+#include <torch/serialize/input-archive.h>
+#include <torch/serialize/output-archive.h>
+
+#include <algorithm>
+#include <cmath>
+#include <map>
+#include <set>
+#include <utility>
+
+#include "../torch/cpu_provider.h"
+#include "../torch/update_args.h"
+
+namespace dropmuon {
+
+using torch::optim::OptimizerParamGroup;
+
+// -- options ------------------------------------------------------------------------------------
+
+DropMuonOptions::DropMuonOptions(double lr) : lr_(lr) {}
+
+double DropMuonOptions::get_lr() const { return lr(); }
+void DropMuonOptions::set_lr(const double lr) { this->lr(lr); }
+
+void DropMuonOptions::serialize(torch::serialize::OutputArchive &archive) const {
+    _TORCH_OPTIM_SERIALIZE_TORCH_ARG(lr);
+    _TORCH_OPTIM_SERIALIZE_TORCH_ARG(momentum);
+    _TORCH_OPTIM_SERIALIZE_TORCH_ARG(nesterov);
+    _TORCH_OPTIM_SERIALIZE_TORCH_ARG(weight_decay);
+    _TORCH_OPTIM_SERIALIZE_TORCH_ARG(ns_schedule);
+    _TORCH_OPTIM_SERIALIZE_TORCH_ARG(ns_steps);
+    _TORCH_OPTIM_SERIALIZE_TORCH_ARG(ns_coefficients);
+    _TORCH_OPTIM_SERIALIZE_TORCH_ARG(eps);
+    _TORCH_OPTIM_SERIALIZE_TORCH_ARG(adjust_lr_fn);
+    _TORCH_OPTIM_SERIALIZE_TORCH_ARG(ns_precision);
+    _TORCH_OPTIM_SERIALIZE_TORCH_ARG(adamw_betas);
+    _TORCH_OPTIM_SERIALIZE_TORCH_ARG(adamw_eps);
+    _TORCH_OPTIM_SERIALIZE_TORCH_ARG(adamw_lr_ratio);
+    _TORCH_OPTIM_SERIALIZE_TORCH_ARG(layer);
+    _TORCH_OPTIM_SERIALIZE_TORCH_ARG(fallback);
+    _TORCH_OPTIM_SERIALIZE_TORCH_ARG(sampling);
+    _TORCH_OPTIM_SERIALIZE_TORCH_ARG(probabilities);
+    _TORCH_OPTIM_SERIALIZE_TORCH_ARG(tau);
+    _TORCH_OPTIM_SERIALIZE_TORCH_ARG(seed);
+    _TORCH_OPTIM_SERIALIZE_TORCH_ARG(total_steps);
+    _TORCH_OPTIM_SERIALIZE_TORCH_ARG(shift_strength);
+}
+
+void DropMuonOptions::serialize(torch::serialize::InputArchive &archive) {
+    _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(double, lr);
+    _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(double, momentum);
+    _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(bool, nesterov);
+    _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(double, weight_decay);
+    _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(std::string, ns_schedule);
+    _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(int64_t, ns_steps);
+    _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(std::vector<double>, ns_coefficients);
+    _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(double, eps);
+    _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(std::string, adjust_lr_fn);
+    _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(std::string, ns_precision);
+    _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(betas_t, adamw_betas);
+    _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(double, adamw_eps);
+    _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(double, adamw_lr_ratio);
+    _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(int64_t, layer);
+    _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(std::string, fallback);
+    _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(std::string, sampling);
+    _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(std::vector<double>, probabilities);
+    _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(int64_t, tau);
+    _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(int64_t, seed);
+    _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(int64_t, total_steps);
+    _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(double, shift_strength);
+}
+
+namespace {
+
+const DropMuonOptions &options_of(const OptimizerParamGroup &group) {
+    return static_cast<const DropMuonOptions &>(group.options());
+}
+
+// A Newton-Schulz schedule resolved from the options: flat triples and the input scaling, as
+// dropmuon.ops.ns_schedule resolves the Python optimizer's.
+struct Schedule {
+    std::vector<double> coefficients;
+    double norm_scale = 1.0, norm_offset = 0.0;
+};
+
+Schedule resolve_schedule(const DropMuonOptions &o) {
+    TORCH_CHECK(o.ns_steps() >= 0, "Invalid ns_steps value: ", o.ns_steps());
+    Schedule s;
+    const auto steps = static_cast<size_t>(o.ns_steps());
+    if (o.ns_schedule() == "muon" || o.ns_schedule() == "polar_express") {
+        TORCH_CHECK(o.ns_coefficients().empty(),
+                    "ns_coefficients apply to ns_schedule \"custom\", ", "not \"", o.ns_schedule(),
+                    "\"");
+        for (size_t j = 0; j < steps; ++j) {
+            if (o.ns_schedule() == "muon") {
+                s.coefficients.insert(s.coefficients.end(),
+                                      {DM_MUON_NS_A, DM_MUON_NS_B, DM_MUON_NS_C});
+            } else { // more steps than its 5 repeat the last triple
+                const double *t = dm_polar_express_coefficients +
+                                  3 * std::min<size_t>(j, DM_POLAR_EXPRESS_STEPS - 1);
+                s.coefficients.insert(s.coefficients.end(), t, t + 3);
+            }
+        }
+        if (o.ns_schedule() == "polar_express") s.norm_scale = 1.02, s.norm_offset = 1e-6;
+        return s;
+    }
+    TORCH_CHECK(o.ns_schedule() == "custom", "Unsupported ns_schedule: \"", o.ns_schedule(),
+                "\"; expected muon, polar_express or custom");
+    const std::vector<double> &c = o.ns_coefficients();
+    TORCH_CHECK(c.size() == 3 || c.size() == 3 * steps,
+                "ns_schedule \"custom\" needs ns_coefficients of one (a, b, c) triple or ",
+                o.ns_steps(), " triples (ns_steps), got ", c.size(), " values");
+    for (double v : c) TORCH_CHECK(std::isfinite(v), "Invalid ns_coefficients value: ", v);
+    for (size_t j = 0; j < (c.size() == 3 ? steps : 1); ++j)
+        s.coefficients.insert(s.coefficients.end(), c.begin(), c.end());
+    return s;
+}
+
+// The per-group checks (torch.optim's messages); run at construction and at every step, since a
+// scheduler or the user may change a group's options in between.
+void check_group_options(const DropMuonOptions &o) {
+    TORCH_CHECK(o.lr() >= 0, "Invalid learning rate: ", o.lr());
+    TORCH_CHECK(o.momentum() >= 0 && o.momentum() <= 1, "Invalid momentum value: ", o.momentum());
+    TORCH_CHECK(o.weight_decay() >= 0, "Invalid weight_decay value: ", o.weight_decay());
+    TORCH_CHECK(o.eps() >= 0, "Invalid epsilon value: ", o.eps());
+    TORCH_CHECK(o.adjust_lr_fn() == "original" || o.adjust_lr_fn() == "match_rms_adamw",
+                "Unsupported adjust_lr_fn: \"", o.adjust_lr_fn(),
+                "\"; expected original or match_rms_adamw");
+    TORCH_CHECK(o.ns_precision() == "bfloat16" || o.ns_precision() == "native",
+                "Unsupported ns_precision: \"", o.ns_precision(),
+                "\"; expected bfloat16 or native");
+    resolve_schedule(o);
+    const auto [beta1, beta2] = o.adamw_betas();
+    TORCH_CHECK(0 <= beta1 && beta1 < 1.0, "Invalid beta parameter at index 0: ", beta1);
+    TORCH_CHECK(0 <= beta2 && beta2 < 1.0, "Invalid beta parameter at index 1: ", beta2);
+    TORCH_CHECK(o.adamw_eps() >= 0, "Invalid adamw_eps value: ", o.adamw_eps());
+    TORCH_CHECK(o.adamw_lr_ratio() >= 0, "Invalid adamw_lr_ratio value: ", o.adamw_lr_ratio());
+}
+
+// The optimizer-wide options, read from the defaults.
+void check_sampling_options(const DropMuonOptions &o) {
+    TORCH_CHECK(o.fallback() == "sign" || o.fallback() == "adamw", "Unsupported fallback: \"",
+                o.fallback(), "\"; expected sign or adamw");
+    TORCH_CHECK(o.sampling() != "cost_optimal",
+                "sampling \"cost_optimal\" needs the online smoothness estimates, which only the "
+                "Python optimizer computes; the C++ frontend has full, uniform, custom, tau_nice "
+                "and epoch_shift");
+    parse_sampling(o.sampling()); // names the accepted ones
+    TORCH_CHECK(o.seed() >= 0, "Invalid seed value: ", o.seed(), " (expected >= 0)");
+    TORCH_CHECK(o.total_steps() >= 0, "Invalid total_steps value: ", o.total_steps());
+    TORCH_CHECK(std::isfinite(o.shift_strength()) && o.shift_strength() >= 0,
+                "Invalid shift_strength value: ", o.shift_strength());
+    TORCH_CHECK(o.sampling() == "custom" || o.probabilities().empty(),
+                "probabilities apply to sampling \"custom\", not \"", o.sampling(), "\"");
+    TORCH_CHECK(o.sampling() == "tau_nice" || o.tau() == 0, "tau applies to sampling ",
+                "\"tau_nice\", not \"", o.sampling(), "\"");
+}
+
+// Groups must agree with the defaults on what is optimizer-wide.
+void check_same_sampling(const DropMuonOptions &group, const DropMuonOptions &defaults,
+                         size_t index) {
+    const bool same =
+        group.fallback() == defaults.fallback() && group.sampling() == defaults.sampling() &&
+        group.probabilities() == defaults.probabilities() && group.tau() == defaults.tau() &&
+        group.seed() == defaults.seed() && group.total_steps() == defaults.total_steps() &&
+        group.shift_strength() == defaults.shift_strength();
+    TORCH_CHECK(same, "param group ", index,
+                ": fallback, sampling, probabilities, tau, seed, total_steps and shift_strength "
+                "are optimizer-wide; set them in the defaults, not in a group's options");
+}
+
+// "spectral" for matrices and conv kernels (any tensor of 2 or more dimensions, seen as
+// size(0) x numel/size(0)); vectors get the fallback, as in the Python optimizer.
+std::string norm_of(const torch::Tensor &p, const std::string &fallback) {
+    return p.dim() >= 2 ? "spectral" : fallback;
+}
+
+void check_param(const torch::Tensor &p, const std::string &name, const std::string &norm) {
+    TORCH_CHECK(p.defined(), "DropMuon: parameter '", name, "' is undefined");
+    TORCH_CHECK(!p.is_sparse(), "DropMuon does not support sparse parameters ('", name, "')");
+    TORCH_CHECK(!p.is_complex(), "DropMuon does not support complex parameters ('", name, "')");
+    TORCH_CHECK(p.device().is_cpu(), "DropMuon's C++ frontend runs on the CPU; parameter '", name,
+                "' is on ", p.device());
+    const auto t = p.scalar_type();
+    TORCH_CHECK(norm == "adamw" ? at::isFloatingType(t)
+                                : t == at::kFloat || t == at::kDouble || t == at::kBFloat16,
+                "DropMuon: parameter '", name, "' has dtype ", t, "; the ", norm,
+                " update takes float32, float64 or bfloat16");
+}
+
+void check_grad(const torch::Tensor &p, const torch::Tensor &g, const std::string &name) {
+    TORCH_CHECK(!g.is_sparse(), "DropMuon does not support sparse gradients ('", name, "')");
+    TORCH_CHECK(
+        g.sizes() == p.sizes() && g.scalar_type() == p.scalar_type() && g.device() == p.device(),
+        "DropMuon: the gradient of '", name, "' is ", g.scalar_type(), " ", g.sizes(), " on ",
+        g.device(), ", its parameter ", p.scalar_type(), " ", p.sizes(), " on ", p.device());
+}
+
+// Every module that directly holds trainable parameters, in registration order (pre-order, as
+// Python's named_modules); a parameter held by several modules belongs to the first.
+void collect_layers(const torch::nn::Module &module, const std::string &prefix,
+                    std::set<const void *> &owned, std::vector<OptimizerParamGroup> &groups,
+                    std::vector<std::string> &layer_names,
+                    std::vector<std::vector<std::string>> &param_names) {
+    std::vector<torch::Tensor> params;
+    std::vector<std::string> names;
+    for (const auto &item : module.named_parameters(/*recurse=*/false)) {
+        const torch::Tensor &p = item.value();
+        if (!p.requires_grad() || !owned.insert(p.unsafeGetTensorImpl()).second) continue;
+        params.push_back(p);
+        names.push_back(prefix.empty() ? item.key() : prefix + "." + item.key());
+    }
+    if (!params.empty()) {
+        groups.emplace_back(std::move(params));
+        layer_names.push_back(prefix.empty() ? module.name() : prefix);
+        param_names.push_back(std::move(names));
+    }
+    for (const auto &child : module.named_children())
+        collect_layers(*child.value(), prefix.empty() ? child.key() : prefix + "." + child.key(),
+                       owned, groups, layer_names, param_names);
+}
+
+// The names of param_groups()[g][i] when the user gave the groups.
+std::vector<std::vector<std::string>>
+group_param_names(const std::vector<OptimizerParamGroup> &groups) {
+    std::vector<std::vector<std::string>> names(groups.size());
+    for (size_t g = 0; g < groups.size(); ++g)
+        for (size_t i = 0; i < groups[g].params().size(); ++i)
+            names[g].push_back("param_groups[" + std::to_string(g) + "][" + std::to_string(i) +
+                               "]");
+    return names;
+}
+
+std::vector<OptimizerParamGroup> one_group_each(std::vector<torch::Tensor> params) {
+    std::vector<OptimizerParamGroup> groups;
+    for (auto &p : params) groups.emplace_back(std::vector<torch::Tensor>{p});
+    return groups;
+}
+
+// Same-shape parameters whose update arguments are equal share one dm_update call, as
+// dropmuon.functional.buckets gathers them (AdamW: one bucket per group).
+struct Bucket {
+    size_t group;
+    std::string norm;
+    std::vector<torch::Tensor> params;
+};
+
+bool same_call(const Bucket &b, const std::vector<OptimizerParamGroup> &groups, size_t group,
+               const std::string &norm, const torch::Tensor &p) {
+    if (b.norm != norm) return false;
+    if (norm == "adamw") return b.group == group;
+    const torch::Tensor &q = b.params.front();
+    if (q.sizes() != p.sizes() || q.scalar_type() != p.scalar_type()) return false;
+    const DropMuonOptions &x = options_of(groups[b.group]), &y = options_of(groups[group]);
+    const Schedule sx = resolve_schedule(x), sy = resolve_schedule(y);
+    return x.lr() == y.lr() && x.weight_decay() == y.weight_decay() &&
+           x.momentum() == y.momentum() && x.nesterov() == y.nesterov() &&
+           sx.coefficients == sy.coefficients && sx.norm_scale == sy.norm_scale &&
+           sx.norm_offset == sy.norm_offset && x.eps() == y.eps() &&
+           (norm != "spectral" || x.adjust_lr_fn() == y.adjust_lr_fn()) &&
+           x.ns_precision() == y.ns_precision();
+}
+
+DropMuonParamState &
+param_state(ska::flat_hash_map<void *, std::unique_ptr<torch::optim::OptimizerParamState>> &state,
+            const torch::Tensor &p) {
+    auto &slot = state[p.unsafeGetTensorImpl()];
+    if (!slot) slot = std::make_unique<DropMuonParamState>();
+    return static_cast<DropMuonParamState &>(*slot);
+}
+
+// One fused sharp update (dm_update) of a bucket in place; non-contiguous parameters go through
+// a row-major copy that is written back (dropmuon.functional.sharp_update_).
+void sharp_update(
+    const Bucket &bucket, const DropMuonOptions &o,
+    ska::flat_hash_map<void *, std::unique_ptr<torch::optim::OptimizerParamState>> &state) {
+    std::vector<torch::Tensor> work, grads, buffers;
+    for (const auto &p : bucket.params) {
+        DropMuonParamState &s = param_state(state, p);
+        if (!s.momentum_buffer().defined())
+            s.momentum_buffer(torch::zeros_like(p, at::MemoryFormat::Contiguous));
+        work.push_back(p.is_contiguous() ? p : p.contiguous());
+        grads.push_back(p.grad());
+        buffers.push_back(s.momentum_buffer());
+    }
+    const Schedule schedule = resolve_schedule(o);
+    const dm_update_config config = make_update_config(
+        schedule.coefficients, o.lr(), o.weight_decay(), o.momentum(), o.nesterov(), bucket.norm,
+        schedule.norm_scale, schedule.norm_offset, o.eps(), o.ns_precision(),
+        bucket.norm == "spectral" ? o.adjust_lr_fn() : "none", "fixed", 1.0, 0.0);
+    check_update_lists(work, grads, buffers, "DropMuon.step", at::kCPU);
+    const UpdateArgs args = gather_update_args(work, grads, buffers);
+    size_t bytes = 0;
+    DMI_TORCH_CHECK_STATUS(
+        dm_update_workspace_size(&config, args.dtype, args.batch, args.rows, args.cols, &bytes),
+        "dm_update_workspace_size");
+    DMI_TORCH_CHECK_STATUS(dm_update(&config, args.dtype, args.batch, args.rows, args.cols,
+                                     args.params.data(), args.grads.data(),
+                                     args.momentum_buffers.data(), nullptr, cpu_workspace(bytes),
+                                     bytes, cpu_provider()),
+                           "dm_update");
+    for (size_t i = 0; i < work.size(); ++i)
+        if (!work[i].is_same(bucket.params[i])) bucket.params[i].copy_(work[i]);
+}
+
+// torch.optim.AdamW's arithmetic, as dropmuon.adamw.adamw_step_ does it (same operations in the
+// same order, so the same bits).
+void adamw_update(
+    const Bucket &bucket, const DropMuonOptions &o,
+    ska::flat_hash_map<void *, std::unique_ptr<torch::optim::OptimizerParamState>> &state) {
+    const double lr = o.lr() * o.adamw_lr_ratio();
+    const auto [beta1, beta2] = o.adamw_betas();
+    for (const auto &p : bucket.params) {
+        DropMuonParamState &s = param_state(state, p);
+        if (!s.exp_avg().defined()) {
+            s.exp_avg(torch::zeros_like(p, at::MemoryFormat::Preserve));
+            s.exp_avg_sq(torch::zeros_like(p, at::MemoryFormat::Preserve));
+        }
+        s.step(s.step() + 1);
+        const double step = static_cast<double>(s.step());
+        const torch::Tensor &g = p.grad();
+        p.mul_(1 - lr * o.weight_decay());
+        s.exp_avg().lerp_(g, 1 - beta1);
+        s.exp_avg_sq().mul_(beta2).addcmul_(g, g, 1 - beta2);
+        const double bias1 = 1 - std::pow(beta1, step), bias2 = 1 - std::pow(beta2, step);
+        const torch::Tensor denom = (s.exp_avg_sq().sqrt() / std::sqrt(bias2)).add_(o.adamw_eps());
+        p.addcdiv_(s.exp_avg(), denom, -lr / bias1);
+    }
+}
+
+// Keys of the checkpoint section (save/load).
+constexpr int64_t kFormatVersion = 1;
+std::string param_key(size_t index, const char *what) {
+    return "dropmuon/param/" + std::to_string(index) + "/" + what;
+}
+
+} // namespace
+
+// -- construction -------------------------------------------------------------------------------
+
+DropMuon::DropMuon(torch::nn::Module &model, DropMuonOptions defaults)
+    : Optimizer(std::vector<OptimizerParamGroup>{}, std::make_unique<DropMuonOptions>(defaults)) {
+    std::set<const void *> owned;
+    std::vector<OptimizerParamGroup> groups;
+    std::vector<std::string> layer_names;
+    std::vector<std::vector<std::string>> param_names;
+    collect_layers(model, "", owned, groups, layer_names, param_names);
+    TORCH_CHECK(!groups.empty(), model.name(), " has no trainable parameters");
+    std::vector<int64_t> positions(groups.size());
+    for (size_t i = 0; i < groups.size(); ++i) positions[i] = static_cast<int64_t>(i);
+    build(groups, layer_names, positions, param_names);
+}
+
+DropMuon::DropMuon(const std::vector<OptimizerParamGroup> &param_groups, DropMuonOptions defaults)
+    : Optimizer(std::vector<OptimizerParamGroup>{}, std::make_unique<DropMuonOptions>(defaults)) {
+    TORCH_CHECK(!param_groups.empty(), "optimizer got an empty parameter list");
+    // Layers: the groups' layer values, ordered (input first); or one layer per group.
+    std::vector<int64_t> keys;
+    size_t with_layer = 0;
+    for (size_t g = 0; g < param_groups.size(); ++g) {
+        const int64_t layer =
+            param_groups[g].has_options() ? options_of(param_groups[g]).layer() : -1;
+        with_layer += layer >= 0;
+        keys.push_back(layer >= 0 ? layer : static_cast<int64_t>(g));
+    }
+    TORCH_CHECK(with_layer == 0 || with_layer == param_groups.size(),
+                "either every param group has a layer index (DropMuonOptions::layer) or none does");
+    std::vector<int64_t> distinct(keys);
+    std::sort(distinct.begin(), distinct.end());
+    distinct.erase(std::unique(distinct.begin(), distinct.end()), distinct.end());
+    std::vector<int64_t> positions;
+    std::vector<std::string> layer_names;
+    for (int64_t key : keys)
+        positions.push_back(std::lower_bound(distinct.begin(), distinct.end(), key) -
+                            distinct.begin());
+    for (int64_t key : distinct) layer_names.push_back("layer " + std::to_string(key));
+    build(param_groups, layer_names, positions, group_param_names(param_groups));
+}
+
+DropMuon::DropMuon(std::vector<torch::Tensor> params, DropMuonOptions defaults)
+    : DropMuon(one_group_each(std::move(params)), std::move(defaults)) {}
+
+void DropMuon::build(const std::vector<OptimizerParamGroup> &groups,
+                     const std::vector<std::string> &layer_names,
+                     const std::vector<int64_t> &group_layer,
+                     const std::vector<std::vector<std::string>> &param_names) {
+    const DropMuonOptions &defaults = static_cast<const DropMuonOptions &>(*defaults_);
+    check_group_options(defaults);
+    check_sampling_options(defaults);
+    std::set<const void *> seen;
+    for (size_t g = 0; g < groups.size(); ++g) {
+        const DropMuonOptions &o = groups[g].has_options() ? options_of(groups[g]) : defaults;
+        check_group_options(o);
+        check_same_sampling(o, defaults, g);
+        TORCH_CHECK(!groups[g].params().empty(), "param group ", g, " has no parameters");
+        for (size_t i = 0; i < groups[g].params().size(); ++i) {
+            const torch::Tensor &p = groups[g].params()[i];
+            TORCH_CHECK(p.defined() && seen.insert(p.unsafeGetTensorImpl()).second,
+                        "some parameters appear in more than one parameter group ('",
+                        param_names[g][i], "')");
+            check_param(p, param_names[g][i], norm_of(p, defaults.fallback()));
+        }
+    }
+    TORCH_CHECK(
+        defaults.sampling() != "tau_nice" ||
+            (defaults.tau() >= 1 && defaults.tau() <= static_cast<int64_t>(layer_names.size())),
+        "sampling \"tau_nice\" needs tau in [1, ", layer_names.size(), "] (the layers), got ",
+        defaults.tau());
+    layer_names_ = layer_names;
+    group_layer_ = group_layer;
+    param_names_ = param_names;
+    update_counts_.assign(layer_names.size(), 0);
+    // The base class would replace a group's options by the defaults (it merges only the option
+    // types it knows): add each group, then give it its own options as they were given.
+    for (const auto &group : groups) {
+        add_param_group(OptimizerParamGroup(group.params()));
+        if (group.has_options()) param_groups_.back().set_options(group.options().clone());
+    }
+    // Only now is the model touched: step 0's layers, the others frozen.
+    draw_and_freeze(0);
+}
+
+Muon::Muon(torch::nn::Module &model, DropMuonOptions defaults)
+    : DropMuon(model, [&] {
+          TORCH_CHECK(defaults.sampling() == "uniform" || defaults.sampling() == "full",
+                      "Muon always updates every layer; sampling \"", defaults.sampling(),
+                      "\" does not apply");
+          return defaults.sampling("full");
+      }()) {}
+
+Muon::Muon(const std::vector<OptimizerParamGroup> &param_groups, DropMuonOptions defaults)
+    : DropMuon(param_groups, [&] {
+          TORCH_CHECK(defaults.sampling() == "uniform" || defaults.sampling() == "full",
+                      "Muon always updates every layer; sampling \"", defaults.sampling(),
+                      "\" does not apply");
+          return defaults.sampling("full");
+      }()) {}
+
+Muon::Muon(std::vector<torch::Tensor> params, DropMuonOptions defaults)
+    : Muon(one_group_each(std::move(params)), std::move(defaults)) {}
+
+// -- layers ---------------------------------------------------------------------------------------
+
+void DropMuon::draw_and_freeze(int64_t step) {
+    const DropMuonOptions &o = static_cast<const DropMuonOptions &>(*defaults_);
+    const double progress =
+        o.total_steps() > 0
+            ? std::min(1.0, static_cast<double>(step) / static_cast<double>(o.total_steps()))
+            : progress_;
+    const std::vector<double> probabilities = o.probabilities(), no_smoothness;
+    const dm_sampler_config config =
+        make_sampler_config(num_layers(), o.seed(), o.sampling(), probabilities, o.tau(), progress,
+                            o.shift_strength(), no_smoothness);
+    std::vector<uint8_t> mask(layer_names_.size());
+    DMI_TORCH_CHECK_STATUS(
+        dm_sample_layers(&config, static_cast<uint64_t>(step), mask.data(), nullptr),
+        "dm_sample_layers");
+    active_.assign(mask.begin(), mask.end());
+    step_ = step;
+    for (size_t g = 0; g < param_groups_.size(); ++g) {
+        const bool active = active_[group_layer_[g]];
+        for (auto &p : param_groups_[g].params()) {
+            p.requires_grad_(active);
+            if (!active) p.mutable_grad().reset(); // frozen layers drop stale gradients
+        }
+    }
+}
+
+int64_t DropMuon::cutoff() const {
+    return std::find(active_.begin(), active_.end(), true) - active_.begin();
+}
+
+void DropMuon::set_progress(double progress) {
+    TORCH_CHECK(progress >= 0.0 && progress <= 1.0, "progress must be in [0, 1], got ", progress);
+    progress_ = progress;
+}
+
+void DropMuon::unfreeze() {
+    for (auto &group : param_groups_)
+        for (auto &p : group.params()) p.requires_grad_(true);
+}
+
+// -- the step -----------------------------------------------------------------------------------
+
+torch::Tensor DropMuon::step(LossClosure closure) {
+    torch::NoGradGuard no_grad;
+    torch::Tensor loss;
+    if (closure) {
+        at::AutoGradMode enable_grad(true);
+        loss = closure();
+    }
+    const std::string &fallback = static_cast<const DropMuonOptions &>(*defaults_).fallback();
+    // The active parameters with gradients, by layer in the order first met (as the Python
+    // optimizer collects them), each checked before anything is modified.
+    std::vector<int64_t> layers;
+    std::map<int64_t, std::vector<std::pair<size_t, torch::Tensor>>> by_layer;
+    for (size_t g = 0; g < param_groups_.size(); ++g) {
+        const int64_t layer = group_layer_[g];
+        if (!active_[layer]) continue;
+        check_group_options(options_of(param_groups_[g]));
+        for (size_t i = 0; i < param_groups_[g].params().size(); ++i) {
+            const torch::Tensor &p = param_groups_[g].params()[i];
+            if (!p.grad().defined()) continue;
+            const std::string &name = param_names_[g][i];
+            check_grad(p, p.grad(), name);
+            TORCH_CHECK(at::isfinite(p.grad()).all().item<bool>(),
+                        "DropMuon: non-finite gradient in parameter '", name, "' (layer ", layer,
+                        ", ", layer_names_[layer], "); nothing was updated");
+            if (by_layer.count(layer) == 0) layers.push_back(layer);
+            by_layer[layer].emplace_back(g, p);
+        }
+    }
+    std::vector<Bucket> buckets;
+    for (int64_t layer : layers) {
+        for (const auto &[g, p] : by_layer[layer]) {
+            const std::string norm = norm_of(p, fallback);
+            auto it = std::find_if(buckets.begin(), buckets.end(), [&](const Bucket &b) {
+                return same_call(b, param_groups_, g, norm, p);
+            });
+            if (it == buckets.end()) it = buckets.insert(buckets.end(), Bucket{g, norm, {}});
+            it->params.push_back(p);
+        }
+    }
+    for (const Bucket &bucket : buckets) {
+        const DropMuonOptions &o = options_of(param_groups_[bucket.group]);
+        if (bucket.norm == "adamw")
+            adamw_update(bucket, o, state_);
+        else
+            sharp_update(bucket, o, state_);
+    }
+    for (int64_t layer : layers) update_counts_[layer] += 1;
+    draw_and_freeze(step_ + 1);
+    return loss;
+}
+
+// -- checkpoints --------------------------------------------------------------------------------
+
+void DropMuon::save(torch::serialize::OutputArchive &archive) const {
+    const DropMuonOptions &o = static_cast<const DropMuonOptions &>(*defaults_);
+    archive.write("dropmuon/version", c10::IValue(kFormatVersion));
+    archive.write("dropmuon/layer_names", c10::IValue(layer_names_));
+    archive.write("dropmuon/group_layers", c10::IValue(group_layer_));
+    archive.write("dropmuon/sampling", c10::IValue(o.sampling()));
+    archive.write("dropmuon/seed", c10::IValue(o.seed()));
+    archive.write("dropmuon/step", c10::IValue(step_));
+    archive.write("dropmuon/progress", c10::IValue(progress_));
+    archive.write("dropmuon/update_counts", c10::IValue(update_counts_));
+    for (size_t g = 0; g < param_groups_.size(); ++g) {
+        torch::serialize::OutputArchive group(archive.compilation_unit());
+        param_groups_[g].options().serialize(group);
+        archive.write("dropmuon/group/" + std::to_string(g), group);
+    }
+    size_t index = 0;
+    for (const auto &group : param_groups_) {
+        for (const auto &p : group.params()) {
+            archive.write(param_key(index, "shape"), c10::IValue(p.sizes().vec()));
+            auto it = state_.find(p.unsafeGetTensorImpl());
+            if (it != state_.end()) {
+                const auto &s = static_cast<const DropMuonParamState &>(*it->second);
+                if (s.momentum_buffer().defined())
+                    archive.write(param_key(index, "momentum_buffer"), s.momentum_buffer(), true);
+                if (s.exp_avg().defined()) {
+                    archive.write(param_key(index, "exp_avg"), s.exp_avg(), true);
+                    archive.write(param_key(index, "exp_avg_sq"), s.exp_avg_sq(), true);
+                    archive.write(param_key(index, "adamw_step"), c10::IValue(s.step()));
+                }
+            }
+            ++index;
+        }
+    }
+}
+
+void DropMuon::load(torch::serialize::InputArchive &archive) {
+    const DropMuonOptions &o = static_cast<const DropMuonOptions &>(*defaults_);
+    c10::IValue value;
+    TORCH_CHECK(archive.try_read("dropmuon/version", value),
+                "DropMuon.load: not a DropMuon checkpoint (no dropmuon/version)");
+    TORCH_CHECK(value.toInt() == kFormatVersion, "DropMuon.load: checkpoint format ", value.toInt(),
+                ", this build reads ", kFormatVersion);
+    // Read and check everything first: a mismatch throws with nothing changed.
+    auto read = [&](const char *key) {
+        c10::IValue v;
+        archive.read(key, v);
+        return v;
+    };
+    const auto names = read("dropmuon/layer_names").to<std::vector<std::string>>();
+    TORCH_CHECK(names == layer_names_, "DropMuon.load: the checkpoint has ", names.size(),
+                " layers (", c10::Join(", ", names), "), this optimizer ", layer_names_.size(),
+                " (", c10::Join(", ", layer_names_), ")");
+    TORCH_CHECK(read("dropmuon/group_layers").to<std::vector<int64_t>>() == group_layer_,
+                "DropMuon.load: the checkpoint's param groups belong to other layers");
+    const std::string sampling = read("dropmuon/sampling").toStringRef();
+    const int64_t seed = read("dropmuon/seed").toInt();
+    TORCH_CHECK(sampling == o.sampling() && seed == o.seed(),
+                "DropMuon.load: the checkpoint samples \"", sampling, "\" with seed ", seed,
+                ", this optimizer \"", o.sampling(), "\" with seed ", o.seed());
+    const int64_t step = read("dropmuon/step").toInt();
+    const double progress = read("dropmuon/progress").toDouble();
+    const auto counts = read("dropmuon/update_counts").to<std::vector<int64_t>>();
+    std::vector<std::unique_ptr<torch::optim::OptimizerOptions>> options;
+    for (size_t g = 0; g < param_groups_.size(); ++g) {
+        torch::serialize::InputArchive group;
+        TORCH_CHECK(archive.try_read("dropmuon/group/" + std::to_string(g), group),
+                    "DropMuon.load: the checkpoint has fewer param groups than this optimizer (",
+                    param_groups_.size(), ")");
+        auto loaded = std::make_unique<DropMuonOptions>(options_of(param_groups_[g]));
+        loaded->serialize(group);
+        check_group_options(*loaded);
+        check_same_sampling(*loaded, o, g);
+        options.push_back(std::move(loaded));
+    }
+    struct Loaded {
+        void *key;
+        DropMuonParamState state;
+        bool any = false;
+    };
+    std::vector<Loaded> loaded;
+    size_t index = 0;
+    for (size_t g = 0; g < param_groups_.size(); ++g) {
+        for (size_t i = 0; i < param_groups_[g].params().size(); ++i, ++index) {
+            const torch::Tensor &p = param_groups_[g].params()[i];
+            c10::IValue shape;
+            TORCH_CHECK(archive.try_read(param_key(index, "shape"), shape),
+                        "DropMuon.load: the checkpoint has no parameter ", index, " ('",
+                        param_names_[g][i], "')");
+            TORCH_CHECK(shape.to<std::vector<int64_t>>() == p.sizes().vec(),
+                        "DropMuon.load: parameter '", param_names_[g][i], "' has shape ", p.sizes(),
+                        ", the checkpoint's ", shape.to<std::vector<int64_t>>());
+            Loaded entry{p.unsafeGetTensorImpl(), {}};
+            torch::Tensor t;
+            if (archive.try_read(param_key(index, "momentum_buffer"), t, true)) {
+                TORCH_CHECK(t.sizes() == p.sizes() && t.scalar_type() == p.scalar_type(),
+                            "DropMuon.load: the momentum buffer of '", param_names_[g][i],
+                            "' does not match the parameter");
+                entry.state.momentum_buffer(t.contiguous());
+                entry.any = true;
+            }
+            torch::Tensor m, v;
+            if (archive.try_read(param_key(index, "exp_avg"), m, true)) {
+                archive.read(param_key(index, "exp_avg_sq"), v, true);
+                TORCH_CHECK(m.sizes() == p.sizes() && v.sizes() == p.sizes(),
+                            "DropMuon.load: the AdamW moments of '", param_names_[g][i],
+                            "' do not match the parameter");
+                entry.state.exp_avg(m).exp_avg_sq(v);
+                entry.state.step(read(param_key(index, "adamw_step").c_str()).toInt());
+                entry.any = true;
+            }
+            loaded.push_back(std::move(entry));
+        }
+    }
+    c10::IValue extra;
+    TORCH_CHECK(!archive.try_read(param_key(index, "shape"), extra),
+                "DropMuon.load: the checkpoint has more parameters than this optimizer (", index,
+                ")");
+    // All checked: adopt it.
+    state_.clear();
+    for (auto &entry : loaded)
+        if (entry.any) state_[entry.key] = std::make_unique<DropMuonParamState>(entry.state);
+    for (size_t g = 0; g < param_groups_.size(); ++g)
+        param_groups_[g].set_options(std::move(options[g]));
+    update_counts_ = counts;
+    progress_ = progress;
+    draw_and_freeze(step);
+}
+
+} // namespace dropmuon

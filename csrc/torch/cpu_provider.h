@@ -1,0 +1,19 @@
+// cpu_provider.h - what the C core needs from torch on the CPU: a matrix-product provider over
+// ATen's BLAS and torch's intra-op thread pool, and a per-thread workspace. Shared by the
+// operators (cpu.cpp) and the C++ frontend's optimizer (csrc/cpp/optim.cpp), so that both run
+// the same products on the same threads and their results agree bit for bit.
+#pragma once
+
+#include <cstddef>
+
+#include "dropmuon/dropmuon.h"
+
+namespace dropmuon {
+
+// dm_gemm_fn over at::cpu::addmm_out / baddbmm_out, dm_parallel_for_fn over at::parallel_for.
+const dm_gemm_provider *cpu_provider();
+
+// The calling thread's workspace of at least `bytes`, kept and grown, never shrunk.
+void *cpu_workspace(size_t bytes);
+
+} // namespace dropmuon
