@@ -83,6 +83,25 @@ def final(runs: list[dict], metric: str) -> str:
     return f"{mean:.{digits}f} ± {statistics.stdev(values) * scale:.{digits}f}"
 
 
+def settings_with_runs(root: Path):
+    """(setting, runs by optimizer, meta, validation metric) of each finished setting."""
+    for setting in SETTINGS:
+        folder = root / setting / "runs"
+        if finished(folder):
+            groups = load(folder)
+            meta = next(iter(groups.values()))[0]["meta"]
+            yield setting, groups, meta, metric_of(meta)
+
+
+def target_cells(name: str, runs: list[dict], groups: dict, metric: str, target: float) -> list:
+    """Time to the target (k/n seeds) and the paired speedup over Muon."""
+    times = [s for s in (time_to(r, metric, target) for r in runs) if s is not None]
+    return [
+        f"{mean_interval(times)} ({len(times)}/{len(runs)})",
+        "—" if name == BASELINE else speedup(runs, groups.get(BASELINE, []), metric, target),
+    ]
+
+
 def combined(root: Path) -> list[str]:
     """One table, model x optimizer: the selection target and the hardest validation target."""
     lines = [
@@ -96,13 +115,7 @@ def combined(root: Path) -> list[str]:
         "s (k/n) | speedup | final test metric |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    for setting in SETTINGS:
-        folder = root / setting / "runs"
-        if not finished(folder):
-            continue
-        groups = load(folder)
-        meta = next(iter(groups.values()))[0]["meta"]
-        metric = metric_of(meta)
+    for setting, groups, meta, metric in settings_with_runs(root):
         sign = "≤" if metric.endswith("_loss") else "≥"
         targets = [meta["select_target"], val_targets(meta)[-1]]
         test = metric.replace("val_", "test_")
@@ -110,11 +123,7 @@ def combined(root: Path) -> list[str]:
             cells = [f"{setting} ({metric} {sign} {targets[0]} / {targets[1]})" if i == 0 else ""]
             cells += [name, f"{runs[0]['lr']:g}"]
             for t in targets:
-                times = [s for s in (time_to(r, metric, t) for r in runs) if s is not None]
-                cells.append(f"{mean_interval(times)} ({len(times)}/{len(runs)})")
-                cells.append(
-                    "—" if name == BASELINE else speedup(runs, groups.get(BASELINE, []), metric, t)
-                )
+                cells += target_cells(name, runs, groups, metric, t)
             cells.append(final(runs, test))
             lines.append("| " + " | ".join(cells) + " |")
     return lines + [""]
@@ -122,14 +131,8 @@ def combined(root: Path) -> list[str]:
 
 def headline(root: Path) -> list[str]:
     lines = ["## Per setting, every validation target", ""]
-    for setting in SETTINGS:
-        folder = root / setting / "runs"
-        if not finished(folder):
-            lines += [f"### {setting}: not run", ""]
-            continue
-        groups = load(folder)
-        meta = next(iter(groups.values()))[0]["meta"]
-        metric, targets = metric_of(meta), val_targets(meta)
+    for setting, groups, meta, metric in settings_with_runs(root):
+        targets = val_targets(meta)
         test = metric.replace("val_", "test_")
         sign = "≤" if metric.endswith("_loss") else "≥"
         lines += [
@@ -148,11 +151,7 @@ def headline(root: Path) -> list[str]:
         for name, runs in groups.items():
             cells = [name, f"{runs[0]['lr']:g}"]
             for t in targets:
-                times = [s for s in (time_to(r, metric, t) for r in runs) if s is not None]
-                cells.append(f"{mean_interval(times)} ({len(times)}/{len(runs)})")
-                cells.append(
-                    "—" if name == BASELINE else speedup(runs, groups.get(BASELINE, []), metric, t)
-                )
+                cells += target_cells(name, runs, groups, metric, t)
             cells.append(final(runs, test))
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
@@ -243,13 +242,8 @@ def cost_split(root: Path) -> list[str]:
         "steps to target (median) | steps ratio | time ratio |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    for setting in SETTINGS:
-        folder = root / setting / "runs"
-        if not finished(folder):
-            continue
-        groups = load(folder)
-        meta = next(iter(groups.values()))[0]["meta"]
-        metric, target = metric_of(meta), meta["select_target"]
+    for setting, groups, meta, metric in settings_with_runs(root):
+        target = meta["select_target"]
 
         def per_step(runs, key):
             return statistics.mean(records(r)[-1][key] / records(r)[-1]["step"] for r in runs)
