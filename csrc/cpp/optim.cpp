@@ -4,10 +4,6 @@
 // (csrc/torch/update_args.h) and CPU provider, and the same sampler (dm_sample_layers).
 #include "dropmuon/optim.h"
 
-#include <torch/optim/serialize.h>
-#include <torch/serialize/input-archive.h>
-#include <torch/serialize/output-archive.h>
-
 #include <algorithm>
 #include <cmath>
 #include <map>
@@ -16,164 +12,19 @@
 
 #include "../torch/cpu_provider.h"
 #include "../torch/update_args.h"
+#include "options_checks.h"
 
 namespace dropmuon {
 
-using torch::optim::OptimizerParamGroup;
-
-// -- options ------------------------------------------------------------------------------------
-
-DropMuonOptions::DropMuonOptions(double lr) : lr_(lr) {}
-
-double DropMuonOptions::get_lr() const { return lr(); }
-void DropMuonOptions::set_lr(const double lr) { this->lr(lr); }
-
-void DropMuonOptions::serialize(torch::serialize::OutputArchive &archive) const {
-    _TORCH_OPTIM_SERIALIZE_TORCH_ARG(lr);
-    _TORCH_OPTIM_SERIALIZE_TORCH_ARG(momentum);
-    _TORCH_OPTIM_SERIALIZE_TORCH_ARG(nesterov);
-    _TORCH_OPTIM_SERIALIZE_TORCH_ARG(weight_decay);
-    _TORCH_OPTIM_SERIALIZE_TORCH_ARG(ns_schedule);
-    _TORCH_OPTIM_SERIALIZE_TORCH_ARG(ns_steps);
-    _TORCH_OPTIM_SERIALIZE_TORCH_ARG(ns_coefficients);
-    _TORCH_OPTIM_SERIALIZE_TORCH_ARG(eps);
-    _TORCH_OPTIM_SERIALIZE_TORCH_ARG(adjust_lr_fn);
-    _TORCH_OPTIM_SERIALIZE_TORCH_ARG(ns_precision);
-    _TORCH_OPTIM_SERIALIZE_TORCH_ARG(adamw_betas);
-    _TORCH_OPTIM_SERIALIZE_TORCH_ARG(adamw_eps);
-    _TORCH_OPTIM_SERIALIZE_TORCH_ARG(adamw_lr_ratio);
-    _TORCH_OPTIM_SERIALIZE_TORCH_ARG(layer);
-    _TORCH_OPTIM_SERIALIZE_TORCH_ARG(fallback);
-    _TORCH_OPTIM_SERIALIZE_TORCH_ARG(sampling);
-    _TORCH_OPTIM_SERIALIZE_TORCH_ARG(probabilities);
-    _TORCH_OPTIM_SERIALIZE_TORCH_ARG(tau);
-    _TORCH_OPTIM_SERIALIZE_TORCH_ARG(seed);
-    _TORCH_OPTIM_SERIALIZE_TORCH_ARG(total_steps);
-    _TORCH_OPTIM_SERIALIZE_TORCH_ARG(shift_strength);
-}
-
-void DropMuonOptions::serialize(torch::serialize::InputArchive &archive) {
-    _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(double, lr);
-    _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(double, momentum);
-    _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(bool, nesterov);
-    _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(double, weight_decay);
-    _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(std::string, ns_schedule);
-    _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(int64_t, ns_steps);
-    _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(std::vector<double>, ns_coefficients);
-    _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(double, eps);
-    _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(std::string, adjust_lr_fn);
-    _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(std::string, ns_precision);
-    _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(betas_t, adamw_betas);
-    _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(double, adamw_eps);
-    _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(double, adamw_lr_ratio);
-    _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(int64_t, layer);
-    _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(std::string, fallback);
-    _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(std::string, sampling);
-    _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(std::vector<double>, probabilities);
-    _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(int64_t, tau);
-    _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(int64_t, seed);
-    _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(int64_t, total_steps);
-    _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(double, shift_strength);
-}
-
 namespace {
 
-const DropMuonOptions &options_of(const OptimizerParamGroup &group) {
-    return static_cast<const DropMuonOptions &>(group.options());
-}
-
-// A Newton-Schulz schedule resolved from the options: flat triples and the input scaling, as
-// dropmuon.ops.ns_schedule resolves the Python optimizer's.
-struct Schedule {
-    std::vector<double> coefficients;
-    double norm_scale = 1.0, norm_offset = 0.0;
-};
-
-Schedule resolve_schedule(const DropMuonOptions &o) {
-    TORCH_CHECK(o.ns_steps() >= 0, "Invalid ns_steps value: ", o.ns_steps());
-    Schedule s;
-    const auto steps = static_cast<size_t>(o.ns_steps());
-    if (o.ns_schedule() == "muon" || o.ns_schedule() == "polar_express") {
-        TORCH_CHECK(o.ns_coefficients().empty(),
-                    "ns_coefficients apply to ns_schedule \"custom\", ", "not \"", o.ns_schedule(),
-                    "\"");
-        for (size_t j = 0; j < steps; ++j) {
-            if (o.ns_schedule() == "muon") {
-                s.coefficients.insert(s.coefficients.end(),
-                                      {DM_MUON_NS_A, DM_MUON_NS_B, DM_MUON_NS_C});
-            } else { // more steps than its 5 repeat the last triple
-                const double *t = dm_polar_express_coefficients +
-                                  3 * std::min<size_t>(j, DM_POLAR_EXPRESS_STEPS - 1);
-                s.coefficients.insert(s.coefficients.end(), t, t + 3);
-            }
-        }
-        if (o.ns_schedule() == "polar_express") s.norm_scale = 1.02, s.norm_offset = 1e-6;
-        return s;
-    }
-    TORCH_CHECK(o.ns_schedule() == "custom", "Unsupported ns_schedule: \"", o.ns_schedule(),
-                "\"; expected muon, polar_express or custom");
-    const std::vector<double> &c = o.ns_coefficients();
-    TORCH_CHECK(c.size() == 3 || c.size() == 3 * steps,
-                "ns_schedule \"custom\" needs ns_coefficients of one (a, b, c) triple or ",
-                o.ns_steps(), " triples (ns_steps), got ", c.size(), " values");
-    for (double v : c) TORCH_CHECK(std::isfinite(v), "Invalid ns_coefficients value: ", v);
-    for (size_t j = 0; j < (c.size() == 3 ? steps : 1); ++j)
-        s.coefficients.insert(s.coefficients.end(), c.begin(), c.end());
-    return s;
-}
-
-// The per-group checks (torch.optim's messages); run at construction and at every step, since a
-// scheduler or the user may change a group's options in between.
-void check_group_options(const DropMuonOptions &o) {
-    TORCH_CHECK(o.lr() >= 0, "Invalid learning rate: ", o.lr());
-    TORCH_CHECK(o.momentum() >= 0 && o.momentum() <= 1, "Invalid momentum value: ", o.momentum());
-    TORCH_CHECK(o.weight_decay() >= 0, "Invalid weight_decay value: ", o.weight_decay());
-    TORCH_CHECK(o.eps() >= 0, "Invalid epsilon value: ", o.eps());
-    TORCH_CHECK(o.adjust_lr_fn() == "original" || o.adjust_lr_fn() == "match_rms_adamw",
-                "Unsupported adjust_lr_fn: \"", o.adjust_lr_fn(),
-                "\"; expected original or match_rms_adamw");
-    TORCH_CHECK(o.ns_precision() == "bfloat16" || o.ns_precision() == "native",
-                "Unsupported ns_precision: \"", o.ns_precision(),
-                "\"; expected bfloat16 or native");
-    resolve_schedule(o);
-    const auto [beta1, beta2] = o.adamw_betas();
-    TORCH_CHECK(0 <= beta1 && beta1 < 1.0, "Invalid beta parameter at index 0: ", beta1);
-    TORCH_CHECK(0 <= beta2 && beta2 < 1.0, "Invalid beta parameter at index 1: ", beta2);
-    TORCH_CHECK(o.adamw_eps() >= 0, "Invalid adamw_eps value: ", o.adamw_eps());
-    TORCH_CHECK(o.adamw_lr_ratio() >= 0, "Invalid adamw_lr_ratio value: ", o.adamw_lr_ratio());
-}
-
-// The optimizer-wide options, read from the defaults.
-void check_sampling_options(const DropMuonOptions &o) {
-    TORCH_CHECK(o.fallback() == "sign" || o.fallback() == "adamw", "Unsupported fallback: \"",
-                o.fallback(), "\"; expected sign or adamw");
-    TORCH_CHECK(o.sampling() != "cost_optimal",
-                "sampling \"cost_optimal\" needs the online smoothness estimates, which only the "
-                "Python optimizer computes; the C++ frontend has full, uniform, custom, tau_nice "
-                "and epoch_shift");
-    parse_sampling(o.sampling()); // names the accepted ones
-    TORCH_CHECK(o.seed() >= 0, "Invalid seed value: ", o.seed(), " (expected >= 0)");
-    TORCH_CHECK(o.total_steps() >= 0, "Invalid total_steps value: ", o.total_steps());
-    TORCH_CHECK(std::isfinite(o.shift_strength()) && o.shift_strength() >= 0,
-                "Invalid shift_strength value: ", o.shift_strength());
-    TORCH_CHECK(o.sampling() == "custom" || o.probabilities().empty(),
-                "probabilities apply to sampling \"custom\", not \"", o.sampling(), "\"");
-    TORCH_CHECK(o.sampling() == "tau_nice" || o.tau() == 0, "tau applies to sampling ",
-                "\"tau_nice\", not \"", o.sampling(), "\"");
-}
-
-// Groups must agree with the defaults on what is optimizer-wide.
-void check_same_sampling(const DropMuonOptions &group, const DropMuonOptions &defaults,
-                         size_t index) {
-    const bool same =
-        group.fallback() == defaults.fallback() && group.sampling() == defaults.sampling() &&
-        group.probabilities() == defaults.probabilities() && group.tau() == defaults.tau() &&
-        group.seed() == defaults.seed() && group.total_steps() == defaults.total_steps() &&
-        group.shift_strength() == defaults.shift_strength();
-    TORCH_CHECK(same, "param group ", index,
-                ": fallback, sampling, probabilities, tau, seed, total_steps and shift_strength "
-                "are optimizer-wide; set them in the defaults, not in a group's options");
-}
+using detail::check_group_options;
+using detail::check_same_sampling;
+using detail::check_sampling_options;
+using detail::options_of;
+using detail::resolve_schedule;
+using detail::Schedule;
+using torch::optim::OptimizerParamGroup;
 
 // "spectral" for matrices and conv kernels (any tensor of 2 or more dimensions, seen as
 // size(0) x numel/size(0)); vectors get the fallback, as in the Python optimizer.
@@ -332,12 +183,6 @@ void adamw_update(
         const torch::Tensor denom = (s.exp_avg_sq().sqrt() / std::sqrt(bias2)).add_(o.adamw_eps());
         p.addcdiv_(s.exp_avg(), denom, -lr / bias1);
     }
-}
-
-// Keys of the checkpoint section (save/load).
-constexpr int64_t kFormatVersion = 1;
-std::string param_key(size_t index, const char *what) {
-    return "dropmuon/param/" + std::to_string(index) + "/" + what;
 }
 
 } // namespace
@@ -537,136 +382,6 @@ torch::Tensor DropMuon::step(LossClosure closure) {
     for (int64_t layer : layers) update_counts_[layer] += 1;
     draw_and_freeze(step_ + 1);
     return loss;
-}
-
-// -- checkpoints --------------------------------------------------------------------------------
-
-void DropMuon::save(torch::serialize::OutputArchive &archive) const {
-    const DropMuonOptions &o = static_cast<const DropMuonOptions &>(*defaults_);
-    archive.write("dropmuon/version", c10::IValue(kFormatVersion));
-    archive.write("dropmuon/layer_names", c10::IValue(layer_names_));
-    archive.write("dropmuon/group_layers", c10::IValue(group_layer_));
-    archive.write("dropmuon/sampling", c10::IValue(o.sampling()));
-    archive.write("dropmuon/seed", c10::IValue(o.seed()));
-    archive.write("dropmuon/step", c10::IValue(step_));
-    archive.write("dropmuon/progress", c10::IValue(progress_));
-    archive.write("dropmuon/update_counts", c10::IValue(update_counts_));
-    for (size_t g = 0; g < param_groups_.size(); ++g) {
-        torch::serialize::OutputArchive group(archive.compilation_unit());
-        param_groups_[g].options().serialize(group);
-        archive.write("dropmuon/group/" + std::to_string(g), group);
-    }
-    size_t index = 0;
-    for (const auto &group : param_groups_) {
-        for (const auto &p : group.params()) {
-            archive.write(param_key(index, "shape"), c10::IValue(p.sizes().vec()));
-            auto it = state_.find(p.unsafeGetTensorImpl());
-            if (it != state_.end()) {
-                const auto &s = static_cast<const DropMuonParamState &>(*it->second);
-                if (s.momentum_buffer().defined())
-                    archive.write(param_key(index, "momentum_buffer"), s.momentum_buffer(), true);
-                if (s.exp_avg().defined()) {
-                    archive.write(param_key(index, "exp_avg"), s.exp_avg(), true);
-                    archive.write(param_key(index, "exp_avg_sq"), s.exp_avg_sq(), true);
-                    archive.write(param_key(index, "adamw_step"), c10::IValue(s.step()));
-                }
-            }
-            ++index;
-        }
-    }
-}
-
-void DropMuon::load(torch::serialize::InputArchive &archive) {
-    const DropMuonOptions &o = static_cast<const DropMuonOptions &>(*defaults_);
-    c10::IValue value;
-    TORCH_CHECK(archive.try_read("dropmuon/version", value),
-                "DropMuon.load: not a DropMuon checkpoint (no dropmuon/version)");
-    TORCH_CHECK(value.toInt() == kFormatVersion, "DropMuon.load: checkpoint format ", value.toInt(),
-                ", this build reads ", kFormatVersion);
-    // Read and check everything first: a mismatch throws with nothing changed.
-    auto read = [&](const char *key) {
-        c10::IValue v;
-        archive.read(key, v);
-        return v;
-    };
-    const auto names = read("dropmuon/layer_names").to<std::vector<std::string>>();
-    TORCH_CHECK(names == layer_names_, "DropMuon.load: the checkpoint has ", names.size(),
-                " layers (", c10::Join(", ", names), "), this optimizer ", layer_names_.size(),
-                " (", c10::Join(", ", layer_names_), ")");
-    TORCH_CHECK(read("dropmuon/group_layers").to<std::vector<int64_t>>() == group_layer_,
-                "DropMuon.load: the checkpoint's param groups belong to other layers");
-    const std::string sampling = read("dropmuon/sampling").toStringRef();
-    const int64_t seed = read("dropmuon/seed").toInt();
-    TORCH_CHECK(sampling == o.sampling() && seed == o.seed(),
-                "DropMuon.load: the checkpoint samples \"", sampling, "\" with seed ", seed,
-                ", this optimizer \"", o.sampling(), "\" with seed ", o.seed());
-    const int64_t step = read("dropmuon/step").toInt();
-    const double progress = read("dropmuon/progress").toDouble();
-    const auto counts = read("dropmuon/update_counts").to<std::vector<int64_t>>();
-    std::vector<std::unique_ptr<torch::optim::OptimizerOptions>> options;
-    for (size_t g = 0; g < param_groups_.size(); ++g) {
-        torch::serialize::InputArchive group;
-        TORCH_CHECK(archive.try_read("dropmuon/group/" + std::to_string(g), group),
-                    "DropMuon.load: the checkpoint has fewer param groups than this optimizer (",
-                    param_groups_.size(), ")");
-        auto loaded = std::make_unique<DropMuonOptions>(options_of(param_groups_[g]));
-        loaded->serialize(group);
-        check_group_options(*loaded);
-        check_same_sampling(*loaded, o, g);
-        options.push_back(std::move(loaded));
-    }
-    struct Loaded {
-        void *key;
-        DropMuonParamState state;
-        bool any = false;
-    };
-    std::vector<Loaded> loaded;
-    size_t index = 0;
-    for (size_t g = 0; g < param_groups_.size(); ++g) {
-        for (size_t i = 0; i < param_groups_[g].params().size(); ++i, ++index) {
-            const torch::Tensor &p = param_groups_[g].params()[i];
-            c10::IValue shape;
-            TORCH_CHECK(archive.try_read(param_key(index, "shape"), shape),
-                        "DropMuon.load: the checkpoint has no parameter ", index, " ('",
-                        param_names_[g][i], "')");
-            TORCH_CHECK(shape.to<std::vector<int64_t>>() == p.sizes().vec(),
-                        "DropMuon.load: parameter '", param_names_[g][i], "' has shape ", p.sizes(),
-                        ", the checkpoint's ", shape.to<std::vector<int64_t>>());
-            Loaded entry{p.unsafeGetTensorImpl(), {}};
-            torch::Tensor t;
-            if (archive.try_read(param_key(index, "momentum_buffer"), t, true)) {
-                TORCH_CHECK(t.sizes() == p.sizes() && t.scalar_type() == p.scalar_type(),
-                            "DropMuon.load: the momentum buffer of '", param_names_[g][i],
-                            "' does not match the parameter");
-                entry.state.momentum_buffer(t.contiguous());
-                entry.any = true;
-            }
-            torch::Tensor m, v;
-            if (archive.try_read(param_key(index, "exp_avg"), m, true)) {
-                archive.read(param_key(index, "exp_avg_sq"), v, true);
-                TORCH_CHECK(m.sizes() == p.sizes() && v.sizes() == p.sizes(),
-                            "DropMuon.load: the AdamW moments of '", param_names_[g][i],
-                            "' do not match the parameter");
-                entry.state.exp_avg(m).exp_avg_sq(v);
-                entry.state.step(read(param_key(index, "adamw_step").c_str()).toInt());
-                entry.any = true;
-            }
-            loaded.push_back(std::move(entry));
-        }
-    }
-    c10::IValue extra;
-    TORCH_CHECK(!archive.try_read(param_key(index, "shape"), extra),
-                "DropMuon.load: the checkpoint has more parameters than this optimizer (", index,
-                ")");
-    // All checked: adopt it.
-    state_.clear();
-    for (auto &entry : loaded)
-        if (entry.any) state_[entry.key] = std::make_unique<DropMuonParamState>(entry.state);
-    for (size_t g = 0; g < param_groups_.size(); ++g)
-        param_groups_[g].set_options(std::move(options[g]));
-    update_counts_ = counts;
-    progress_ = progress;
-    draw_and_freeze(step);
 }
 
 } // namespace dropmuon
