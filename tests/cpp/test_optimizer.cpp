@@ -291,6 +291,35 @@ TEST(DropMuonCpp, InvalidOptionsThrowTorchStyleMessages) {
     for (const auto &p : net->parameters()) EXPECT_TRUE(p.requires_grad());
 }
 
+TEST(DropMuonCpp, SetProgressTiltsEpochShiftAndUnfreezeRestoresGradients) {
+    torch::set_num_threads(1);
+    // epoch_shift without total_steps: the progress set_progress gives. Progress 0 favours
+    // shallow cutoffs (nearly full updates), progress 1 deep ones; the same seed otherwise.
+    auto mean_cutoff = [](double progress) {
+        Net net = initial_net();
+        dropmuon::DropMuon opt(*net, Options(0.02).sampling("epoch_shift").seed(11));
+        opt.set_progress(progress);
+        double total = 0.0;
+        for (int64_t step = 0; step < kSteps; ++step) {
+            train_step(net, opt, step); // draws the next step's layers with this progress
+            total += static_cast<double>(opt.cutoff());
+        }
+        return total / kSteps;
+    };
+    const double early = mean_cutoff(0.0), late = mean_cutoff(1.0);
+    EXPECT_LT(early, late) << "progress 0: mean cutoff " << early << ", progress 1: " << late;
+    Net net = initial_net();
+    dropmuon::DropMuon opt(*net, Options(0.02).sampling("epoch_shift").seed(11));
+    EXPECT_ERROR(opt.set_progress(1.5), "progress must be in [0, 1], got 1.5");
+
+    Net fresh = initial_net();
+    dropmuon::DropMuon frozen(*fresh, Options(0.02).sampling("custom").probabilities({0, 0, 0, 1}));
+    EXPECT_FALSE(fresh->conv1->weight.requires_grad()); // only the head is active
+    EXPECT_TRUE(fresh->fc2->weight.requires_grad());
+    frozen.unfreeze();
+    for (const auto &p : fresh->parameters()) EXPECT_TRUE(p.requires_grad());
+}
+
 TEST(DropMuonCpp, NonFiniteGradientThrowsBeforeAnythingChanges) {
     Net net = initial_net();
     dropmuon::Muon opt(*net, Options(0.02));
