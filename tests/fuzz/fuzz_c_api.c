@@ -670,11 +670,13 @@ static void fuzz_gemm(reader *r) {
                 beta == 0.0 ? 0.0 : load(c_in, dtype, (size_t)(bi * sc + i * ldc + j));
             const long double want = alpha * acc + (beta == 0.0 ? 0 : (long double)beta * cin);
             const double got = load(c, dtype, (size_t)(bi * sc + i * ldc + j));
-            /* alpha * A[i][l] is rounded before it multiplies B[l][j]; when it falls among the
-             * subnormals (a tiny alpha) its error is up to DBL_TRUE_MIN, not a relative one. */
+            /* Where a rounding falls among the subnormals its error is up to DBL_TRUE_MIN, not a
+             * relative one: alpha * A[i][l] before it multiplies B[l][j] (the A B form: error
+             * times |B|), or each product A[i][l] * B[j][l] before the sum is scaled by alpha
+             * (the A B^T form: error times |alpha|, which a huge alpha makes visible). */
             const long double tol =
                 1e-12L * (fabsl(alpha) * bound * (k + 2) + fabsl((long double)beta * cin)) +
-                (long double)DBL_TRUE_MIN * (b_sum + 2) + 1e-300L;
+                (long double)DBL_TRUE_MIN * (b_sum + 2 + fabsl(alpha) * (k + 2)) + 1e-300L;
             if (isfinite((double)want) && isfinite((double)bound) && isfinite(got) &&
                 fabs(cin) < 1e300)
                 CHECK(fabsl((long double)got - want) <= tol);
