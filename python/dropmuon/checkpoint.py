@@ -1,7 +1,10 @@
 """The ``"dropmuon"`` section of DropMuon's ``state_dict``: what it holds, its version, and the
 checks a checkpoint passes before anything is restored.
 
-torch's part of the checkpoint keeps torch's layout (``state[param]["momentum_buffer"]``;
+The section sits in the first param group, ``state_dict["param_groups"][0]["dropmuon"]``, so that
+converters which keep only ``state`` and ``param_groups`` (torch.distributed.checkpoint's
+``get_optimizer_state_dict``) keep it; checkpoints with it at the top level (written before it
+moved) load too. torch's part of the checkpoint keeps torch's layout (``state[param]["momentum_buffer"]``;
 AdamW's ``step``, ``exp_avg``, ``exp_avg_sq``; ``param_groups`` with the group options, plus
 ``layer``, ``param_norms`` and ``param_shapes``, which the checks below compare). Everything is
 tensors, numbers, strings, lists and dicts, so a checkpoint loads with
@@ -76,6 +79,18 @@ def section(
     )
 
 
+def section_of(state_dict) -> dict | None:
+    """The ``"dropmuon"`` section: in the first param group, or at the top level (checkpoints
+    written before it moved)."""
+    if not isinstance(state_dict, dict):
+        return None
+    groups = state_dict.get("param_groups")
+    if isinstance(groups, list) and groups and isinstance(groups[0], dict):
+        if "dropmuon" in groups[0]:
+            return groups[0]["dropmuon"]
+    return state_dict.get("dropmuon")
+
+
 def restore_estimates(estimator: SmoothnessEstimator, extra: dict) -> None:
     """The section's estimates back into ``estimator``."""
     estimator.smoothness = _or_none(extra["smoothness"])
@@ -94,7 +109,7 @@ def validate(
     model, partition and norms as ``param_groups`` (``param_name(p)`` names a parameter in
     messages; ``positions_final``: the layers' positions are settled, so they must match too).
     Returns the ``"dropmuon"`` section."""
-    extra = state_dict.get("dropmuon") if isinstance(state_dict, dict) else None
+    extra = section_of(state_dict)
     if extra is None:
         raise ValueError("not a DropMuon checkpoint: it has no 'dropmuon' section")
     if extra.get("version") != STATE_VERSION:

@@ -14,6 +14,7 @@ from torch import Tensor
 
 from . import ops
 from .defaults import ADJUST_LR_FNS, NONFINITE_MODES, NS_PRECISIONS, RADII
+from .dtensors import local_tensor
 from .partition import check_norms
 
 # The dtypes of the C kernels (spectral, sign, column, row, frobenius); AdamW takes any float.
@@ -144,17 +145,26 @@ def check_grad(p: Tensor, name: str) -> None:
         )
 
 
-def nonfinite_layers(by_layer: dict[int, list], param_name) -> dict[int, str]:
+def nonfinite_layers(by_layer: dict[int, list], param_name, any_rank=None) -> dict[int, str]:
     """The layers whose gradients hold a NaN or Inf, each with the name of its first such
-    parameter (``by_layer``: position -> [(group, norm, param)]); one device sync for all."""
+    parameter (``by_layer``: position -> [(group, norm, param)]); one device sync for all.
+    DTensor gradients are read on their local shards; ``any_rank`` (FSDP2) turns this rank's
+    flags into the flags of all ranks, so that every rank decides the same."""
     entries = [(layer, p) for layer, items in by_layer.items() for _, _, p in items]
     if not entries:
         return {}
+    grads = [local_tensor(p.grad) for _, p in entries]
     # A sum is NaN/Inf when an element is, and costs a fraction of isfinite().all(); it can
     # also overflow on finite values, so a non-finite sum is confirmed element by element.
-    sums = torch.stack([p.grad.sum(dtype=torch.float32).cpu() for _, p in entries]).tolist()
+    sums = torch.stack([g.sum(dtype=torch.float32).cpu() for g in grads]).tolist()
+    flags = [
+        not math.isfinite(total) and not bool(torch.isfinite(g).all())
+        for g, total in zip(grads, sums)
+    ]
+    if any_rank is not None:
+        flags = any_rank(flags)
     bad: dict[int, str] = {}
-    for (layer, p), total in zip(entries, sums):
-        if not math.isfinite(total) and not bool(torch.isfinite(p.grad).all()):
+    for (layer, p), flag in zip(entries, flags):
+        if flag:
             bad.setdefault(layer, param_name(p))
     return bad

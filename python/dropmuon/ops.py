@@ -52,8 +52,10 @@ def ns_schedule(
     ``ns_coefficients`` is ``"muon"`` or one (a, b, c) triple (repeated ``ns_steps`` times),
     ``"polar_express"`` (its 5 tuned triples; more steps repeat the last one, fewer take the
     first ``ns_steps``), or a sequence of triples, one per step (``ns_steps`` must then be None
-    or match its length).
+    or match its length). A resolved schedule passes through as it is.
     """
+    if isinstance(ns_coefficients, NewtonSchulzSchedule):
+        return ns_coefficients
     if ns_steps is not None and (not isinstance(ns_steps, int) or ns_steps < 0):
         raise ValueError(f"ns_steps must be a non-negative int, got {ns_steps!r}")
     if isinstance(ns_coefficients, str):

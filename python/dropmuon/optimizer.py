@@ -26,6 +26,9 @@ DropMuon with other machinery:
   gradient and the step drops those of frozen layers), ``tau_nice`` up to
   ``C(num_layers, tau) + 1``. Raise ``torch._dynamo.config.recompile_limit`` (8 by default)
   above that, or Dynamo gives up and runs the model eagerly. :meth:`step` runs eagerly.
+- FSDP2 (``fully_shard``): build the optimizer on the sharded model; parameters and
+  optimizer state stay sharded, each active matrix is orthogonalized on one rank, frozen
+  layers cost no communication (:mod:`dropmuon.fsdp`).
 - Mixed precision: autocast needs nothing; bfloat16 parameters keep bfloat16 momentum in
   its own storage, and gradients are only read. ``torch.amp.GradScaler.step`` skips
   :meth:`step` when it finds Inf/NaN, and then nothing of DropMuon moves: the step
@@ -42,7 +45,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from . import checkpoint, functional, ops
+from . import checkpoint, fsdp, functional, ops
 from .checks import (
     check_grad,
     check_group,
@@ -158,6 +161,10 @@ class DropMuon(Optimizer):
             reference, torch's own CUDA products (False). Default None: the environment's
             ``DROPMUON_CUDA_KERNELS`` (``1``/``0``), else the reference until the kernels have
             passed on real hardware (:func:`dropmuon.ops.cuda_kernels_enabled`).
+        fsdp_update: with FSDP2-sharded parameters, how the whole-matrix updates are formed:
+            ``"owner"`` (default; each active matrix orthogonalized on one rank, two
+            all-to-alls) or ``"all_gather"`` (every rank gathers and computes every update; the
+            baseline). Ignored without sharded parameters. See :mod:`dropmuon.fsdp`.
     """
 
     def __init__(
@@ -189,6 +196,7 @@ class DropMuon(Optimizer):
         estimate_smoothness: bool | None = None,
         smoothness_beta: float = DEFAULT_SMOOTHNESS_BETA,
         cuda_kernels: bool | None = None,
+        fsdp_update: str = "owner",
     ) -> None:
         check_hyperparameters(
             lr, weight_decay, momentum, eps, adjust_lr_fn, ns_precision, radius, L0, L1,
@@ -252,6 +260,15 @@ class DropMuon(Optimizer):
         for group in self.param_groups:
             for p, norm in zip(group["params"], group["param_norms"]):
                 check_param(p, self._param_names[id(p)], norm)
+        managed = [p for group in self.param_groups for p in group["params"]]
+        self._sharded = fsdp.sharded_update(managed, self.param_name, fsdp_update)
+        if self._sharded is not None:
+            if self._estimate:
+                raise ValueError(
+                    "sampling='cost_optimal' and estimate_smoothness are not supported with "
+                    "FSDP2-sharded parameters: the estimates need whole gradients every step"
+                )
+            fsdp.initialize_state(self.param_groups, self.state)
 
         # Only now is the model touched. Step 0's layers are drawn; with a module, the first
         # forward orders the layers and freezes each as it is reached (the registration order
@@ -304,6 +321,8 @@ class DropMuon(Optimizer):
         for group, layer in zip(self.param_groups, self._group_layers):
             group["layer"] = positions[layer.construction_index]
         assign_norms(self.param_groups, self._group_layers, self._role_norms, self._fallback)
+        if self._sharded is not None:  # a role the order gave may have changed a norm
+            fsdp.initialize_state(self.param_groups, self.state)
         apply_mask(self.param_groups, self._mask)
 
     def set_progress(self, progress: float) -> None:
@@ -376,8 +395,12 @@ class DropMuon(Optimizer):
         self._diagnostics.check_gradients(self._mask, by_layer, self.layer_names, self._step_count)
         by_layer = self._without_nonfinite(by_layer)
         before = self._smoothness.before_step(by_layer, self.state) if self._estimate else None
-        for bucket in functional.buckets(chain(*by_layer.values()), schedules):
-            functional.update_bucket_(bucket, self.state, self._cuda_kernels)
+        buckets = functional.buckets(chain(*by_layer.values()), schedules)
+        if self._sharded is not None:
+            self._sharded.update_(buckets, self.state, self._cuda_kernels)
+        else:
+            for bucket in buckets:
+                functional.update_bucket_(bucket, self.state, self._cuda_kernels)
         for layer in by_layer:
             self.update_counts[layer] += 1
         if before is not None:
@@ -404,7 +427,8 @@ class DropMuon(Optimizer):
     def _without_nonfinite(self, by_layer: dict[int, list]) -> dict[int, list]:
         """Raises on a NaN/Inf gradient before anything is modified (``nonfinite="raise"``), or
         leaves its layer out of the step and counts it (``"skip"``)."""
-        bad_layers = nonfinite_layers(by_layer, self.param_name)
+        any_rank = self._sharded.any_rank if self._sharded is not None else None
+        bad_layers = nonfinite_layers(by_layer, self.param_name, any_rank)
         for layer, name in bad_layers.items():
             if self._nonfinite == "raise":
                 raise RuntimeError(
@@ -418,12 +442,16 @@ class DropMuon(Optimizer):
     # -- checkpoints ------------------------------------------------------------------------------
 
     def state_dict(self):
-        """torch's layout plus a ``dropmuon`` section: step counter, sampler, layer names and
-        statistics (:mod:`dropmuon.checkpoint`); loads with ``torch.load(weights_only=True)``.
-        It is the same on every data-parallel rank (a full replica, the same draws), so it
-        does not depend on the world size: save on one rank, load on all of any world size."""
+        """torch's layout plus a ``dropmuon`` section in the first param group
+        (``state_dict()["param_groups"][0]["dropmuon"]``, where converters that keep only
+        ``state`` and ``param_groups``, such as torch.distributed.checkpoint's, keep it too):
+        step counter, sampler, layer names and statistics (:mod:`dropmuon.checkpoint`); loads
+        with ``torch.load(weights_only=True)``. It is the same on every data-parallel rank (a
+        full replica, the same draws), so it does not depend on the world size: save on one
+        rank, load on all of any world size. With FSDP2 the state tensors are DTensors: save
+        through torch.distributed.checkpoint (:mod:`dropmuon.fsdp`)."""
         state = super().state_dict()
-        state["dropmuon"] = checkpoint.section(
+        state["param_groups"][0]["dropmuon"] = checkpoint.section(
             step=self._step_count,
             layer_names=self.layer_names(),
             sampler=self.sampler,
@@ -447,7 +475,12 @@ class DropMuon(Optimizer):
             positions_final=self._trace is None,
         )
         sampler = checkpoint.restored_sampler(self.sampler, extra["sampler"])
+        kept = self._state_loaded_in_place(state_dict) if self._sharded is not None else {}
         super().load_state_dict(state_dict)
+        self.param_groups[0].pop("dropmuon", None)  # torch copies the saved groups' keys
+        self.state.update(kept)
+        if self._sharded is not None:
+            fsdp.initialize_state(self.param_groups, self.state)
         self.sampler = sampler
         # The checkpoint's order replaces the first-forward trace, unless it was written before
         # the first forward too (accelerate's state_dict/load_state_dict round trip, say).
@@ -458,6 +491,36 @@ class DropMuon(Optimizer):
         self.skipped_nonfinite = list(extra["skipped_nonfinite"])
         checkpoint.restore_estimates(self._smoothness, extra)
         self._begin_step(int(extra["step"]))
+
+    def _state_loaded_in_place(self, state_dict) -> dict:
+        """The live state of frozen parameters that ``state_dict`` leaves out, where it was
+        loaded in place. torch.distributed.checkpoint's ``set_optimizer_state_dict`` drops the
+        state of parameters that do not require grad (the frozen layers), after ``dcp.load``
+        has loaded it into the very tensors ``get_optimizer_state_dict`` returned, which are
+        this optimizer's: those are kept. A frozen parameter missing from a state dict that
+        was not loaded in place raises ValueError (its state would be lost)."""
+        saved_ids = [key for g in state_dict["param_groups"] for key in g["params"]]
+        params = [p for g in self.param_groups for p in g["params"]]
+        saved_state = state_dict["state"]
+        in_place = any(
+            value is self.state[p].get(name)
+            for key, p in zip(saved_ids, params)
+            if key in saved_state
+            for name, value in saved_state[key].items()
+            if isinstance(value, Tensor)
+        )
+        kept = {}
+        for key, p in zip(saved_ids, params):
+            if key in saved_state or p.requires_grad or not self.state.get(p):
+                continue
+            if not in_place:
+                raise ValueError(
+                    f"the checkpoint has no state for {self.param_name(p)}, which is frozen "
+                    "(requires_grad=False): call unfreeze() before set_optimizer_state_dict, "
+                    "or load with dcp.load into get_optimizer_state_dict's tensors first"
+                )
+            kept[p] = self.state[p]
+        return kept
 
     def __setstate__(self, state):
         super().__setstate__(state)

@@ -596,27 +596,27 @@ LOAD_CASES = {
         "checkpoint's layer indices are not 0..num_layers-1",
     ),
     "bad-sampler-seed": (
-        lambda: edited(lambda s: s["dropmuon"]["sampler"].update(seed=-1)),
+        lambda: edited(lambda s: s["param_groups"][0]["dropmuon"]["sampler"].update(seed=-1)),
         "seed must be an int in [0, 2**63)",
     ),
     "no-sampler": (
-        lambda: edited(lambda s: drop(s["dropmuon"], "sampler")),
+        lambda: edited(lambda s: drop(s["param_groups"][0]["dropmuon"], "sampler")),
         "incomplete DropMuon checkpoint: missing ['sampler']",
     ),
     "no-step": (
-        lambda: edited(lambda s: drop(s["dropmuon"], "step")),
+        lambda: edited(lambda s: drop(s["param_groups"][0]["dropmuon"], "step")),
         "incomplete DropMuon checkpoint: missing ['step']",
     ),
     "no-state": (
         lambda: edited(lambda s: drop(s, "state")),
         "incomplete DropMuon checkpoint: missing ['state/param_groups']",
     ),
-    "no-param-groups": (
+    "no-param-groups": (  # the section lives in the first param group
         lambda: edited(lambda s: drop(s, "param_groups")),
-        "incomplete DropMuon checkpoint: missing ['state/param_groups']",
+        "not a DropMuon checkpoint: it has no 'dropmuon' section",
     ),
     "short-update-counts": (
-        lambda: edited(lambda s: s["dropmuon"]["update_counts"].pop()),
+        lambda: edited(lambda s: s["param_groups"][0]["dropmuon"]["update_counts"].pop()),
         "checkpoint's update_counts has 2 entries, not one per layer",
     ),
     "short-param-groups": (
@@ -640,7 +640,7 @@ LOAD_CASES = {
         "the checkpoint's AdamW state of 4.bias is incomplete",
     ),
     "version": (
-        lambda: edited(lambda s: s["dropmuon"].update(version=99)),
+        lambda: edited(lambda s: s["param_groups"][0]["dropmuon"].update(version=99)),
         "unsupported DropMuon checkpoint version 99",
     ),
     "torch-sgd": (
@@ -687,8 +687,8 @@ def test_checkpoint_recorded_under_two_ranks_resumes_in_one_process():
     opt = dropmuon.DropMuon(model, lr=0.05, seed=3, fallback="adamw")
     first = train(model, opt, k)
     state = opt.state_dict()
-    assert state["dropmuon"]["world_size"] == 1
-    state["dropmuon"]["world_size"] = 2
+    assert state["param_groups"][0]["dropmuon"]["world_size"] == 1
+    state["param_groups"][0]["dropmuon"]["world_size"] = 2
     buffer = io.BytesIO()
     torch.save([model.state_dict(), state], buffer)
     straight = train(model, opt, k, start=k)
@@ -696,7 +696,7 @@ def test_checkpoint_recorded_under_two_ranks_resumes_in_one_process():
 
     buffer.seek(0)
     model_state, opt_state = torch.load(buffer, weights_only=True)
-    assert opt_state["dropmuon"]["world_size"] == 2
+    assert opt_state["param_groups"][0]["dropmuon"]["world_size"] == 2
     resumed_model = mlp(seed=9)  # a different initialisation: all must come from the file
     resumed = dropmuon.DropMuon(resumed_model, lr=0.05, seed=3, fallback="adamw")
     resumed_model.load_state_dict(model_state)

@@ -296,7 +296,7 @@ def test_checkpoint_moves_between_world_sizes(runs):
     ranks, checkpoint = runs
     # Saved by rank 0 of 2, continued in one process on the concatenated batch.
     model, opt, cutoffs = single_process(STEPS - RESUME_AT, start=RESUME_AT, state=checkpoint)
-    assert checkpoint[1]["dropmuon"]["world_size"] == WORLD
+    assert checkpoint[1]["param_groups"][0]["dropmuon"]["world_size"] == WORLD
     assert cutoffs == ranks[0]["active"]["cutoffs"][RESUME_AT:]
     assert_params_close(snapshot(model), ranks[0]["active"]["params"])
     # Saved by one process, continued on 2 ranks.

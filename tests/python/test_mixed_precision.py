@@ -125,7 +125,7 @@ def snapshot(model, opt):
     return (
         [p.detach().clone() for p in model.parameters()],
         {k: {n: v.clone() for n, v in s.items()} for k, s in opt.state_dict()["state"].items()},
-        opt.state_dict()["dropmuon"],
+        opt.state_dict()["param_groups"][0]["dropmuon"],
         [p.requires_grad for p in model.parameters()],
     )
 

@@ -69,10 +69,29 @@ def test_state_dict_layout():
     state = opt.state_dict()
     keys = {k for s in state["state"].values() for k in s}
     assert "momentum_buffer" in keys and {"exp_avg", "exp_avg_sq", "step"} <= keys
-    extra = state["dropmuon"]
+    extra = state["param_groups"][0]["dropmuon"]
     assert extra["step"] == 4 and extra["sampler"]["seed"] == 5
     assert sum(extra["update_counts"]) >= 4
     torch.load(save(opt), weights_only=True)
+
+
+def test_checkpoint_with_the_section_at_the_top_level_still_resumes():
+    """Checkpoints written before the section moved into the first param group load as
+    before; after a load the live param groups do not carry the section."""
+    model, opt = make()
+    train(model, opt, 0, 3)
+    model_state, opt_state = torch.load(save(model, opt), weights_only=True)
+    opt_state["dropmuon"] = opt_state["param_groups"][0].pop("dropmuon")
+    straight = train(model, opt, 3, 3)
+    expected = [p.detach().clone() for p in model.parameters()]
+
+    model, opt = make(seed=7)
+    model.load_state_dict(model_state)
+    opt.load_state_dict(opt_state)
+    assert opt.step_count == 3 and "dropmuon" not in opt.param_groups[0]
+    assert train(model, opt, 3, 3) == straight
+    for a, b in zip(model.parameters(), expected):
+        assert torch.equal(a, b)
 
 
 def test_load_rejects_another_model_and_changes_nothing():
@@ -84,7 +103,7 @@ def test_load_rejects_another_model_and_changes_nothing():
     with pytest.raises(ValueError, match="different model or partition"):
         opt.load_state_dict(other.state_dict())
     after = opt.state_dict()
-    assert after["dropmuon"] == before["dropmuon"]
+    assert after["param_groups"][0]["dropmuon"] == before["param_groups"][0]["dropmuon"]
     for key in before["state"]:
         for name, value in before["state"][key].items():
             assert torch.equal(value, after["state"][key][name])
