@@ -4,11 +4,11 @@ checks a checkpoint passes before anything is restored.
 The section sits in the first param group, ``state_dict["param_groups"][0]["dropmuon"]``, so that
 converters which keep only ``state`` and ``param_groups`` (torch.distributed.checkpoint's
 ``get_optimizer_state_dict``) keep it; checkpoints with it at the top level (written before it
-moved) load too. torch's part of the checkpoint keeps torch's layout (``state[param]["momentum_buffer"]``;
-AdamW's ``step``, ``exp_avg``, ``exp_avg_sq``; ``param_groups`` with the group options, plus
-``layer``, ``param_norms`` and ``param_shapes``, which the checks below compare). Everything is
-tensors, numbers, strings, lists and dicts, so a checkpoint loads with
-``torch.load(..., weights_only=True)``.
+moved) load too. torch's part of the checkpoint keeps torch's layout
+(``state[param]["momentum_buffer"]``; AdamW's ``step``, ``exp_avg``, ``exp_avg_sq``;
+``param_groups`` with the group options, plus ``layer``, ``param_norms`` and ``param_shapes``,
+which the checks below compare). Everything is tensors, numbers, strings, lists and dicts, so a
+checkpoint loads with ``torch.load(..., weights_only=True)``.
 """
 
 from __future__ import annotations

@@ -179,7 +179,9 @@ class ShardedUpdate:
             mine = sent[self.rank]
             pieces = [directions[i].reshape(-1) for q in range(self.world) for i in sent[q]]
             in_splits = [sum(directions[i].numel() for i in sent[q]) for q in range(self.world)]
-            out_splits = [sum(self.rows_numel(params[i], s) for i in mine) for s in range(self.world)]
+            out_splits = [
+                sum(self.rows_numel(params[i], s) for i in mine) for s in range(self.world)
+            ]
             received = self._all_to_all(pieces, in_splits, out_splits, params[indices[0]].dtype)
             by_source = [
                 chunk.split([self.rows_numel(params[i], s) for i in mine])
@@ -199,7 +201,9 @@ class ShardedUpdate:
             pieces = []
             for q in range(self.world):
                 pieces.extend(self.rows_of(updates[i], params[i], q) for i in owned)
-            in_splits = [sum(self.rows_numel(params[i], q) for i in owned) for q in range(self.world)]
+            in_splits = [
+                sum(self.rows_numel(params[i], q) for i in owned) for q in range(self.world)
+            ]
             out_splits = [
                 sum(self.rows_numel(params[i], self.rank) for i in received_from[s])
                 for s in range(self.world)
@@ -256,8 +260,7 @@ def _check_placement(p: Tensor, name: str, mesh, first_name: str) -> None:
         )
     if p.device_mesh != mesh:
         raise ValueError(
-            f"DTensor parameter '{name}' is on another device mesh than '{first_name}': "
-            f"{SUPPORTED}"
+            f"DTensor parameter '{name}' is on another device mesh than '{first_name}': {SUPPORTED}"
         )
 
 
@@ -333,7 +336,14 @@ def _scaled_updates(entries, full: dict[int, Tensor], cuda_kernels) -> dict[int,
         batch = torch.stack([full[i].view(rows, cols) for i in indices])
         adaptive = a["radius"] == "adaptive"
         out, duals = ops.sharp(
-            batch, a["norm"], a["schedule"], None, a["eps"], a["ns_precision"], adaptive, cuda_kernels
+            batch,
+            a["norm"],
+            a["schedule"],
+            None,
+            a["eps"],
+            a["ns_precision"],
+            adaptive,
+            cuda_kernels,
         )
         for k, i in enumerate(indices):
             if adaptive:

@@ -49,7 +49,9 @@ def make_model():
 
 def global_batch(step):
     g = torch.Generator().manual_seed(700 + step)
-    return torch.randn(6 * WORLD, 1, 8, 8, generator=g), torch.randint(0, 3, (6 * WORLD,), generator=g)
+    return torch.randn(6 * WORLD, 1, 8, 8, generator=g), torch.randint(
+        0, 3, (6 * WORLD,), generator=g
+    )
 
 
 def rank_batch(step, rank):
@@ -141,7 +143,7 @@ def _unsupported(rank, mesh):
         layer = nn.Linear(8, 6)
         layer.weight = nn.Parameter(distribute_tensor(layer.weight.detach(), mesh, [placement]))
         layer.bias = nn.Parameter(distribute_tensor(layer.bias.detach(), mesh, [Shard(0)]))
-        out[name] = _error_of(lambda: dropmuon.DropMuon(layer))
+        out[name] = _error_of(lambda layer=layer: dropmuon.DropMuon(layer))
 
     out["cost_optimal"] = _error_of(
         lambda: dropmuon.DropMuon(sharded_model(mesh), sampling="cost_optimal")
@@ -191,7 +193,7 @@ def _scenarios(rank, workdir):
     for name, by_groups in (("resume", False), ("resume_param_groups", True)):
         path = os.path.join(workdir, f"dcp_{name}")
 
-        def build():
+        def build(by_groups=by_groups):
             model = sharded_model(mesh)
             if by_groups:  # frozen from construction on: set_optimizer_state_dict drops them
                 groups = [
@@ -203,7 +205,10 @@ def _scenarios(rank, workdir):
 
         model, opt = build()
         train_sharded(model, opt, rank, RESUME_AT)
-        state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)}
+        state = {
+            "model": get_model_state_dict(model),
+            "optim": get_optimizer_state_dict(model, opt),
+        }
         dcp.save(state, checkpoint_id=path)
         train_sharded(model, opt, rank, STEPS - RESUME_AT, start=RESUME_AT)
         straight = gathered(model)
@@ -214,7 +219,10 @@ def _scenarios(rank, workdir):
             for p in model.parameters():
                 p.add_(1.0)
         frozen_at_load = [n for n, p in model.named_parameters() if not p.requires_grad]
-        state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)}
+        state = {
+            "model": get_model_state_dict(model),
+            "optim": get_optimizer_state_dict(model, opt),
+        }
         dcp.load(state, checkpoint_id=path)
         set_model_state_dict(model, state["model"])
         set_optimizer_state_dict(model, opt, state["optim"])
@@ -331,7 +339,9 @@ def test_sharded_run_equals_one_process_on_the_concatenated_batch(runs, name, op
     for rank in runs:
         assert [s["cutoff"] for s in rank[name]["watch"]["steps"]] == cutoffs
         for n, p in reference.items():
-            torch.testing.assert_close(rank[name]["params"][n], p.detach(), rtol=TOLERANCE, atol=TOLERANCE)
+            torch.testing.assert_close(
+                rank[name]["params"][n], p.detach(), rtol=TOLERANCE, atol=TOLERANCE
+            )
             assert not torch.equal(p.detach(), start[n].detach())  # it trained
     if name == "uniform":
         assert len(set(cutoffs)) > 1
