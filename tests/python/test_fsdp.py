@@ -7,6 +7,9 @@ and linear layers with row counts that do not split evenly over 2 ranks (5 and 3
 from __future__ import annotations
 
 import os
+import pathlib
+import subprocess
+import sys
 import tempfile
 import traceback
 
@@ -448,3 +451,15 @@ def test_row_ranges_split_like_fully_shard():
                 start, end = fsdp.row_range(rows, world, rank)
                 expected = parts[rank].tolist() if rank < len(parts) else []
                 assert list(range(start, end)) == expected
+
+
+def test_the_fsdp2_example_resumes_bit_for_bit():
+    example = pathlib.Path(__file__).parents[2] / "examples" / "fsdp2.py"
+    run = subprocess.run(
+        [sys.executable, str(example), "--steps", "6", "--dataset", "synthetic"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "resumed run equals the uninterrupted one bit for bit: True" in run.stdout
