@@ -22,7 +22,10 @@ from .adamw import ADAMW_STATE_KEYS
 from .sampling import LayerSampler
 from .smoothness import SmoothnessEstimator
 
-STATE_VERSION = 1
+# 2: the section in the first param group, and every parameter's state present (made at
+# construction). 1: the section at the top level; parameters never updated had no state.
+STATE_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 SECTION_KEYS = (
     "step",
     "num_layers",
@@ -112,7 +115,7 @@ def validate(
     extra = section_of(state_dict)
     if extra is None:
         raise ValueError("not a DropMuon checkpoint: it has no 'dropmuon' section")
-    if extra.get("version") != STATE_VERSION:
+    if extra.get("version") not in READABLE_VERSIONS:
         raise ValueError(f"unsupported DropMuon checkpoint version {extra.get('version')!r}")
     missing = [key for key in SECTION_KEYS if key not in extra]
     if missing or "param_groups" not in state_dict or "state" not in state_dict:

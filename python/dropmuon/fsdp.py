@@ -40,11 +40,8 @@ a mix of DTensor and plain parameters (shard the root module too), and ``cost_op
    layers take part in neither.
 
 **Optimizer state** is sharded like the parameters: momentum buffers and AdamW moments are
-DTensors with their parameter's placement (per rank ~1/world_size of the unsharded state). It
-is made for every parameter at construction (zeros, as a first update would make it), so that
-every checkpoint holds the same keys; this also keeps torch.distributed.checkpoint from
-calling ``step()`` with zero gradients to create the state (which would advance the step
-counter and the draw).
+DTensors with their parameter's placement (per rank ~1/world_size of the unsharded state),
+made at construction like every DropMuon's state (see :meth:`DropMuon.state_dict`).
 
 **Checkpoints** go through ``torch.distributed.checkpoint``: ``get_optimizer_state_dict`` /
 ``set_optimizer_state_dict`` with ``dcp.save`` / ``dcp.load`` keep DropMuon's own state,
@@ -65,7 +62,7 @@ from torch import Tensor
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from . import ops
-from .adamw import adamw_initial_state, adamw_step_
+from .adamw import adamw_step_
 from .dtensors import is_dtensor, local_tensor
 from .functional import Bucket, momentum_buffer
 from .reference import lr_ratio, matrix_shape
@@ -271,16 +268,6 @@ def sharded_update(params: Sequence[Tensor], param_name: Callable, mode: str):
     if not any(is_dtensor(p) for p in params):
         return None
     return ShardedUpdate(params, param_name, mode)
-
-
-def initialize_state(param_groups: list[dict], state) -> None:
-    """Every parameter's state as its first update would make it (zeros), where missing."""
-    for group in param_groups:
-        for p, norm in zip(group["params"], group["param_norms"]):
-            if norm == "adamw":
-                adamw_initial_state(state[p], p)
-            else:
-                momentum_buffer(state[p], p)
 
 
 def update_cost(bucket: Bucket, p: Tensor) -> float:

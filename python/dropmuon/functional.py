@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from . import ops
-from .adamw import adamw_step_
+from .adamw import adamw_initial_state, adamw_step_
 
 
 def update_arguments(group: dict, norm: str, schedule: ops.NewtonSchulzSchedule) -> dict:
@@ -86,6 +86,17 @@ def momentum_buffer(state: dict, p: Tensor) -> Tensor:
     elif not state["momentum_buffer"].is_contiguous():  # e.g. from an older checkpoint
         state["momentum_buffer"] = state["momentum_buffer"].contiguous()
     return state["momentum_buffer"]
+
+
+def initialize_state(param_groups: list[dict], state) -> None:
+    """Every parameter's state as its first update would make it (zeros), where missing:
+    the momentum buffer, or AdamW's state for parameters on the ``"adamw"`` norm."""
+    for group in param_groups:
+        for p, norm in zip(group["params"], group["param_norms"]):
+            if norm == "adamw":
+                adamw_initial_state(state[p], p)
+            else:
+                momentum_buffer(state[p], p)
 
 
 def sharp_update_(

@@ -262,13 +262,12 @@ class DropMuon(Optimizer):
                 check_param(p, self._param_names[id(p)], norm)
         managed = [p for group in self.param_groups for p in group["params"]]
         self._sharded = fsdp.sharded_update(managed, self.param_name, fsdp_update)
-        if self._sharded is not None:
-            if self._estimate:
-                raise ValueError(
-                    "sampling='cost_optimal' and estimate_smoothness are not supported with "
-                    "FSDP2-sharded parameters: the estimates need whole gradients every step"
-                )
-            fsdp.initialize_state(self.param_groups, self.state)
+        if self._sharded is not None and self._estimate:
+            raise ValueError(
+                "sampling='cost_optimal' and estimate_smoothness are not supported with "
+                "FSDP2-sharded parameters: the estimates need whole gradients every step"
+            )
+        functional.initialize_state(self.param_groups, self.state)
 
         # Only now is the model touched. Step 0's layers are drawn; with a module, the first
         # forward orders the layers and freezes each as it is reached (the registration order
@@ -315,15 +314,30 @@ class DropMuon(Optimizer):
         """Adopts the first forward's order (once), then freezes by it."""
         if self._trace is None:
             return
+        self._check_params_still_registered()
         positions = self._trace.finish()
         self._trace = None
         self._layer_order = "first forward"
         for group, layer in zip(self.param_groups, self._group_layers):
             group["layer"] = positions[layer.construction_index]
         assign_norms(self.param_groups, self._group_layers, self._role_norms, self._fallback)
-        if self._sharded is not None:  # a role the order gave may have changed a norm
-            fsdp.initialize_state(self.param_groups, self.state)
+        functional.initialize_state(self.param_groups, self.state)  # a role may change a norm
         apply_mask(self.param_groups, self._mask)
+
+    def _check_params_still_registered(self) -> None:
+        """Raises (before the first step changes anything) when the model no longer holds the
+        parameters the optimizer was built on: fully_shard, for one, registers new ones."""
+        for layer in self._layers:
+            if layer.module is None:
+                continue
+            registered = {id(q) for q in layer.module.parameters(recurse=False)}
+            for name, p in layer.params:
+                if id(p) not in registered:
+                    raise RuntimeError(
+                        f"DropMuon: the model's parameter '{name}' is not the tensor this "
+                        "optimizer was built on (fully_shard, or another wrapper, replaced "
+                        "it): build the optimizer after fully_shard"
+                    )
 
     def set_progress(self, progress: float) -> None:
         """Tells ``epoch_shift`` sampling the fraction of training done, in [0, 1]; takes effect
@@ -448,8 +462,11 @@ class DropMuon(Optimizer):
         step counter, sampler, layer names and statistics (:mod:`dropmuon.checkpoint`); loads
         with ``torch.load(weights_only=True)``. It is the same on every data-parallel rank (a
         full replica, the same draws), so it does not depend on the world size: save on one
-        rank, load on all of any world size. With FSDP2 the state tensors are DTensors: save
-        through torch.distributed.checkpoint (:mod:`dropmuon.fsdp`)."""
+        rank, load on all of any world size. Every parameter has its state from construction
+        on (zeros, as its first update would make it), so every checkpoint holds the same keys
+        and torch.distributed.checkpoint never needs to step a fresh optimizer to create
+        them. With FSDP2 the state tensors are DTensors: save through
+        torch.distributed.checkpoint (:mod:`dropmuon.fsdp`)."""
         state = super().state_dict()
         state["param_groups"][0]["dropmuon"] = checkpoint.section(
             step=self._step_count,
@@ -475,12 +492,11 @@ class DropMuon(Optimizer):
             positions_final=self._trace is None,
         )
         sampler = checkpoint.restored_sampler(self.sampler, extra["sampler"])
-        kept = self._state_loaded_in_place(state_dict) if self._sharded is not None else {}
+        kept = self._state_loaded_in_place(state_dict, complete=extra["version"] >= 2)
         super().load_state_dict(state_dict)
         self.param_groups[0].pop("dropmuon", None)  # torch copies the saved groups' keys
         self.state.update(kept)
-        if self._sharded is not None:
-            fsdp.initialize_state(self.param_groups, self.state)
+        functional.initialize_state(self.param_groups, self.state)  # older checkpoints
         self.sampler = sampler
         # The checkpoint's order replaces the first-forward trace, unless it was written before
         # the first forward too (accelerate's state_dict/load_state_dict round trip, say).
@@ -492,13 +508,16 @@ class DropMuon(Optimizer):
         checkpoint.restore_estimates(self._smoothness, extra)
         self._begin_step(int(extra["step"]))
 
-    def _state_loaded_in_place(self, state_dict) -> dict:
-        """The live state of frozen parameters that ``state_dict`` leaves out, where it was
-        loaded in place. torch.distributed.checkpoint's ``set_optimizer_state_dict`` drops the
-        state of parameters that do not require grad (the frozen layers), after ``dcp.load``
-        has loaded it into the very tensors ``get_optimizer_state_dict`` returned, which are
-        this optimizer's: those are kept. A frozen parameter missing from a state dict that
-        was not loaded in place raises ValueError (its state would be lost)."""
+    def _state_loaded_in_place(self, state_dict, complete: bool) -> dict:
+        """The live state to keep for the parameters ``state_dict`` leaves out. A ``complete``
+        checkpoint (version 2) holds every parameter's state, but torch.distributed.checkpoint's
+        ``set_optimizer_state_dict`` leaves out that of parameters that do not require grad
+        (frozen layers), after ``dcp.load`` has loaded it into the very tensors
+        ``get_optimizer_state_dict`` returned, this optimizer's own: those are kept. Any other
+        gap raises ValueError (that state would be lost). Version 1 checkpoints left out the
+        parameters never updated, which then start from zeros."""
+        if not complete:
+            return {}
         saved_ids = [key for g in state_dict["param_groups"] for key in g["params"]]
         params = [p for g in self.param_groups for p in g["params"]]
         saved_state = state_dict["state"]
@@ -511,13 +530,18 @@ class DropMuon(Optimizer):
         )
         kept = {}
         for key, p in zip(saved_ids, params):
-            if key in saved_state or p.requires_grad or not self.state.get(p):
+            if key in saved_state:
                 continue
+            if p.requires_grad:
+                raise ValueError(
+                    f"the checkpoint has no state for {self.param_name(p)}: an incomplete "
+                    "checkpoint"
+                )
             if not in_place:
                 raise ValueError(
                     f"the checkpoint has no state for {self.param_name(p)}, which is frozen "
                     "(requires_grad=False): call unfreeze() before set_optimizer_state_dict, "
-                    "or load with dcp.load into get_optimizer_state_dict's tensors first"
+                    "or dcp.load into get_optimizer_state_dict's tensors first"
                 )
             kept[p] = self.state[p]
         return kept

@@ -639,6 +639,10 @@ LOAD_CASES = {
         lambda: edited(lambda s: drop(s["state"][5], "exp_avg_sq")),
         "the checkpoint's AdamW state of 4.bias is incomplete",
     ),
+    "missing-state": (
+        lambda: edited(lambda s: s["state"].pop(4)),
+        "the checkpoint has no state for 4.weight: an incomplete checkpoint",
+    ),
     "version": (
         lambda: edited(lambda s: s["param_groups"][0]["dropmuon"].update(version=99)),
         "unsupported DropMuon checkpoint version 99",

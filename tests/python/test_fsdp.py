@@ -151,6 +151,17 @@ def _unsupported(rank, mesh):
     out["cost_optimal"] = _error_of(
         lambda: dropmuon.DropMuon(sharded_model(mesh), sampling="cost_optimal")
     )
+    early = make_model()
+    opt = dropmuon.DropMuon(early)  # built before sharding: it holds the replaced tensors
+    for name in LAYERS:
+        fully_shard(getattr(early, name), mesh=mesh)
+    fully_shard(early, mesh=mesh)
+    loss_of(early, rank_batch(0, rank)).backward()
+    try:
+        opt.step()
+        out["built_before_sharding"] = None
+    except RuntimeError as error:
+        out["built_before_sharding"] = str(error)
     out["mode"] = _error_of(lambda: dropmuon.DropMuon(make_model(), fsdp_update="scatter"))
     return out
 
@@ -432,6 +443,9 @@ def test_unsupported_setups_fail_clearly_at_construction(runs):
         assert "placements (Replicate(),)" in errors["replicated"]
         assert "not supported with FSDP2" in errors["cost_optimal"]
         assert "fsdp_update must be one of" in errors["mode"]
+        assert "'conv1.weight' is not the tensor this optimizer was built on" in (
+            errors["built_before_sharding"] or ""
+        )
 
 
 def test_owner_assignment_balances_and_is_deterministic():

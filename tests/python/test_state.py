@@ -76,12 +76,18 @@ def test_state_dict_layout():
 
 
 def test_checkpoint_with_the_section_at_the_top_level_still_resumes():
-    """Checkpoints written before the section moved into the first param group load as
-    before; after a load the live param groups do not carry the section."""
+    """Version 1 checkpoints (the section at the top level, no state for parameters never
+    updated) load as before; after a load the live param groups do not carry the section."""
     model, opt = make()
     train(model, opt, 0, 3)
     model_state, opt_state = torch.load(save(model, opt), weights_only=True)
     opt_state["dropmuon"] = opt_state["param_groups"][0].pop("dropmuon")
+    opt_state["dropmuon"]["version"] = 1  # which also left never-updated parameters out
+    never_updated = [g for g in opt_state["param_groups"] if opt.update_counts[g["layer"]] == 0]
+    assert never_updated
+    for group in never_updated:
+        for key in group["params"]:
+            opt_state["state"].pop(key)
     straight = train(model, opt, 3, 3)
     expected = [p.detach().clone() for p in model.parameters()]
 
@@ -150,3 +156,35 @@ def test_a_round_trip_before_the_first_forward_keeps_the_first_forward_order():
     again = dropmuon.DropMuon(Reversed(), lr=0.02, sampling="full")
     again.load_state_dict(opt.state_dict())
     assert again.layer_order == "checkpoint" and again.layer_names() == ["b", "a"]
+
+
+def test_dcp_checkpoint_of_an_unsharded_model_resumes_bit_for_bit(tmp_path):
+    """torch.distributed.checkpoint in one process: the state made at construction keeps
+    get_optimizer_state_dict from stepping a fresh optimizer, and the section survives."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict,
+        get_optimizer_state_dict,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    def states(model, opt):
+        return {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)}
+
+    model, opt = make()
+    train(model, opt, 0, 3)
+    dcp.save(states(model, opt), checkpoint_id=str(tmp_path))
+    straight = train(model, opt, 3, 3)
+    expected = [p.detach().clone() for p in model.parameters()]
+
+    model, opt = make(seed=123)
+    state = states(model, opt)
+    assert opt.step_count == 0 and sum(opt.update_counts) == 0  # nothing stepped
+    dcp.load(state, checkpoint_id=str(tmp_path))
+    set_model_state_dict(model, state["model"])
+    set_optimizer_state_dict(model, opt, state["optim"])
+    assert opt.step_count == 3
+    assert train(model, opt, 3, 3) == straight
+    for a, b in zip(model.parameters(), expected):
+        assert torch.equal(a, b)
