@@ -11,7 +11,6 @@ no gradient and so no reduce-scatter; each active matrix is orthogonalized on on
 
 import argparse
 import os
-import socket
 import tempfile
 
 import torch
@@ -70,11 +69,17 @@ def accuracy(model, data, rank) -> float:
     return float(counts[0] / counts[1])
 
 
-def worker(rank, port, args):
+def worker(rank, rendezvous, args):
     torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD
-    )
+    dist.init_process_group("gloo", init_method=rendezvous, rank=rank, world_size=WORLD)
+    try:
+        run(rank, args)
+        dist.barrier()  # leave together: a peer's teardown can abort a process still working
+    finally:
+        dist.destroy_process_group()
+
+
+def run(rank, args):
     mesh = init_device_mesh("cpu", (WORLD,))
     data = load_dataset(args.dataset)
     half = args.steps // 2
@@ -99,8 +104,6 @@ def worker(rank, port, args):
         print(f"test accuracy {acc:.4f}; updates per layer {opt.update_counts}")
         print(f"checkpoint at step {half} in {path}")
         print(f"resumed run equals the uninterrupted one bit for bit: {same}")
-    dist.barrier()
-    dist.destroy_process_group()
 
 
 def main() -> None:
@@ -112,10 +115,8 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as scratch:
         args.output = args.output or scratch
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        mp.start_processes(worker, args=(port, args), nprocs=WORLD, start_method="spawn")
+        rendezvous = f"file://{os.path.join(scratch, 'rendezvous')}"  # no port to race for
+        mp.start_processes(worker, args=(rendezvous, args), nprocs=WORLD, start_method="spawn")
 
 
 if __name__ == "__main__":

@@ -95,6 +95,7 @@ class ShardedUpdate:
         for p in params:
             _check_placement(p, param_name(p), mesh, param_name(sharded[0]))
         self.mode = mode
+        self.device = sharded[0].device  # the collectives' buffers live there (NCCL: CUDA)
         self.group = mesh.get_group()
         self.rank = dist.get_rank(self.group)
         self.world = dist.get_world_size(self.group)
@@ -120,7 +121,7 @@ class ShardedUpdate:
 
     def any_rank(self, flags: list[bool]) -> list[bool]:
         """Each flag set where any rank set it (one all-reduce)."""
-        agreed = torch.tensor(flags, dtype=torch.int32)
+        agreed = torch.tensor(flags, dtype=torch.int32, device=self.device)
         dist.all_reduce(agreed, op=dist.ReduceOp.MAX, group=self.group)
         return [bool(f) for f in agreed.tolist()]
 
@@ -219,10 +220,10 @@ class ShardedUpdate:
         for indices in _by_dtype(params):
             sizes = [[self.rows_numel(params[i], s) for i in indices] for s in range(self.world)]
             longest = max(sum(row) for row in sizes)
-            packed = torch.zeros(longest, dtype=params[indices[0]].dtype)
+            packed = torch.zeros(longest, dtype=params[indices[0]].dtype, device=self.device)
             mine = torch.cat([directions[i].reshape(-1) for i in indices])
             packed[: mine.numel()] = mine
-            gathered = torch.empty(self.world * longest, dtype=packed.dtype)
+            gathered = torch.empty(self.world * longest, dtype=packed.dtype, device=self.device)
             dist.all_gather_into_tensor(gathered, packed, group=self.group)
             by_source = [
                 gathered[s * longest : s * longest + sum(sizes[s])].split(sizes[s])
@@ -233,8 +234,8 @@ class ShardedUpdate:
         return full
 
     def _all_to_all(self, pieces, in_splits, out_splits, dtype) -> Tensor:
-        send = torch.cat(pieces) if pieces else torch.empty(0, dtype=dtype)
-        received = torch.empty(sum(out_splits), dtype=dtype)
+        send = torch.cat(pieces) if pieces else torch.empty(0, dtype=dtype, device=self.device)
+        received = torch.empty(sum(out_splits), dtype=dtype, device=self.device)
         dist.all_to_all_single(received, send, out_splits, in_splits, group=self.group)
         return received
 
@@ -245,6 +246,8 @@ def _check_placement(p: Tensor, name: str, mesh, first_name: str) -> None:
             f"parameter '{name}' is a plain tensor, while '{first_name}' is a DTensor: "
             f"{SUPPORTED}; apply fully_shard to the root module too (after its submodules)"
         )
+    if p.dim() == 0:
+        raise ValueError(f"DTensor parameter '{name}' is 0-D: {SUPPORTED}")
     if p.device_mesh.ndim != 1:
         raise ValueError(
             f"DTensor parameter '{name}' is on a {p.device_mesh.ndim}-D device mesh "

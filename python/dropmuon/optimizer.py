@@ -491,8 +491,8 @@ class DropMuon(Optimizer):
             param_name=self.param_name,
             positions_final=self._trace is None,
         )
-        sampler = checkpoint.restored_sampler(self.sampler, extra["sampler"])
         kept = self._state_loaded_in_place(state_dict, complete=extra["version"] >= 2)
+        sampler = checkpoint.restored_sampler(self.sampler, extra["sampler"])
         super().load_state_dict(state_dict)
         self.param_groups[0].pop("dropmuon", None)  # torch copies the saved groups' keys
         self.state.update(kept)

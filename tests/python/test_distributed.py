@@ -2,31 +2,27 @@
 dropmuon.distributed, checked against a single process on the concatenated batch.
 
 All scenarios run in one spawn (importing torch twice costs more than the scenarios) with a
-deadline, so a hang fails the test instead of stalling the suite. Run this file as a script to
-print the bytes all-reduced per step for the comparison models (RELIABILITY.md)."""
+deadline (multiprocess.py), so a hang fails the test instead of stalling the suite. Run this
+file as a script to print the bytes all-reduced per step for the comparison models
+(RELIABILITY.md)."""
 
 from __future__ import annotations
 
 import os
-import socket
 import sys
 import tempfile
-import time
-import traceback
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from multiprocess import WORLD, collect, run_scenarios, spawn
 from torch import nn
 
 import dropmuon
 from dropmuon import distributed as dmd
 
-WORLD = 2
 STEPS = 6
 RESUME_AT = 3
-DEADLINE_S = 180
 OPTIONS = dict(lr=0.05, weight_decay=0.01, ns_precision="native", seed=3)
 
 
@@ -159,41 +155,7 @@ def _scenarios(rank, workdir):
 
 
 def _worker(rank, port, workdir):
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD
-    )
-    try:
-        results = _scenarios(rank, workdir)
-        torch.save(results, os.path.join(workdir, f"rank{rank}.pt"))
-        # Leave together: gloo can abort a process whose peer tears the group down while its
-        # own teardown runs (about 1 run in 5 without this barrier).
-        dist.barrier()
-    except Exception:
-        with open(os.path.join(workdir, f"error{rank}.txt"), "w") as f:
-            f.write(traceback.format_exc())
-        raise
-    finally:
-        dist.destroy_process_group()
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def spawn(fn, *args, deadline_s=DEADLINE_S):
-    """Runs fn(rank, port, *args) in WORLD processes; fails the test past the deadline."""
-    context = mp.start_processes(
-        fn, args=(_free_port(), *args), nprocs=WORLD, join=False, start_method="spawn"
-    )
-    start = time.monotonic()
-    while not context.join(timeout=2):
-        if time.monotonic() - start > deadline_s:
-            for process in context.processes:
-                process.kill()
-            pytest.fail(f"distributed workers still running after {deadline_s} s (a hang?)")
+    run_scenarios(rank, port, workdir, _scenarios)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -217,13 +179,7 @@ def runs():
     with tempfile.TemporaryDirectory() as workdir:
         model, opt, _ = single_process(RESUME_AT)
         torch.save([model.state_dict(), opt.state_dict()], os.path.join(workdir, "single.pt"))
-        try:
-            spawn(_worker, workdir)
-        except mp.ProcessRaisedException:
-            errors = [f for f in os.listdir(workdir) if f.startswith("error")]
-            text = "".join(open(os.path.join(workdir, f)).read() for f in errors)
-            pytest.fail(f"a worker failed:\n{text}")
-        ranks = [torch.load(os.path.join(workdir, f"rank{r}.pt")) for r in range(WORLD)]
+        ranks = collect(_worker, workdir)
         checkpoint = torch.load(os.path.join(workdir, "ckpt.pt"), weights_only=True)
     return ranks, checkpoint
 

@@ -1,7 +1,7 @@
 """DropMuon under FSDP2 (fully_shard): 2 processes on gloo (CPU), checked against one process
 on the concatenated batch.
 
-All scenarios run in one spawn with a deadline (see test_distributed.py). The model has conv
+All scenarios run in one spawn with a deadline (multiprocess.py). The model has conv
 and linear layers with row counts that do not split evenly over 2 ranks (5 and 3 rows)."""
 
 from __future__ import annotations
@@ -11,19 +11,15 @@ import pathlib
 import subprocess
 import sys
 import tempfile
-import traceback
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
-from test_distributed import spawn
+from multiprocess import WORLD, collect, run_scenarios
 from torch import nn
 
 import dropmuon
 from dropmuon import fsdp
 
-WORLD = 2
 STEPS = 6
 RESUME_AT = 3
 OPTIONS = dict(lr=0.05, weight_decay=0.01, ns_precision="native", seed=3)
@@ -286,32 +282,13 @@ def _scenarios(rank, workdir):
 
 
 def _worker(rank, port, workdir):
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD
-    )
-    try:
-        results = _scenarios(rank, workdir)
-        torch.save(results, os.path.join(workdir, f"rank{rank}.pt"))
-        dist.barrier()
-    except Exception:
-        with open(os.path.join(workdir, f"error{rank}.txt"), "w") as f:
-            f.write(traceback.format_exc())
-        raise
-    finally:
-        dist.destroy_process_group()
+    run_scenarios(rank, port, workdir, _scenarios)
 
 
 @pytest.fixture(scope="module")
 def runs():
     with tempfile.TemporaryDirectory() as workdir:
-        try:
-            spawn(_worker, workdir)
-        except mp.ProcessRaisedException:
-            errors = [f for f in os.listdir(workdir) if f.startswith("error")]
-            text = "".join(open(os.path.join(workdir, f)).read() for f in errors)
-            pytest.fail(f"a worker failed:\n{text}")
-        return [torch.load(os.path.join(workdir, f"rank{r}.pt")) for r in range(WORLD)]
+        return collect(_worker, workdir)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -475,5 +452,5 @@ def test_the_fsdp2_example_resumes_bit_for_bit():
         text=True,
         timeout=300,
     )
-    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.returncode == 0, run.stderr[:3000] + "\n...\n" + run.stderr[-3000:]
     assert "resumed run equals the uninterrupted one bit for bit: True" in run.stdout
