@@ -62,10 +62,9 @@ from torch import Tensor
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from . import ops
-from .adamw import adamw_step_
 from .dtensors import is_dtensor, local_tensor
-from .functional import Bucket, momentum_buffer
-from .reference import lr_ratio, matrix_shape
+from .functional import Bucket, momentum_buffer, update_bucket_
+from .reference import matrix_shape, step_size
 
 UPDATE_MODES = ("owner", "all_gather")
 SUPPORTED = (
@@ -129,16 +128,11 @@ class ShardedUpdate:
         """Updates the active buckets' parameters in place from their (sharded) gradients."""
         whole = []
         for bucket in buckets:
-            if bucket.norm == "adamw":
-                adamw_step_(bucket.params, state, bucket.group)
-            elif bucket.norm in LOCAL_NORMS and bucket.arguments["radius"] == "fixed":
-                ops.muon_update_(
-                    [local_tensor(p) for p in bucket.params],
-                    [local_tensor(p.grad) for p in bucket.params],
-                    [local_tensor(momentum_buffer(state[p], p)) for p in bucket.params],
-                    cuda_kernels=cuda_kernels,
-                    **bucket.arguments,
-                )
+            elementwise = bucket.norm == "adamw" or (
+                bucket.norm in LOCAL_NORMS and bucket.arguments["radius"] == "fixed"
+            )
+            if elementwise:  # the unsharded update, on the local shards
+                update_bucket_(bucket, state, cuda_kernels)
             else:
                 whole.append(bucket)
         if whole:
@@ -336,11 +330,10 @@ def _scaled_updates(entries, full: dict[int, Tensor], cuda_kernels) -> dict[int,
             cuda_kernels,
         )
         for k, i in enumerate(indices):
-            if adaptive:
-                dual = float(duals[k])
-                step = a["lr"] * dual / (a["L0"] + a["L1"] * dual) if dual > 0 else 0.0
-            else:
-                step = a["lr"] * lr_ratio(a["adjust_lr_fn"], rows, cols)
+            dual = float(duals[k]) if adaptive else None
+            step = step_size(
+                a["lr"], a["adjust_lr_fn"], rows, cols, a["radius"], dual, a["L0"], a["L1"]
+            )
             updates[i] = out[k].mul_(step).reshape(-1)
     return updates
 

@@ -19,6 +19,7 @@ from torch import Tensor
 
 from . import ops
 from .adamw import adamw_initial_state, adamw_step_
+from .dtensors import local_tensor
 
 
 def update_arguments(group: dict, norm: str, schedule: ops.NewtonSchulzSchedule) -> dict:
@@ -104,16 +105,18 @@ def sharp_update_(
 ) -> None:
     """One fused update of same-shape parameters in place from their ``.grad``, with their
     momentum buffers in ``state`` (the optimizer's per-parameter state); ``cuda_kernels``: see
-    :func:`dropmuon.ops.use_kernel`."""
-    grads = [p.grad for p in params]
-    bufs = [momentum_buffer(state[p], p) for p in params]
+    :func:`dropmuon.ops.use_kernel`. DTensor parameters are updated on their local shards
+    (right for elementwise norms only: :mod:`dropmuon.fsdp` sends the others elsewhere)."""
+    grads = [local_tensor(p.grad) for p in params]
+    bufs = [local_tensor(momentum_buffer(state[p], p)) for p in params]
+    targets = [local_tensor(p) for p in params]
     # Parameters stored otherwise (channels_last conv kernels, transposed views) are updated
     # through a row-major copy that is written back.
-    work = [p if p.is_contiguous() else p.contiguous() for p in params]
+    work = [t if t.is_contiguous() else t.contiguous() for t in targets]
     ops.muon_update_(work, grads, bufs, cuda_kernels=cuda_kernels, **arguments)
-    for p, w in zip(params, work):
-        if w is not p:
-            p.copy_(w)
+    for t, w in zip(targets, work):
+        if w is not t:
+            t.copy_(w)
 
 
 def update_bucket_(bucket: Bucket, state, cuda_kernels: bool | None = None) -> None:

@@ -130,6 +130,24 @@ def lr_ratio(adjust_lr_fn: str, rows: int, cols: int) -> float:
     return 1.0
 
 
+def step_size(
+    lr: float,
+    adjust_lr_fn: str,
+    rows: int,
+    cols: int,
+    radius: str,
+    dual: float | None,
+    L0: float,
+    L1: float,
+) -> float:
+    """The step t of one (rows x cols) parameter: lr scaled for its shape (``radius="fixed"``)
+    or the adaptive radius from its dual ``<D, sharp(D)>`` (docs/method.md section 4)."""
+    if radius == "adaptive":
+        # A zero direction moves nothing, also when L0 = 0 (no 0 / 0), as in the C core.
+        return lr * dual / (L0 + L1 * dual) if dual > 0 else 0.0
+    return lr * lr_ratio(adjust_lr_fn, rows, cols)
+
+
 def muon_update_(
     params: list[Tensor],
     grads: list[Tensor],
@@ -169,12 +187,7 @@ def muon_update_(
         buf.lerp_(g, 1 - momentum)
     for i, p in enumerate(params):
         rows, cols = as_matrix(p).shape
-        if radius == "adaptive":
-            dual = float(duals[i])
-            # A zero direction moves nothing, also when L0 = 0 (no 0 / 0), as in the C core.
-            step = lr * dual / (L0 + L1 * dual) if dual > 0 else 0.0
-        else:
-            step = lr * lr_ratio(adjust_lr_fn, rows, cols)
+        step = step_size(lr, adjust_lr_fn, rows, cols, radius, float(duals[i]), L0, L1)
         p.mul_(1 - lr * weight_decay)
         p.add_(updates[i].reshape(p.shape), alpha=-step)
     return duals if with_duals else duals[:0]
