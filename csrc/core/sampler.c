@@ -33,6 +33,17 @@ double dm_random_uniform(uint64_t seed, uint64_t step, uint64_t index) {
 
 /* ---- distributions over the cutoff --------------------------------------------------------- */
 
+/* EPOCH_SHIFT: exp(tilt * x_i), x_i = i / (n - 1), divided by the largest weight so that
+ * nothing overflows or underflows to an all-zero sum. The largest sits at x = 0 when tilt <= 0,
+ * else at the deepest layer (x = 1), except for a single layer, whose only x is 0. */
+static double epoch_shift_weight(const dm_sampler_config *config, int64_t i) {
+    const int64_t n = config->num_layers;
+    const double tilt = config->shift_strength * (2.0 * config->progress - 1.0);
+    const double x = n > 1 ? (double)i / (double)(n - 1) : 0.0;
+    const double x_largest = tilt > 0.0 && n > 1 ? 1.0 : 0.0;
+    return exp(tilt * x - tilt * x_largest);
+}
+
 /* Validates the config; *normaliser gets what probability_at divides by. */
 static dm_status prepare(const dm_sampler_config *config, double *normaliser) {
     if (!config || config->num_layers < 1) return DM_ERR_INVALID_ARG;
@@ -57,13 +68,9 @@ static dm_status prepare(const dm_sampler_config *config, double *normaliser) {
         const double progress = config->progress, strength = config->shift_strength;
         if (!(progress >= 0.0 && progress <= 1.0)) return DM_ERR_INVALID_ARG;
         if (!isfinite(strength) || strength < 0.0) return DM_ERR_INVALID_ARG;
-        /* Weights exp(tilt * x_i) relative to the largest, so nothing overflows. */
-        const double tilt = strength * (2.0 * progress - 1.0);
-        const double top = tilt > 0.0 ? tilt : 0.0;
         double sum = 0.0;
-        for (int64_t i = 0; i < n; ++i)
-            sum += exp(tilt * (n > 1 ? (double)i / (double)(n - 1) : 0.0) - top);
-        *normaliser = sum;
+        for (int64_t i = 0; i < n; ++i) sum += epoch_shift_weight(config, i);
+        *normaliser = sum; /* >= 1: the largest weight is 1 */
         return DM_OK;
     }
     case DM_SAMPLING_COST_OPTIMAL: {
@@ -107,11 +114,7 @@ static double probability_at(const dm_sampler_config *config, double normaliser,
         walk->at_least = at_least_next;
         return at_least_i - at_least_next;
     }
-    case DM_SAMPLING_EPOCH_SHIFT: {
-        const double tilt = config->shift_strength * (2.0 * config->progress - 1.0);
-        const double top = tilt > 0.0 ? tilt : 0.0;
-        return exp(tilt * (n > 1 ? (double)i / (double)(n - 1) : 0.0) - top) / normaliser;
-    }
+    case DM_SAMPLING_EPOCH_SHIFT: return epoch_shift_weight(config, i) / normaliser;
     case DM_SAMPLING_COST_OPTIMAL: {
         const double l = config->smoothness[i];
         const double previous = walk->running_max;

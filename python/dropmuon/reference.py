@@ -261,8 +261,11 @@ def sampler_distribution(
     elif kind == "epoch_shift":
         if not 0.0 <= progress <= 1.0 or not math.isfinite(shift_strength) or shift_strength < 0:
             raise RuntimeError("dropmuon: epoch_shift needs progress in [0, 1], strength >= 0")
+        # Relative to the largest weight (x = 1 when tilt > 0, except for one layer: x = 0).
         tilt = shift_strength * (2.0 * progress - 1.0)
-        w = [math.exp(tilt * (i / (n - 1) if n > 1 else 0.0) - max(tilt, 0.0)) for i in range(n)]
+        x = [i / (n - 1) if n > 1 else 0.0 for i in range(n)]
+        top = tilt * max(x) if tilt > 0 else 0.0
+        w = [math.exp(tilt * xi - top) for xi in x]
         p = [v / sum(w) for v in w]
     elif kind == "cost_optimal":
         if len(smoothness) != n:

@@ -195,6 +195,17 @@ TEST(Sampler, DistributionEpochShift) {
     // One layer: always layer 0. A huge strength: no overflow, all mass at one end.
     dm_sampler_config single = sampler(DM_SAMPLING_EPOCH_SHIFT, 1);
     expect_distribution(single, {1.0});
+    for (double strength : {800.0, 6e199}) // exp(-tilt) underflows: once gave 0 / 0
+        for (double progress : {0.0, 0.8, 1.0}) {
+            SCOPED_TRACE(testing::Message()
+                         << "one layer, strength " << strength << " progress " << progress);
+            single.shift_strength = strength;
+            single.progress = progress;
+            expect_distribution(single, {1.0});
+            int64_t cutoff = -1;
+            ASSERT_EQ(dm_sample_layers(&single, 3, nullptr, &cutoff), DM_OK);
+            EXPECT_EQ(cutoff, 0);
+        }
     dm_sampler_config steep = sampler(DM_SAMPLING_EPOCH_SHIFT, 3);
     steep.shift_strength = 1e6;
     steep.progress = 0.0;

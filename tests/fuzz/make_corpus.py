@@ -3,10 +3,11 @@
 Each seed spells out, field by field in the harness's reading order, one meaningful call: every
 norm x dtype x precision of dm_sharp on a few shapes (tall, wide, padded, batched, in one block,
 aliased), dm_update with each option, dm_gemm_reference with transposes and strides, every
-sampling kind, and the workspace queries. libFuzzer mutates from there; without seeds it would
-spend most of its budget discovering the input layout.
+sampling kind, the workspace queries, and inputs that once broke a check. libFuzzer mutates
+from there; without seeds it would spend most of its budget discovering the input layout.
 """
 
+import base64
 import itertools
 import os
 import struct
@@ -113,7 +114,16 @@ def query_seed(norm, dtype, rows, cols):
     return out + struct.pack("<IIII", 0, 5, 8, 77) + u64(1) + u64(2) + u64(3)
 
 
+# Inputs that once broke a check (base64 of libFuzzer's artifact), replayed on every run.
+REGRESSIONS = [
+    # epoch_shift, one layer, shift_strength 6e199 at progress 0.8: 0 / 0 (fixed 2026-12-02)
+    "BAAEAAE5ABAwAAAAAAABAQAAAGAA/z8AYBMAAGlpaWlpaWlpaWlpaWlpaWlpaWlpaWlpaWlpaWkAAAAAAQAHAQE=",
+]
+
+
 def seeds():
+    for text in REGRESSIONS:
+        yield base64.b64decode(text)
     shapes = [(1, 1), (3, 5), (7, 4), (16, 16), (4, 4097), (33, 9)]
     for norm, dtype, precision in itertools.product(range(5), range(3), range(2)):
         if precision and norm != 0:
