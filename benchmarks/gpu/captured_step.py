@@ -30,11 +30,12 @@ class CapturedStep:
         self.status = torch.zeros(1, dtype=torch.int32, device=device)
         self.hyper, self.calls, self.grads = {}, [], []
         for group in optimizer.param_groups:
-            if active is not None and not active[group["layer"]]:
-                continue
             schedule = ops.ns_schedule(group["ns_coefficients"], group["ns_steps"])
             buckets = {}
-            for p, norm in zip(group["params"], group["param_norms"]):
+            for p in group["params"]:
+                if active is not None and not active[optimizer.layer_of(p)]:
+                    continue
+                norm = optimizer.norm_of(p)
                 if norm == "adamw" or p.grad is None:
                     raise ValueError("CapturedStep needs gradients and no 'adamw' parameters")
                 functional.momentum_buffer(optimizer.state[p], p)

@@ -22,10 +22,14 @@ from .adamw import ADAMW_STATE_KEYS
 from .sampling import LayerSampler
 from .smoothness import SmoothnessEstimator
 
-# 2: the section in the first param group, and every parameter's state present (made at
-# construction). 1: the section at the top level; parameters never updated had no state.
-STATE_VERSION = 2
-READABLE_VERSIONS = (1, 2)
+# 3: param groups as the user passed them; each parameter's layer, norm and shape in the section.
+# 2: one param group per layer, with "layer", "param_norms" and "param_shapes" in each; every
+# parameter's state present (made at construction). 1: as 2, with the section at the top level
+# and no state for parameters never updated.
+STATE_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)
+# The keys dropmuon 0.1 (versions 1-2) kept in each param group.
+V2_GROUP_KEYS = ("layer", "param_norms", "param_shapes")
 SECTION_KEYS = (
     "step",
     "num_layers",
@@ -34,7 +38,11 @@ SECTION_KEYS = (
     "skipped_nonfinite",
     "smoothness",
     "last_step_norm",
+    "param_layers",
+    "param_norms",
+    "param_shapes",
 )
+PER_GROUP_KEYS = ("param_layers", "param_norms", "param_shapes")
 PER_LAYER_KEYS = ("update_counts", "skipped_nonfinite", "smoothness", "last_step_norm")
 
 
@@ -63,10 +71,14 @@ def section(
     skipped_nonfinite: list[int],
     estimator: SmoothnessEstimator,
     layer_order: str,
+    param_layers: list[list[int]],
+    param_norms: list[list[str]],
+    param_shapes: list[list[list[int]]],
 ) -> dict:
     """The ``"dropmuon"`` section (estimates not made yet are saved as -1). ``layer_order``
     (what ordered the layers) tells a checkpoint written before the first forward pass, whose
-    order is not final; checkpoints without it (older ones) count as final."""
+    order is not final; checkpoints without it (older ones) count as final. ``param_*``: each
+    parameter's layer position, norm and shape, one list per param group."""
     return dict(
         version=STATE_VERSION,
         step=step,
@@ -79,6 +91,9 @@ def section(
         last_step_norm=_or_minus_one(estimator.last_step_norm),
         layer_order=layer_order,
         world_size=world_size(),
+        param_layers=param_layers,
+        param_norms=param_norms,
+        param_shapes=param_shapes,
     )
 
 
@@ -100,18 +115,60 @@ def restore_estimates(estimator: SmoothnessEstimator, extra: dict) -> None:
     estimator.last_step_norm = _or_none(extra["last_step_norm"])
 
 
+def upgraded(state_dict, num_groups: int):
+    """A version 1-2 checkpoint (one param group per layer, each with ``layer``,
+    ``param_norms`` and ``param_shapes``) in version 3's form: those keys move into the section,
+    and when this optimizer has one param group (a module or a parameter list) the saved groups
+    merge into one, which needs their options to be equal. Version 3 comes back as it is."""
+    extra = section_of(state_dict)
+    if extra is None or extra.get("version") not in (1, 2):
+        return state_dict
+    groups = state_dict.get("param_groups")
+    if not isinstance(groups, list) or not groups or any(k not in groups[0] for k in V2_GROUP_KEYS):
+        raise ValueError("incomplete DropMuon checkpoint (version 1-2): param groups lack layers")
+    per_group = {
+        "param_layers": [[g["layer"]] * len(g["params"]) for g in groups],
+        "param_norms": [list(g["param_norms"]) for g in groups],
+        "param_shapes": [list(g["param_shapes"]) for g in groups],
+    }
+    options = [
+        {k: v for k, v in g.items() if k not in ("params", "dropmuon", *V2_GROUP_KEYS)}
+        for g in groups
+    ]
+    if num_groups == 1 and len(groups) > 1:
+        if any(o != options[0] for o in options):
+            raise ValueError(
+                "this dropmuon 0.1 checkpoint has param groups with different options, which "
+                "cannot merge into this optimizer's one group: build the optimizer from param "
+                "groups like those it was saved with"
+            )
+        options = [options[0]]
+        params = [[key for g in groups for key in g["params"]]]
+        per_group = {key: [sum(lists, [])] for key, lists in per_group.items()}
+    else:
+        params = [g["params"] for g in groups]
+    section = dict(extra, version=2 if extra["version"] == 2 else 1, **per_group)
+    new_groups = [dict(o, params=keys) for o, keys in zip(options, params)]
+    new_groups[0]["dropmuon"] = section
+    upgraded = {k: v for k, v in state_dict.items() if k != "dropmuon"}
+    upgraded["param_groups"] = new_groups
+    return upgraded
+
+
 def validate(
     state_dict,
     *,
     param_groups: list[dict],
+    layer_of: dict,
     num_layers: int,
     param_name,
     positions_final: bool,
 ) -> dict:
-    """Raises ValueError unless ``state_dict`` was written by a DropMuon optimizer over the same
-    model, partition and norms as ``param_groups`` (``param_name(p)`` names a parameter in
-    messages; ``positions_final``: the layers' positions are settled, so they must match too).
-    Returns the ``"dropmuon"`` section."""
+    """Raises ValueError unless ``state_dict`` (in version 3's form, see :func:`upgraded`) was
+    written by a DropMuon optimizer over the same model, partition and shapes as
+    ``param_groups`` (``layer_of[id(p)]``: each parameter's layer; ``param_name(p)`` names a
+    parameter in messages; ``positions_final``: the layers' positions are settled, so they must
+    match too). Returns the checkpoint's position of each layer (layer -> position)."""
     extra = section_of(state_dict)
     if extra is None:
         raise ValueError("not a DropMuon checkpoint: it has no 'dropmuon' section")
@@ -136,41 +193,57 @@ def validate(
             f"checkpoint has {len(saved_groups)} param groups, this optimizer "
             f"{len(param_groups)}: a different model or partition"
         )
-    if sorted({g.get("layer") for g in saved_groups}) != list(range(num_layers)):
-        raise ValueError("checkpoint's layer indices are not 0..num_layers-1")
+    for key in PER_GROUP_KEYS:
+        if len(extra[key]) != len(param_groups):
+            raise ValueError(f"checkpoint's {key} has {len(extra[key])} groups, not one per group")
+    positions: dict = {}
     for g_index, (mine, saved) in enumerate(zip(param_groups, saved_groups)):
-        _check_group(g_index, mine, saved, param_name, positions_final)
+        if len(mine["params"]) != len(saved["params"]) or any(
+            len(extra[key][g_index]) != len(saved["params"]) for key in PER_GROUP_KEYS
+        ):
+            raise ValueError(
+                f"param group {g_index} has {len(saved['params'])} parameters in the "
+                f"checkpoint and {len(mine['params'])} here: a different model or partition"
+            )
+        for p, position, shape in zip(
+            mine["params"], extra["param_layers"][g_index], extra["param_shapes"][g_index]
+        ):
+            if tuple(shape) != tuple(p.shape):
+                raise ValueError(
+                    f"parameter {param_name(p)} has shape {tuple(p.shape)} here "
+                    f"and {tuple(shape)} in the checkpoint: a different model"
+                )
+            layer = layer_of[id(p)]
+            if positions.setdefault(layer, position) != position:
+                raise ValueError(
+                    f"parameter {param_name(p)} is in layer {position} in the checkpoint, "
+                    f"the rest of its layer in {positions[layer]}: a different partition"
+                )
+            if positions_final and position != layer.position:
+                raise ValueError(
+                    f"parameter {param_name(p)} is in layer {position} in the checkpoint and "
+                    f"{layer.position} here: a different partition"
+                )
+    if sorted(positions.values()) != list(range(num_layers)):
+        raise ValueError("checkpoint's layer positions are not 0..num_layers-1, one per layer")
     # Each parameter's saved state must fit it, or the first step would fail half-way.
     saved_ids = [key for saved in saved_groups for key in saved["params"]]
     params = [p for group in param_groups for p in group["params"]]
     for key, p in zip(saved_ids, params):
         _check_param_state(state_dict["state"].get(key, {}), p, param_name(p))
-    return extra
+    return positions
 
 
-def _check_group(g_index, mine, saved, param_name, positions_final) -> None:
-    if len(mine["params"]) != len(saved["params"]):
-        raise ValueError(
-            f"param group {g_index} has {len(saved['params'])} parameters in the "
-            f"checkpoint and {len(mine['params'])} here: a different model or partition"
-        )
-    if saved.get("param_norms") != mine["param_norms"]:
-        raise ValueError(
-            f"param group {g_index} has norms {saved.get('param_norms')} in the "
-            f"checkpoint and {mine['param_norms']} here: a different configuration"
-        )
-    if positions_final and saved.get("layer") != mine["layer"]:
-        raise ValueError(
-            f"param group {g_index} is layer {saved.get('layer')} in the checkpoint and "
-            f"{mine['layer']} here: a different partition"
-        )
-    shapes = saved.get("param_shapes", [None] * len(mine["params"]))
-    for p, shape in zip(mine["params"], shapes):
-        if shape is not None and tuple(shape) != tuple(p.shape):
-            raise ValueError(
-                f"parameter {param_name(p)} has shape {tuple(p.shape)} here "
-                f"and {tuple(shape)} in the checkpoint: a different model"
-            )
+def check_norms(state_dict, param_groups: list[dict], norms: dict[int, str], param_name) -> None:
+    """Raises ValueError unless the checkpoint's norm of every parameter is ``norms[id(p)]``."""
+    saved = section_of(state_dict)["param_norms"]
+    for g_index, (group, saved_norms) in enumerate(zip(param_groups, saved)):
+        for p, norm in zip(group["params"], saved_norms):
+            if norm != norms[id(p)]:
+                raise ValueError(
+                    f"parameter {param_name(p)} has norm {norm!r} in the checkpoint and "
+                    f"{norms[id(p)]!r} here (param group {g_index}): a different configuration"
+                )
 
 
 def _check_param_state(entry: dict, p: Tensor, name: str) -> None:

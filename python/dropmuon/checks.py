@@ -88,6 +88,20 @@ def check_optimizer_options(nonfinite, smoothness_beta, adamw_lr, lr, cuda_kerne
         raise ValueError("adamw_lr is kept as a ratio to lr, which needs lr > 0")
 
 
+def adamw_lr_ratio(adamw_lr, lr) -> float:
+    """``adamw_lr`` as the ratio to ``lr`` that the param groups keep (1 when not given)."""
+    return 1.0 if adamw_lr is None else adamw_lr / float(lr)
+
+
+def check_no_duplicates(group: dict, g_index: int) -> None:
+    """torch.optim only warns about a repeated parameter; DropMuon would update it twice."""
+    if len({id(p) for p in group["params"]}) != len(group["params"]):
+        raise ValueError(
+            f"optimizer contains a parameter group with duplicate parameters (param group "
+            f"{g_index}); DropMuon would update them twice per step"
+        )
+
+
 def check_group(group) -> ops.NewtonSchulzSchedule:
     """A group's hyperparameters (a group may override the defaults), checked at construction and
     again at each step; returns its resolved Newton-Schulz schedule."""

@@ -17,6 +17,7 @@ ROLES = ("matrix", "head", "embedding", "vector")
 DEFAULT_ROLE_NORMS = {"matrix": "spectral", "head": "spectral", "embedding": "spectral"}
 # The norm of vectors (0-D and 1-D parameters) unless `norms` says otherwise.
 FALLBACKS = ("sign", "adamw")
+DEFAULT_FALLBACK = "sign"
 
 LR_ADJUSTS = ("none", "original", "match_rms_adamw")  # the kernels' names; "none": lr as is
 ADJUST_LR_FNS = ("original", "match_rms_adamw")  # what torch.optim.Muon's adjust_lr_fn accepts

@@ -22,11 +22,14 @@ def describe(optimizer) -> str:
         probabilities = optimizer.sampler.distribution(optimizer.step_count).tolist()
     rows = defaultdict(list)
     for group in optimizer.param_groups:
-        for p, norm in zip(group["params"], group["param_norms"]):
+        for p in group["params"]:
+            norm = optimizer.norm_of(p)
             view = ""
             if norm == "spectral":
                 view = " as {}x{}".format(*matrix_shape(p.shape))
-            rows[group["layer"]].append(f"{optimizer.param_name(p)} {tuple(p.shape)} {norm}{view}")
+            rows[optimizer.layer_of(p)].append(
+                f"{optimizer.param_name(p)} {tuple(p.shape)} {norm}{view}"
+            )
     names = optimizer.layer_names()
     for layer in range(optimizer.num_layers):
         chance = f"{probabilities[layer]:.3f}" if probabilities else "-"

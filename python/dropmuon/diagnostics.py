@@ -11,18 +11,16 @@ cause, each with a category of its own (all subclasses of :class:`DropMuonWarnin
   correct; the saving is gone). Only a warning: an input gradient can be intended.
 
 The checks cost a few comparisons per step: the no-gradient check reads which parameters the
-step found gradients for, and the truncation check is one forward pre-hook, on the cutoff
-layer's module only, that looks at its inputs' ``requires_grad``.
+step found gradients for, and the truncation check looks at the inputs' ``requires_grad`` when
+the cutoff layer's module returns (from :mod:`dropmuon.truncation`'s hooks), and at whether any
+forward pass went through those hooks since the last step.
 """
 
 from __future__ import annotations
 
 import warnings
 
-import torch
 from torch import Tensor
-
-from .partition import Layer
 
 
 class DropMuonWarning(UserWarning):
@@ -66,14 +64,26 @@ def warn_truncation_defeated(layer: int, name: str) -> None:
     )
 
 
+def warn_no_forward_seen(step: int) -> None:
+    warnings.warn(
+        f"DropMuon: step {step} found gradients, but no module call ran in grad mode since the "
+        "last step where DropMuon could freeze the layers below the cutoff, so the backward "
+        "ran through all of them (training is still correct; the saving is gone). Usual "
+        "causes: model.compile(), which compiles the module call DropMuon hooks into (fix: "
+        "model = torch.compile(model), whose wrapper call runs the hooks), or a forward written "
+        "with functional calls outside any nn.Module. Reported once.",
+        TruncationDefeatedWarning,
+        stacklevel=4,
+    )
+
+
 class Diagnostics:
-    """The optimizer's two checks. :meth:`watch_cutoff` moves the truncation check to the
-    coming step's cutoff layer; :meth:`check_gradients` runs in each step."""
+    """The optimizer's checks: :meth:`check_gradients` and :meth:`check_forward_seen` run in
+    each step, :meth:`check_cutoff_input` when the cutoff layer's module returns."""
 
     def __init__(self) -> None:
         self.warned_layers: set[int] = set()
         self.warned_truncation = False
-        self._handle = None
 
     def check_gradients(self, active: list[bool], with_grad, layer_names, step: int) -> None:
         """Warns for each active layer (position) not among ``with_grad``, when some layer has a
@@ -86,31 +96,18 @@ class Diagnostics:
                 self.warned_layers.add(layer)
                 warn_no_gradient(layer, layer_names()[layer], step)
 
-    def watch_cutoff(self, cutoff: int, param_groups, group_layers: list[Layer]) -> None:
-        """Checks, in the next forward, whether the input of the layer at position ``cutoff``
-        (the layer of the group with that ``"layer"``) requires grad. No check at cutoff 0
-        (nothing is frozen below), for a layer without a module (param groups), or once the
-        warning was given."""
-        self.stop_watching()
-        if cutoff == 0 or self.warned_truncation:
+    def check_cutoff_input(self, args, kwargs, cutoff: int, name: str) -> None:
+        """Warns (once) when an input of the cutoff layer's call requires grad."""
+        if self.warned_truncation:
             return
-        layer = next(lay for g, lay in zip(param_groups, group_layers) if g["layer"] == cutoff)
-        if layer.module is None:
-            return
-        name = layer.name
+        inputs = list(args) + list((kwargs or {}).values())
+        if any(isinstance(x, Tensor) and x.requires_grad for x in inputs):
+            self.warned_truncation = True
+            warn_truncation_defeated(cutoff, name)
 
-        def hook(module, args, kwargs):
-            if torch.compiler.is_compiling():
-                return
-            inputs = list(args) + list(kwargs.values())
-            if any(isinstance(x, Tensor) and x.requires_grad for x in inputs):
-                self.warned_truncation = True
-                self.stop_watching()
-                warn_truncation_defeated(cutoff, name)
-
-        self._handle = layer.module.register_forward_pre_hook(hook, with_kwargs=True)
-
-    def stop_watching(self) -> None:
-        if self._handle is not None:
-            self._handle.remove()
-            self._handle = None
+    def check_forward_seen(self, forwards: int, froze_something: bool, with_grad, step: int):
+        """Warns (once) when a step that should have frozen layers found gradients but no
+        forward pass went through the hooks that freeze them."""
+        if forwards == 0 and froze_something and with_grad and not self.warned_truncation:
+            self.warned_truncation = True
+            warn_no_forward_seen(step)

@@ -26,14 +26,15 @@ What plain DDP needs, measured with torch 2.13 on layers frozen per step:
   aborted the process instead).
 - every managed parameter must require grad while DDP is constructed: DDP registers only those,
   and a parameter frozen at that moment is silently never averaged later (the replicas diverge).
-  Building DropMuon on a module freezes nothing before the first forward, but building it on a
-  parameter list does. :func:`wrap_ddp` unfreezes around the construction.
+  DropMuon freezes layers only while a forward pass runs, so any time between forward passes
+  is fine.
 
 Plain DDP still all-reduces every bucket, frozen layers' zeros included. With ``active_only``
 (the default), :func:`wrap_ddp` registers a communication hook that all-reduces only the
-gradients of parameters that require grad in this step, i.e. the active layers: a bucket of
-frozen layers costs no communication, and a partly active bucket sends only its active part.
-The hook keeps DDP's overlap of communication with the backward pass.
+gradients of the parameters the coming step updates (``optimizer.is_active(p)``), i.e. the
+active layers: a bucket of frozen layers costs no communication, and a partly active bucket
+sends only its active part. The hook keeps DDP's overlap of communication with the backward
+pass.
 
 **Without DDP**, :func:`all_reduce_gradients` after the backward pass averages the active
 layers' gradients in one all-reduce per dtype (no overlap, but no DDP constraints); start with
@@ -48,6 +49,7 @@ disagree on the step, seed, layer count or active layers, e.g. when only some lo
 checkpoint.
 """
 
+import weakref
 import zlib
 from dataclasses import dataclass
 
@@ -57,7 +59,6 @@ from torch import Tensor, nn
 
 from .optimizer import DropMuon
 from .sampling import LayerSampler
-from .truncation import set_trainable
 
 __all__ = [
     "CommStats",
@@ -100,10 +101,10 @@ def wrap_ddp(
     """``DistributedDataParallel(module, **ddp_kwargs)`` set up for DropMuon (module docs).
 
     Sets ``find_unused_parameters=True`` (refuses False) and refuses ``static_graph=True``;
-    constructs DDP with every parameter of ``optimizer`` requiring grad; checks that the ranks
-    agree (:func:`check_replicas`). ``active_only`` registers the communication hook that
-    all-reduces only the parameters requiring grad; a ``stats`` object counts the bytes sent
-    (with ``active_only=False`` through a hook that does exactly what DDP's default does).
+    checks that the ranks agree (:func:`check_replicas`). ``active_only`` registers the
+    communication hook that all-reduces only the active layers' parameters; a ``stats`` object
+    counts the bytes sent (with ``active_only=False`` through a hook that does exactly what
+    DDP's default does).
     """
     if ddp_kwargs.get("static_graph", False):
         raise ValueError(
@@ -117,18 +118,12 @@ def wrap_ddp(
         )
     group = ddp_kwargs.get("process_group")
     check_replicas(optimizer, group)
-    frozen = [p for g in optimizer.param_groups for p in g["params"] if not p.requires_grad]
-    for p in frozen:
-        set_trainable(p, True)
-    try:
-        ddp = nn.parallel.DistributedDataParallel(module, **ddp_kwargs)
-    finally:
-        for p in frozen:
-            set_trainable(p, False)
+    ddp = nn.parallel.DistributedDataParallel(module, **ddp_kwargs)
+    state = _HookState(group, stats, weakref.ref(optimizer))
     if active_only:
-        ddp.register_comm_hook(_HookState(group, stats), _active_only_hook)
+        ddp.register_comm_hook(state, _active_only_hook)
     elif stats is not None:
-        ddp.register_comm_hook(_HookState(group, stats), _counting_allreduce_hook)
+        ddp.register_comm_hook(state, _counting_allreduce_hook)
     return ddp
 
 
@@ -136,6 +131,11 @@ def wrap_ddp(
 class _HookState:
     process_group: dist.ProcessGroup | None
     stats: CommStats | None
+    optimizer: weakref.ref  # to the DropMuon whose coming step says which layers are active
+
+    def is_active(self, p: Tensor) -> bool:
+        optimizer = self.optimizer()
+        return optimizer is None or optimizer.is_active(p)
 
 
 def _all_reduce_mean(state: _HookState, tensor: Tensor) -> torch.futures.Future[Tensor]:
@@ -163,14 +163,15 @@ def _counting_allreduce_hook(
     return _all_reduce_mean(state, buffer).then(lambda fut: buffer)
 
 
-def _active_ranges(bucket) -> list[tuple[int, int]]:
-    """[start, end) element ranges of the bucket buffer that belong to parameters requiring
-    grad, adjacent ones merged. Dense buckets hold their parameters back to back in order."""
+def _active_ranges(state: _HookState, bucket) -> list[tuple[int, int]]:
+    """[start, end) element ranges of the bucket buffer that belong to the active layers'
+    parameters, adjacent ones merged. Dense buckets hold their parameters back to back in
+    order."""
     ranges: list[tuple[int, int]] = []
     offset = 0
     for p in bucket.parameters():
         end = offset + p.numel()
-        if p.requires_grad and end > offset:
+        if state.is_active(p) and end > offset:
             if ranges and ranges[-1][1] == offset:
                 ranges[-1] = (ranges[-1][0], end)
             else:
@@ -187,14 +188,14 @@ def _active_ranges(bucket) -> list[tuple[int, int]]:
 def _active_only_hook(
     state: _HookState, bucket: dist.GradBucket
 ) -> torch.futures.Future[torch.Tensor]:
-    """All-reduces (mean) only the parts of the bucket whose parameters require grad.
+    """All-reduces (mean) only the parts of the bucket whose parameters the coming step updates.
 
     Every rank freezes the same layers, so every rank computes the same ranges and issues the
     same collectives. The parts of frozen parameters are returned as they are: DDP writes no
     gradient back for parameters that no rank used (find_unused_parameters=True)."""
     _count_step(state, bucket)
     buffer = bucket.buffer()
-    ranges = _active_ranges(bucket)
+    ranges = _active_ranges(state, bucket)
     if not ranges:
         done: torch.futures.Future[Tensor] = torch.futures.Future()
         done.set_result(buffer)
@@ -241,11 +242,10 @@ def all_reduce_gradients(
     keeps ``.grad`` None everywhere, so every rank's step does the same.
     """
     world = dist.get_world_size(process_group)
-    active = optimizer.active_layers
     by_kind: dict[tuple, list[Tensor]] = {}
     for group in optimizer.param_groups:
-        if active[group["layer"]]:
-            for p in group["params"]:
+        for p in group["params"]:
+            if optimizer.is_active(p):
                 by_kind.setdefault((p.device, p.dtype), []).append(p)
     for (device, dtype), params in sorted(by_kind.items(), key=lambda kv: str(kv[0])):
         sizes = [p.numel() for p in params]

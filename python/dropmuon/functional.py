@@ -89,15 +89,14 @@ def momentum_buffer(state: dict, p: Tensor) -> Tensor:
     return state["momentum_buffer"]
 
 
-def initialize_state(param_groups: list[dict], state) -> None:
+def initialize_state(params_and_norms: Iterable[tuple[Tensor, str]], state) -> None:
     """Every parameter's state as its first update would make it (zeros), where missing:
     the momentum buffer, or AdamW's state for parameters on the ``"adamw"`` norm."""
-    for group in param_groups:
-        for p, norm in zip(group["params"], group["param_norms"]):
-            if norm == "adamw":
-                adamw_initial_state(state[p], p)
-            else:
-                momentum_buffer(state[p], p)
+    for p, norm in params_and_norms:
+        if norm == "adamw":
+            adamw_initial_state(state[p], p)
+        else:
+            momentum_buffer(state[p], p)
 
 
 def sharp_update_(

@@ -2,10 +2,11 @@
 orchestration of a step, and the public properties.
 
 Each step updates only the *active* layers: for the cutoff distributions, the layers from a
-sampled cutoff up to the output. After every step a post-hook draws the next step's active
-layers and sets ``requires_grad`` so that only their parameters need gradients: the next
-backward then stops at the cutoff by itself (no input- or weight-gradient work, and no saved
-activations, below it). Frozen layers keep their parameters and optimizer state untouched.
+sampled cutoff up to the output. At the end of every step the next step's layers are drawn;
+while each forward pass runs, the other layers' parameters do not require grad, so the backward
+stops at the cutoff by itself (no input- or weight-gradient work, and no saved activations,
+below it). Between forward passes every ``requires_grad`` flag is the user's own
+(:mod:`dropmuon.truncation`). Frozen layers keep their parameters and optimizer state untouched.
 
 Where the pieces live: the layers (:mod:`dropmuon.partition`), the draw
 (:mod:`dropmuon.sampling`), the freezing (:mod:`dropmuon.truncation`), the step math
@@ -19,13 +20,13 @@ DropMuon with other machinery:
   ``find_unused_parameters=True`` and no ``static_graph``. :func:`dropmuon.distributed.
   wrap_ddp` sets that up and can all-reduce only the active layers; checkpoints do not
   depend on the world size (:mod:`dropmuon.distributed`).
-- ``torch.compile`` of the model (before or after building the optimizer): each set of
-  active layers is one graph, since autograd's graph depends on which parameters require
-  grad. Cutoff samplings give at most ``num_layers + 1`` graphs (the extra one is the first
-  forward, which runs the layer-ordering hooks; under compilation it computes every
-  gradient and the step drops those of frozen layers), ``tau_nice`` up to
-  ``C(num_layers, tau) + 1``. Raise ``torch._dynamo.config.recompile_limit`` (8 by default)
-  above that, or Dynamo gives up and runs the model eagerly. :meth:`step` runs eagerly.
+- ``torch.compile(model)`` (before or after building the optimizer): each set of active
+  layers is one graph, since autograd's graph depends on which parameters require grad.
+  Cutoff samplings give at most ``num_layers`` graphs, ``tau_nice`` up to
+  ``C(num_layers, tau)``; the first forward, which orders the layers, runs eagerly. Raise
+  ``torch._dynamo.config.recompile_limit`` (8 by default) above that, or Dynamo gives up and
+  runs the model eagerly. ``model.compile()`` (in place) compiles the very call the freezing
+  hooks run in, so it trains without truncation and DropMuon warns. :meth:`step` runs eagerly.
 - FSDP2 (``fully_shard``): build the optimizer on the sharded model; parameters and
   optimizer state stay sharded, each active matrix is orthogonalized on one rank, frozen
   layers cost no communication (:mod:`dropmuon.fsdp`).
@@ -42,30 +43,43 @@ from collections import defaultdict
 from itertools import chain
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from . import checkpoint, fsdp, functional, ops
+from . import checkpoint, fsdp, functional, ops, truncation
 from .checks import (
+    adamw_lr_ratio,
     check_grad,
     check_group,
     check_group_norm,
     check_hyperparameters,
+    check_no_duplicates,
     check_optimizer_options,
     check_param,
     nonfinite_layers,
 )
 from .defaults import (
+    DEFAULT_FALLBACK,
     DEFAULT_SAMPLING,
     DEFAULT_SHIFT_STRENGTH,
     DEFAULT_SMOOTHNESS_BETA,
     GROUP_DEFAULTS,
 )
 from .diagnostics import Diagnostics
-from .partition import FirstForwardTrace, Layer, assign_norms, check_norms, partition
-from .sampling import LayerSampler, draw, make_sampler
+from .partition import (
+    FirstForwardTrace,
+    Partition,
+    assign_norms,
+    check_layer_keys,
+    check_norms,
+    group_layers,
+    module_groups,
+    module_layers,
+    param_names,
+)
+from .sampling import LayerSampler, draw, make_sampler, resized_sampler
 from .smoothness import SmoothnessEstimator
-from .truncation import apply_mask, set_layer_trainable, unfreeze
+from .truncation import ForwardFreeze
 
 _D = GROUP_DEFAULTS
 
@@ -187,7 +201,7 @@ class DropMuon(Optimizer):
         seed: int = 0,
         total_steps: int | None = None,
         shift_strength: float = DEFAULT_SHIFT_STRENGTH,
-        fallback: str = "sign",
+        fallback: str = DEFAULT_FALLBACK,
         norms: dict[str, str] | None = None,
         adamw_lr: float | None = None,
         adamw_betas: tuple[float, float] = _D["betas"],
@@ -220,29 +234,48 @@ class DropMuon(Optimizer):
             radius=radius,
             L0=L0,
             L1=L1,
-            adamw_lr_ratio=1.0 if adamw_lr is None else adamw_lr / float(lr),
+            adamw_lr_ratio=adamw_lr_ratio(adamw_lr, lr),
             betas=tuple(adamw_betas),
             adamw_eps=adamw_eps,
         )
 
-        found = partition(params)
-        self._layers: list[Layer] = found.layers  # construction order
-        self._param_names = found.names
-        super().__init__(found.groups, defaults)
-        self._group_layers: list[Layer] = found.group_layers  # the layer of param_groups[i]
-        self._num_layers = len(self._layers)
-        for group in self.param_groups:
+        # The param groups are the user's (a module stands for one named group); torch checks
+        # and normalises them. The layers are a partition of the same parameters, beside them.
+        model = params if isinstance(params, nn.Module) else None
+        if model is not None:
+            given, one_group_given = module_groups(model), True
+        else:
+            if isinstance(params, Tensor):
+                raise TypeError(
+                    "params argument given to the optimizer should be an iterable of Tensors "
+                    f"or dicts, but got {torch.typename(params)}"
+                )
+            given = list(params)
+            one_group_given = bool(given) and not isinstance(given[0], dict)
+            if given and not one_group_given:
+                check_layer_keys(given)
+        self._built = False
+        super().__init__(given, defaults)
+        for g_index, group in enumerate(self.param_groups):
             check_group(group)
             check_group_norm(group)
-            group["param_shapes"] = [list(p.shape) for p in group["params"]]  # for checkpoints
+            check_no_duplicates(group, g_index)
+        self._param_names = param_names(self.param_groups)
+        if model is not None:
+            managed = {id(p) for group in self.param_groups for p in group["params"]}
+            layers = module_layers(model, managed)
+        else:
+            layers = group_layers(self.param_groups, self._param_names, one_group_given)
+        self._partition = Partition.of(layers)
+        self._model = model
 
         self._nonfinite = nonfinite
         self._step_count = 0
-        self.update_counts = [0] * self._num_layers
-        self.skipped_nonfinite = [0] * self._num_layers
+        self.update_counts = [0] * self.num_layers
+        self.skipped_nonfinite = [0] * self.num_layers
         self.sampler = make_sampler(
             sampling,
-            self._num_layers,
+            self.num_layers,
             seed=seed,
             tau=tau,
             total_steps=total_steps,
@@ -252,82 +285,186 @@ class DropMuon(Optimizer):
         if estimate_smoothness is False and cost_optimal:
             raise ValueError("sampling='cost_optimal' needs estimate_smoothness")
         self._estimate = cost_optimal if estimate_smoothness is None else bool(estimate_smoothness)
-        self._smoothness = SmoothnessEstimator(self._num_layers, smoothness_beta, cuda_kernels)
+        self._smoothness = SmoothnessEstimator(self.num_layers, smoothness_beta, cuda_kernels)
         self._cuda_kernels = cuda_kernels
         self._diagnostics = Diagnostics()
 
-        assign_norms(self.param_groups, self._group_layers, self._role_norms, self._fallback)
-        for group in self.param_groups:
-            for p, norm in zip(group["params"], group["param_norms"]):
-                check_param(p, self._param_names[id(p)], norm)
-        managed = [p for group in self.param_groups for p in group["params"]]
-        self._sharded = fsdp.sharded_update(managed, self.param_name, fsdp_update)
+        self._norms = self._assign_norms()
+        for p in self._params():
+            check_param(p, self.param_name(p), self.norm_of(p))
+        self._sharded = fsdp.sharded_update(list(self._params()), self.param_name, fsdp_update)
         if self._sharded is not None and self._estimate:
             raise ValueError(
                 "sampling='cost_optimal' and estimate_smoothness are not supported with "
                 "FSDP2-sharded parameters: the estimates need whole gradients every step"
             )
-        functional.initialize_state(self.param_groups, self.state)
+        functional.initialize_state(self._params_and_norms(), self.state)
 
-        # Only now is the model touched. Step 0's layers are drawn; with a module, the first
-        # forward orders the layers and freezes each as it is reached (the registration order
-        # may differ from the real one).
+        # Step 0's layers are drawn. With a module, the first forward orders the layers and
+        # freezes each as it is reached (the registration order may differ from the real one).
         self._mask = self._draw(0)
         self._trace = None
-        if any(layer.module is not None for layer in self._layers):
-            self._trace = FirstForwardTrace(self._layers, self._freeze_during_trace)
+        self._layer_order = "param groups"
+        if model is not None:
+            self._trace = FirstForwardTrace(self._partition.layers, self._model)
             self._layer_order = "registration (first forward not yet seen)"
-        else:
-            self._layer_order = "param groups"
-            apply_mask(self.param_groups, self._mask)
-        self.register_step_post_hook(_draw_next_layers)
+        self._forward = ForwardFreeze(self, self._diagnostics)
+        self._forward.managed = {id(p) for p in self._params()}
+        self._forward.trace = self._trace
+        self._set_forward_freeze()
+        truncation.watch(self._forward)
+        self._built = True
+
+    # -- parameters, layers, norms ----------------------------------------------------------------
+
+    def _params(self):
+        """Every managed parameter, in param-group order."""
+        return (p for group in self.param_groups for p in group["params"])
+
+    def _params_and_norms(self):
+        return ((p, self._norms[id(p)]) for p in self._params())
+
+    def _assign_norms(self) -> dict[int, str]:
+        return assign_norms(self.param_groups, self._partition, self._role_norms, self._fallback)
 
     def add_param_group(self, param_group) -> None:
-        if hasattr(self, "_num_layers"):
-            raise RuntimeError(
-                "DropMuon's layers are fixed at construction; build a new optimizer to add "
-                "parameters"
+        """Adds a param group, as torch.optim does (fine-tuning: parameters unfrozen later).
+        With ``"layer"`` keys, a group joins the layer with its key or makes a new one; a group
+        without one makes one new layer (a module-built optimizer gives each new parameter the
+        layer of its module, or makes the module a layer). New layers of a module-built
+        optimizer are placed by the next forward pass, traced again like the first; others go
+        on top. The sampler follows the new number of layers (``"custom"`` probabilities cannot:
+        ValueError). Nothing changes when the group is refused."""
+        if not self._built:  # torch's constructor adds the groups given to it
+            super().add_param_group(param_group)
+            return
+        if not isinstance(param_group, dict):
+            raise TypeError(f"param_group must be a dict, but got {type(param_group)}")
+        if isinstance(self.sampler, LayerSampler) and self.sampler.kind == "custom":
+            raise ValueError(
+                "sampling='custom' has one probability per layer, fixed at construction: build "
+                "a new optimizer (or pass a sampler object) to add parameters"
             )
+        if ("layer" in param_group) != ("layer" in self.param_groups[0]):
+            raise ValueError("either every param group has a 'layer' index or none does")
+        check_layer_keys([param_group])
+        if self._model is not None:
+            param_group = self._named_from_model(param_group)
+        before = len(self.param_groups)
         super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        try:
+            check_group(group)
+            check_group_norm(group)
+            check_no_duplicates(group, before)
+            names = param_names(self.param_groups)
+            for p in group["params"]:
+                check_param(p, names[id(p)], group["norm"] if group["norm"] != "auto" else "adamw")
+        except (ValueError, TypeError):
+            self.param_groups.pop()
+            raise
+        self._param_names = names
+        before = [layer.position for layer in self._partition.layers]
+        self._partition, new_layers = self._partition.extended(group, names, self._model)
+        before += range(len(before), self.num_layers)  # new layers: appended, then moved
+        if self._model is not None:
+            # The new modules' places are unknown: the next forward orders every layer again.
+            self._trace = FirstForwardTrace(self._partition.layers, self._model)
+            self._layer_order = "registration (first forward not yet seen)"
+        self._resize_statistics(len(new_layers))
+        self._reorder_statistics(before)
+        self.sampler = resized_sampler(self.sampler, self.num_layers)
+        self._norms = self._assign_norms()
+        functional.initialize_state(self._params_and_norms(), self.state)
+        self._forward.managed = {id(p) for p in self._params()}
+        self._forward.trace = self._trace
+        self._mask = self._draw(self._step_count)
+        self._set_forward_freeze()
 
-    # -- layers: order, norms, draws and freezing -------------------------------------------------
+    def _named_from_model(self, param_group: dict) -> dict:
+        """A group for a module-built optimizer, whose groups carry the parameters' names: the
+        model's names for parameters given without; one that is not the model's is refused."""
+        names = {id(p): n for n, p in self._model.named_parameters()}
+        params = param_group["params"]
+        params = [params] if isinstance(params, Tensor) else list(params)
+        named = []
+        for entry in params:
+            p = entry[1] if isinstance(entry, tuple) else entry
+            if id(p) not in names:
+                raise ValueError(
+                    "add_param_group: a parameter that is not the model's (this optimizer was "
+                    "built on the model, so each parameter's layer is its module)"
+                )
+            named.append((names[id(p)], p))
+        return dict(param_group, params=named)
+
+    def _resize_statistics(self, added: int) -> None:
+        self.update_counts += [0] * added
+        self.skipped_nonfinite += [0] * added
+        self._smoothness.add_layers(added)
+
+    # -- draws and freezing -----------------------------------------------------------------------
 
     def _draw(self, step: int) -> list[bool]:
-        return draw(self.sampler, step, self._num_layers, self._smoothness.smoothness)
+        return draw(self.sampler, step, self.num_layers, self._smoothness.smoothness)
 
     def _begin_step(self, step: int) -> None:
-        """Makes ``step`` the coming step: its layers, the others frozen, the cutoff watched."""
+        """Makes ``step`` the coming step: its layers drawn, the freeze armed."""
         self._step_count = step
         self._mask = self._draw(step)
-        if self._trace is None:  # while tracing, each layer is frozen as the forward reaches it
-            apply_mask(self.param_groups, self._mask)
-            self._diagnostics.watch_cutoff(self.cutoff, self.param_groups, self._group_layers)
+        self._forward.armed = True
+        self._forward.forwards = 0
+        self._set_forward_freeze()
 
-    def _freeze_during_trace(self, layer: Layer, position: int) -> None:
-        if torch.compiler.is_compiling():
-            # requires_grad cannot change inside a graph being traced (Dynamo would give up on
-            # the model): the first step then computes every gradient and drops the frozen ones.
+    def _set_forward_freeze(self) -> None:
+        """Tells the forward hooks what the coming step leaves out (while the first forward is
+        traced, the layers are frozen as it reaches them instead)."""
+        if self._trace is not None:
+            self._forward.set_step(self._mask, [])
             return
-        set_layer_trainable([p for _, p in layer.params], self._mask[position])
+        frozen = [
+            p
+            for layer in self._partition.layers
+            if not self._mask[layer.position]
+            for _, p in layer.params
+        ]
+        cutoff = self._partition.by_position()[self.cutoff]
+        watched = cutoff.module if self.cutoff > 0 else None  # nothing is frozen at cutoff 0
+        self._forward.set_step(self._mask, frozen, watched, (self.cutoff, cutoff.name))
 
     def _finish_trace(self) -> None:
-        """Adopts the first forward's order (once), then freezes by it."""
+        """Adopts the traced order (once per trace), keeping each layer's statistics."""
         if self._trace is None:
             return
         self._check_params_still_registered()
-        positions = self._trace.finish()
-        self._trace = None
+        before = [layer.position for layer in self._partition.layers]
+        self._trace.finish()
+        self._trace = self._forward.trace = None
         self._layer_order = "first forward"
-        for group, layer in zip(self.param_groups, self._group_layers):
-            group["layer"] = positions[layer.construction_index]
-        assign_norms(self.param_groups, self._group_layers, self._role_norms, self._fallback)
-        functional.initialize_state(self.param_groups, self.state)  # a role may change a norm
-        apply_mask(self.param_groups, self._mask)
+        self._reorder_statistics(before)
+        self._norms = self._assign_norms()  # the head is the last layer
+        functional.initialize_state(self._params_and_norms(), self.state)
+        self._set_forward_freeze()
+
+    def _reorder_statistics(self, before: list[int]) -> None:
+        """The per-position lists after the layers moved from positions ``before``."""
+        moves = [(old, layer.position) for old, layer in zip(before, self._partition.layers)]
+
+        def moved(values):
+            out = list(values)
+            for old, new in moves:
+                out[new] = values[old]
+            return out
+
+        self.update_counts = moved(self.update_counts)
+        self.skipped_nonfinite = moved(self.skipped_nonfinite)
+        self._smoothness.smoothness = moved(self._smoothness.smoothness)
+        self._smoothness.last_step_norm = moved(self._smoothness.last_step_norm)
 
     def _check_params_still_registered(self) -> None:
         """Raises (before the first step changes anything) when the model no longer holds the
         parameters the optimizer was built on: fully_shard, for one, registers new ones."""
-        for layer in self._layers:
+        for layer in self._partition.layers:
             if layer.module is None:
                 continue
             registered = {id(q) for q in layer.module.parameters(recurse=False)}
@@ -347,15 +484,18 @@ class DropMuon(Optimizer):
         self.sampler.set_progress(progress)
 
     def unfreeze(self) -> None:
-        """Sets requires_grad back to True on every managed parameter (e.g. before handing the
-        model to other code); the next step's draw freezes again."""
-        unfreeze(self.param_groups)
+        """Stops freezing layers in the coming forward passes until this optimizer's next
+        step: every layer then gets gradients (a full backward). ``requires_grad`` flags are
+        never left changed between forward passes, so this is needed only to run other code's
+        full backward while this optimizer is alive; another optimizer stepping the same
+        parameters does the same by itself."""
+        self._forward.armed = False
 
     # -- introspection ----------------------------------------------------------------------------
 
     @property
     def num_layers(self) -> int:
-        return self._num_layers
+        return len(self._partition.layers)
 
     @property
     def step_count(self) -> int:
@@ -384,22 +524,36 @@ class DropMuon(Optimizer):
         return self._layer_order
 
     def layer_names(self) -> list[str]:
-        """The layers' names by position (a module's name, or ``"layer <key>"`` for groups)."""
-        names = [""] * self._num_layers
-        for group, layer in zip(self.param_groups, self._group_layers):
-            names[group["layer"]] = layer.name
-        return names
+        """The layers' names by position (a module's name, a parameter's name for a layer of one
+        tensor, or ``"layer <key>"`` for groups)."""
+        return [layer.name for layer in self._partition.by_position()]
 
     def param_name(self, p: Tensor) -> str:
-        """A managed parameter's name: from the module, the (name, parameter) pairs, or
+        """A managed parameter's name: from the module, ``param_names``, or
         ``param_groups[g][i]``."""
         return self._param_names[id(p)]
+
+    def layer_of(self, p: Tensor) -> int:
+        """The position of a managed parameter's layer (0 is the input side)."""
+        return self._partition.layer_of[id(p)].position
+
+    def norm_of(self, p: Tensor) -> str:
+        """The norm a managed parameter is updated in (``spectral``, ``sign``, ..., ``adamw``)."""
+        return self._norms[id(p)]
+
+    def is_active(self, p: Tensor) -> bool:
+        """Whether the next step updates ``p`` (its layer is active)."""
+        layer = self._partition.layer_of[id(p)]
+        if self._trace is not None:  # step 0: positions as the first forward reaches layers
+            position = self._trace.positions.get(layer.construction_index)
+            return True if position is None else self._mask[position]
+        return self._mask[layer.position]
 
     # -- the step ---------------------------------------------------------------------------------
 
     @torch.no_grad()
     def step(self, closure=None):
-        """Updates the active layers; the post-hook then draws the next step's layers."""
+        """Updates the active layers, then draws the next step's layers."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -407,6 +561,10 @@ class DropMuon(Optimizer):
         self._finish_trace()
         by_layer, schedules = self._active_gradients()
         self._diagnostics.check_gradients(self._mask, by_layer, self.layer_names, self._step_count)
+        froze = self._forward.armed and not all(self._mask)
+        self._diagnostics.check_forward_seen(
+            self._forward.forwards, froze, by_layer, self._step_count
+        )
         by_layer = self._without_nonfinite(by_layer)
         before = self._smoothness.before_step(by_layer, self.state) if self._estimate else None
         buckets = functional.buckets(chain(*by_layer.values()), schedules)
@@ -419,23 +577,25 @@ class DropMuon(Optimizer):
             self.update_counts[layer] += 1
         if before is not None:
             self._smoothness.after_step(by_layer, self.state, before)
+        self._begin_step(self._step_count + 1)
         return loss
 
     def _active_gradients(self) -> tuple[dict[int, list], dict]:
         """The active parameters with gradients, by layer position, as (group, norm, param),
-        checked; and each of their groups' Newton-Schulz schedule by ``id(group)``."""
+        checked; and each of their groups' Newton-Schulz schedule by ``id(group)``. As in
+        torch.optim, a parameter without a gradient is left alone (whatever its
+        requires_grad)."""
         by_layer: dict[int, list] = defaultdict(list)
         schedules = {}
         for group in self.param_groups:
-            if not self._mask[group["layer"]]:
-                continue
-            for p, norm in zip(group["params"], group["param_norms"]):
-                if p.grad is None:
+            for p in group["params"]:
+                position = self._partition.layer_of[id(p)].position
+                if p.grad is None or not self._mask[position]:
                     continue
                 if id(group) not in schedules:  # a scheduler or the user may have changed it
                     schedules[id(group)] = check_group(group)
                 check_grad(p, self._param_names[id(p)])
-                by_layer[group["layer"]].append((group, norm, p))
+                by_layer[position].append((group, self._norms[id(p)], p))
         return by_layer, schedules
 
     def _without_nonfinite(self, by_layer: dict[int, list]) -> dict[int, list]:
@@ -459,15 +619,16 @@ class DropMuon(Optimizer):
         """torch's layout plus a ``dropmuon`` section in the first param group
         (``state_dict()["param_groups"][0]["dropmuon"]``, where converters that keep only
         ``state`` and ``param_groups``, such as torch.distributed.checkpoint's, keep it too):
-        step counter, sampler, layer names and statistics (:mod:`dropmuon.checkpoint`); loads
-        with ``torch.load(weights_only=True)``. It is the same on every data-parallel rank (a
-        full replica, the same draws), so it does not depend on the world size: save on one
-        rank, load on all of any world size. Every parameter has its state from construction
-        on (zeros, as its first update would make it), so every checkpoint holds the same keys
-        and torch.distributed.checkpoint never needs to step a fresh optimizer to create
-        them. With FSDP2 the state tensors are DTensors: save through
-        torch.distributed.checkpoint (:mod:`dropmuon.fsdp`)."""
+        step counter, sampler, layer names and statistics, and each parameter's layer, norm and
+        shape (:mod:`dropmuon.checkpoint`); loads with ``torch.load(weights_only=True)``. It is
+        the same on every data-parallel rank (a full replica, the same draws), so it does not
+        depend on the world size: save on one rank, load on all of any world size. Every
+        parameter has its state from construction on (zeros, as its first update would make
+        it), so every checkpoint holds the same keys and torch.distributed.checkpoint never
+        needs to step a fresh optimizer to create them. With FSDP2 the state tensors are
+        DTensors: save through torch.distributed.checkpoint (:mod:`dropmuon.fsdp`)."""
         state = super().state_dict()
+        per_group = [group["params"] for group in self.param_groups]
         state["param_groups"][0]["dropmuon"] = checkpoint.section(
             step=self._step_count,
             layer_names=self.layer_names(),
@@ -476,50 +637,79 @@ class DropMuon(Optimizer):
             skipped_nonfinite=self.skipped_nonfinite,
             estimator=self._smoothness,
             layer_order=self._layer_order,
+            param_layers=[[self.layer_of(p) for p in params] for params in per_group],
+            param_norms=[[self.norm_of(p) for p in params] for params in per_group],
+            param_shapes=[[list(p.shape) for p in params] for params in per_group],
         )
         return state
 
     def load_state_dict(self, state_dict) -> None:
-        """Restores a checkpoint written by :meth:`state_dict`, validating it against this
-        optimizer first: a different model, partition, norm assignment or sampler raises
-        ValueError and changes nothing. A checkpoint written under another world size loads
-        as is (see :meth:`state_dict`)."""
-        extra = checkpoint.validate(
+        """Restores a checkpoint written by :meth:`state_dict` (or by dropmuon 0.1, whose
+        checkpoints held one param group per layer), validating it against this optimizer
+        first: a different model, partition, norm assignment or sampler raises ValueError and
+        changes nothing. A checkpoint written under another world size loads as is (see
+        :meth:`state_dict`). Its ``param_names`` replace this optimizer's, as in torch."""
+        state_dict = checkpoint.upgraded(state_dict, len(self.param_groups))
+        extra = checkpoint.section_of(state_dict)
+        positions_final = self._trace is None
+        saved_positions = checkpoint.validate(
             state_dict,
             param_groups=self.param_groups,
-            num_layers=self._num_layers,
+            layer_of=self._partition.layer_of,
+            num_layers=self.num_layers,
             param_name=self.param_name,
-            positions_final=self._trace is None,
+            positions_final=positions_final,
         )
-        kept = self._state_loaded_in_place(state_dict, complete=extra["version"] >= 2)
+        if not positions_final:
+            # Before the first forward, the checkpoint's order replaces the trace (unless it
+            # was written before the first forward too: accelerate's round trip, say).
+            adopt = extra.get("layer_order") != self._layer_order
+            norms = self._norms_at(saved_positions) if adopt else self._norms
+        else:
+            adopt, norms = False, self._norms
+        checkpoint.check_norms(state_dict, self.param_groups, norms, self.param_name)
+        kept = self._state_loaded_in_place(state_dict)
         sampler = checkpoint.restored_sampler(self.sampler, extra["sampler"])
         super().load_state_dict(state_dict)
         self.param_groups[0].pop("dropmuon", None)  # torch copies the saved groups' keys
+        self._param_names = param_names(self.param_groups)
         self.state.update(kept)
-        functional.initialize_state(self.param_groups, self.state)  # older checkpoints
+        if adopt:
+            for layer, position in saved_positions.items():
+                layer.position = position
+            self._trace = self._forward.trace = None
+            self._layer_order = "checkpoint"
+            self._norms = self._assign_norms()
+        functional.initialize_state(self._params_and_norms(), self.state)  # older checkpoints
         self.sampler = sampler
-        # The checkpoint's order replaces the first-forward trace, unless it was written before
-        # the first forward too (accelerate's state_dict/load_state_dict round trip, say).
-        if self._trace is not None and extra.get("layer_order") != self._layer_order:
-            self._trace.finish()
-            self._trace, self._layer_order = None, "checkpoint"
         self.update_counts = list(extra["update_counts"])
         self.skipped_nonfinite = list(extra["skipped_nonfinite"])
         checkpoint.restore_estimates(self._smoothness, extra)
         self._begin_step(int(extra["step"]))
 
-    def _state_loaded_in_place(self, state_dict, complete: bool) -> dict:
-        """The live state to keep for the parameters ``state_dict`` leaves out. A ``complete``
-        checkpoint (version 2) holds every parameter's state, but torch.distributed.checkpoint's
+    def _norms_at(self, positions: dict) -> dict[int, str]:
+        """The norms the parameters would get with the layers at ``positions``."""
+        current = {layer: layer.position for layer in self._partition.layers}
+        try:
+            for layer, position in positions.items():
+                layer.position = position
+            return self._assign_norms()
+        finally:
+            for layer, position in current.items():
+                layer.position = position
+
+    def _state_loaded_in_place(self, state_dict) -> dict:
+        """The live state to keep for the parameters ``state_dict`` leaves out. A checkpoint
+        holds every parameter's state, but torch.distributed.checkpoint's
         ``set_optimizer_state_dict`` leaves out that of parameters that do not require grad
-        (frozen layers), after ``dcp.load`` has loaded it into the very tensors
+        (frozen by the user), after ``dcp.load`` has loaded it into the very tensors
         ``get_optimizer_state_dict`` returned, this optimizer's own: those are kept. Any other
         gap raises ValueError (that state would be lost). Version 1 checkpoints left out the
         parameters never updated, which then start from zeros."""
-        if not complete:
+        if checkpoint.section_of(state_dict)["version"] < 2:
             return {}
         saved_ids = [key for g in state_dict["param_groups"] for key in g["params"]]
-        params = [p for g in self.param_groups for p in g["params"]]
+        params = list(self._params())
         saved_state = state_dict["state"]
         in_place = any(
             value is self.state[p].get(name)
@@ -539,32 +729,65 @@ class DropMuon(Optimizer):
                 )
             if not in_place:
                 raise ValueError(
-                    f"the checkpoint has no state for {self.param_name(p)}, which is frozen "
-                    "(requires_grad=False): call unfreeze() before set_optimizer_state_dict, "
-                    "or dcp.load into get_optimizer_state_dict's tensors first"
+                    f"the checkpoint has no state for {self.param_name(p)}, which does not "
+                    "require grad: dcp.load into get_optimizer_state_dict's tensors before "
+                    "set_optimizer_state_dict"
                 )
             kept[p] = self.state[p]
         return kept
+
+    # -- copies and pickles -----------------------------------------------------------------------
+
+    def __getstate__(self):
+        """Everything a copy needs to continue the same trajectory (torch.optim's own keeps only
+        defaults, state and param_groups). Maps keyed by ``id()`` and the forward hooks' side
+        are made anew by :meth:`__setstate__`; step hooks are left out, as torch does."""
+        if getattr(self, "_sharded", None) is not None:
+            raise TypeError(
+                "a DropMuon over FSDP2-sharded parameters cannot be copied or pickled: save it "
+                "with torch.distributed.checkpoint (see dropmuon.fsdp)"
+            )
+        state = {
+            key: value
+            for key, value in self.__dict__.items()
+            if key not in _REBUILT_ON_UNPICKLE and not key.startswith("_optimizer_")
+        }
+        state["_layers"] = self._partition.layers
+        return state
 
     def __setstate__(self, state):
         super().__setstate__(state)
         for group in self.param_groups:  # options added since the optimizer was pickled
             for key, value in GROUP_DEFAULTS.items():
                 group.setdefault(key, value)
+        if "_layers" not in state:  # torch's load_state_dict sets state and groups only
+            return
+        self._partition = Partition.of(self.__dict__.pop("_layers"))
+        self._param_names = param_names(self.param_groups)
+        self._norms = self._assign_norms()
+        if self._trace is not None:
+            self._trace = FirstForwardTrace(
+                self._partition.layers, self._model, self._trace.positions
+            )
+        self._forward = ForwardFreeze(self, self._diagnostics)
+        self._forward.managed = {id(p) for p in self._params()}
+        self._forward.trace = self._trace
+        self._set_forward_freeze()
+        truncation.watch(self._forward)
+
+
+# What DropMuon.__getstate__ leaves out and __setstate__ rebuilds.
+_REBUILT_ON_UNPICKLE = ("_forward", "_partition", "_param_names", "_norms")
 
 
 class Muon(DropMuon):
     """Muon: :class:`DropMuon` with ``sampling="full"`` (every layer, every step). With the
     same hyperparameters it follows torch.optim.Muon's trajectory on 2-D weights, and it also
-    handles conv kernels (flattened) and vectors (``fallback``)."""
+    handles conv kernels (flattened) and vectors (``fallback``). It never changes
+    ``requires_grad``."""
 
     def __init__(self, params, lr=GROUP_DEFAULTS["lr"], **kwargs) -> None:
         for key in ("sampling", "tau", "total_steps", "shift_strength"):
             if key in kwargs:
                 raise TypeError(f"Muon always updates every layer; '{key}' does not apply")
         super().__init__(params, lr=lr, sampling="full", **kwargs)
-
-
-def _draw_next_layers(optimizer: DropMuon, args, kwargs) -> None:
-    """Step post-hook: the next step's layers, frozen below the cutoff right away."""
-    optimizer._begin_step(optimizer.step_count + 1)

@@ -1,77 +1,118 @@
 """What DropMuon's layers are: from a module, a parameter list or param groups to ordered layers,
 and each parameter's norm.
 
-A layer of a module is a module that directly holds trainable parameters
-(``named_parameters(recurse=False)`` that require grad, or that a DropMuon optimizer froze). A
-parameter held by several modules (a tied embedding and output head) belongs to the first of
-them in registration order, and a module left with no parameter of its own is no layer. Layers
-are ordered by when their ``forward`` first starts in the first forward pass (traced with
-forward pre-hooks, :class:`FirstForwardTrace`), and by registration order until that pass has
-run.
+The param groups are what the user passed (a module stands for one group of its trainable
+parameters, with their names); the layers are a partition of the same parameters kept beside
+them. A layer of a module is a module that directly holds trainable parameters
+(``named_parameters(recurse=False)`` that require grad at construction). A parameter held by
+several modules (a tied embedding and output head) belongs to the first of them in
+registration order, and a module left with no parameter of its own is no layer. Layers are
+ordered by when their ``forward`` first starts in the first forward pass
+(:class:`FirstForwardTrace`), and by registration order until that pass has run. A plain list
+of parameters gives one layer per tensor; group dicts give one layer per group, or per
+``"layer"`` key.
 
 Two numbers describe a layer, and they are kept apart: its **construction index**
 (``Layer.construction_index``: the order in which it was found, fixed) and its **position**
-(``group["layer"]`` of its param groups: 0 is the input side, the order the sampler and the
-checkpoints use; it changes once, when the first forward has been traced).
+(``Layer.position``: 0 is the input side, the order the sampler and the checkpoints use; it
+changes once, when the first forward has been traced).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import torch
 from torch import Tensor, nn
 
 from .defaults import DEFAULT_ROLE_NORMS, FALLBACKS, NORMS, ROLES
-from .truncation import frozen_by_dropmuon
 
 
-@dataclass
+@dataclass(eq=False)
 class Layer:
-    """One layer: a module (or param groups sharing a ``"layer"`` value) and its parameters."""
+    """One layer: a module (or the parameters sharing a ``"layer"`` key, or one tensor) and its
+    parameters. ``position`` is its place in the forward, 0 on the input side."""
 
     construction_index: int
     name: str
     params: list[tuple[str, Tensor]] = field(default_factory=list)
     module: nn.Module | None = None
+    position: int = -1
+    key: int | None = None  # the "layer" value of its param groups, if they had one
+
+    def __post_init__(self) -> None:
+        if self.position < 0:
+            self.position = self.construction_index
 
 
 @dataclass
 class Partition:
-    """What the optimizer is built from: the layers, one param group per layer of a module (or
-    the user's groups), the layer of each group, and each parameter's name for messages."""
+    """The layers in construction order, and each parameter's layer (``layer_of[id(p)]``)."""
 
     layers: list[Layer]
-    groups: list[dict]
-    group_layers: list[Layer]  # group_layers[i] is the layer of groups[i]
-    names: dict[int, str]  # id(param) -> name
+    layer_of: dict[int, Layer]
+
+    @classmethod
+    def of(cls, layers: list[Layer]) -> Partition:
+        return cls(layers, {id(p): layer for layer in layers for _, p in layer.params})
+
+    def by_position(self) -> list[Layer]:
+        return sorted(self.layers, key=lambda layer: layer.position)
+
+    def extended(self, group: dict, names: dict[int, str], model: nn.Module | None):
+        """This partition with a new param group's parameters; returns it and the new layers.
+        A module-built partition gives each parameter its module's layer (a module that was no
+        layer becomes one); with ``"layer"`` keys a group joins its key's layer or makes one,
+        placed by key; otherwise the group is one new layer on top."""
+        layers = list(self.layers)
+        new: list[Layer] = []
+        if model is not None:
+            managed = set(self.layer_of) | {id(p) for p in group["params"]}
+            by_module = {id(layer.module): layer for layer in layers}
+            for found in module_layers(model, managed):
+                layer = by_module.get(id(found.module))
+                if layer is None:
+                    found.construction_index = found.position = len(layers)
+                    layers.append(found)
+                    new.append(found)
+                else:
+                    layer.params = found.params
+            return Partition.of(layers), new
+        params = [(names[id(p)], p) for p in group["params"]]
+        key = group.get("layer")
+        joined = next((layer for layer in layers if key is not None and layer.key == key), None)
+        if joined is not None:
+            joined.params.extend(params)
+            return Partition.of(layers), new
+        index = len(layers)
+        layer = Layer(index, f"layer {key}" if key is not None else params[0][0], params, key=key)
+        layers.append(layer)
+        new.append(layer)
+        if key is not None:  # positions by key order
+            for position, keyed in enumerate(sorted(layers, key=lambda lay: lay.key)):
+                keyed.position = position
+        return Partition.of(layers), new
 
 
-def partition(params) -> Partition:
-    """The layers of a module, a parameter list, (name, parameter) pairs or param group dicts
-    (see DropMuon's ``params`` argument). Groups come back with ``"layer"`` set to the layer's
-    position (the registration order for a module, until its first forward is traced)."""
-    if isinstance(params, nn.Module):
-        layers = module_layers(params)
-        groups = [
-            {"params": [p for _, p in layer.params], "layer": layer.construction_index}
-            for layer in layers
-        ]
-        names = {id(p): n for layer in layers for n, p in layer.params}
-        return Partition(layers, groups, list(layers), names)
-    return _partition_groups(params)
+def module_groups(model: nn.Module) -> list[dict]:
+    """The param group an ``nn.Module`` stands for: its parameters that require grad, each once
+    (a tied weight under the name of the first module that registers it), with their names,
+    in registration order."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if not named:
+        raise ValueError(f"{type(model).__name__} has no trainable parameters")
+    return [{"params": named}]
 
 
-def module_layers(model: nn.Module) -> list[Layer]:
-    """The layers of a module in registration order (see the module docstring)."""
+def module_layers(model: nn.Module, managed: set[int] | None = None) -> list[Layer]:
+    """The layers of a module in registration order (see the module docstring); with
+    ``managed`` (parameter ids), only those parameters count."""
     owned: set[int] = set()
     layers: list[Layer] = []
     for module_name, module in model.named_modules(remove_duplicate=False):
         params = []
         for param_name, param in module.named_parameters(recurse=False):
-            trainable = param.requires_grad or frozen_by_dropmuon(param)
-            if trainable and id(param) not in owned:
+            wanted = param.requires_grad if managed is None else id(param) in managed
+            if wanted and id(param) not in owned:
                 owned.add(id(param))
                 params.append((f"{module_name}.{param_name}" if module_name else param_name, param))
         if params:
@@ -81,79 +122,45 @@ def module_layers(model: nn.Module) -> list[Layer]:
     return layers
 
 
-def _is_named(entry) -> bool:
-    """A (name, parameter) pair, as model.named_parameters() yields."""
-    return (
-        isinstance(entry, tuple)
-        and len(entry) == 2
-        and isinstance(entry[0], str)
-        and isinstance(entry[1], Tensor)
-    )
+def param_names(groups: list[dict]) -> dict[int, str]:
+    """Each parameter's name for messages: its ``param_names`` entry, else
+    ``param_groups[g][i]``."""
+    names = {}
+    for g_index, group in enumerate(groups):
+        given = group.get("param_names", [None] * len(group["params"]))
+        for p_index, (p, name) in enumerate(zip(group["params"], given)):
+            names.setdefault(id(p), name or f"param_groups[{g_index}][{p_index}]")
+    return names
 
 
-def _partition_groups(params) -> Partition:
-    """Layers from parameters or group dicts: one layer per tensor, or per ``"layer"`` value."""
-    if isinstance(params, Tensor):
-        raise TypeError(
-            "params argument given to the optimizer should be an iterable of Tensors or "
-            f"dicts, but got {torch.typename(params)}"
-        )
-    items = list(params)
-    if not items:
-        raise ValueError("optimizer got an empty parameter list")
-    if all(isinstance(item, Tensor) or _is_named(item) for item in items):
-        items = [{"params": [p]} for p in items]
-    if not all(isinstance(item, dict) for item in items):
-        raise TypeError(
-            "params must be a module, parameters, (name, parameter) pairs, or param group "
-            "dicts, not a mix"
-        )
-    with_layer = ["layer" in g for g in items]
+def check_layer_keys(groups) -> None:
+    """Either every group dict has an int ``"layer"`` or none does (before torch sees them)."""
+    with_layer = ["layer" in g for g in groups]
     if any(with_layer) and not all(with_layer):
         raise ValueError("either every param group has a 'layer' index or none does")
-    groups, keys, given_names = [], [], []
-    for g_index, group in enumerate(items):
-        group = dict(group)
-        entries = group["params"]
-        entries = [entries] if isinstance(entries, Tensor) or _is_named(entries) else entries
-        entries = list(entries)
-        named = [_is_named(e) for e in entries]
-        given_names.append([e[0] if n else None for e, n in zip(entries, named)])
-        group["params"] = [e[1] if n else e for e, n in zip(entries, named)]
-        layer_key = group.get("layer", g_index)
-        if not isinstance(layer_key, int) or isinstance(layer_key, bool):
-            raise ValueError(f"param group {g_index}: 'layer' must be an int, got {layer_key!r}")
-        if len({id(p) for p in group["params"]}) != len(group["params"]):
-            # torch only warns; here the parameter would be updated twice per step.
-            raise ValueError(
-                f"param group {g_index} is a parameter group with duplicate parameters"
-            )
-        for p in group["params"]:
-            if isinstance(p, Tensor) and not p.requires_grad:
-                raise ValueError(
-                    f"param group {g_index} holds a parameter that does not require grad; "
-                    "DropMuon sets requires_grad itself, so leave frozen parameters out"
-                )
-        groups.append(group)
-        keys.append(layer_key)
-    flat = [n is not None for names_ in given_names for n in names_]
-    if any(flat) and not all(flat):
-        raise ValueError(
-            "all optimizer params should be with/without names. Some param names are missing"
-        )
-    # Layers ordered by their 'layer' value, renumbered 0..b-1: position = construction index.
+    for g_index, group in enumerate(groups):
+        key = group.get("layer", g_index)
+        if not isinstance(key, int) or isinstance(key, bool):
+            raise ValueError(f"param group {g_index}: 'layer' must be an int, got {key!r}")
+
+
+def group_layers(groups: list[dict], names: dict[int, str], one_group_given: bool) -> list[Layer]:
+    """Layers from param groups: with ``"layer"`` keys, the groups sharing a key form one layer
+    (ordered by the key); from a plain parameter list (``one_group_given``), one layer per
+    tensor; otherwise one layer per group, in order."""
+    if one_group_given and "layer" not in groups[0]:
+        params = groups[0]["params"]
+        return [Layer(i, names[id(p)], [(names[id(p)], p)]) for i, p in enumerate(params)]
+    keys = [group.get("layer", g_index) for g_index, group in enumerate(groups)]
     positions = {key: position for position, key in enumerate(sorted(set(keys)))}
-    layers = [Layer(position, f"layer {key}") for key, position in positions.items()]
-    names, group_layers = {}, []
-    for g_index, (group, key) in enumerate(zip(groups, keys)):
-        layer = layers[positions[key]]
-        group["layer"] = layer.construction_index
-        group_layers.append(layer)
-        for p_index, p in enumerate(group["params"]):
-            name = given_names[g_index][p_index] or f"param_groups[{g_index}][{p_index}]"
-            names[id(p)] = name
-            layer.params.append((name, p))
-    return Partition(layers, groups, group_layers, names)
+    given = "layer" in groups[0]
+    layers = [
+        Layer(position, f"layer {key}", key=key if given else None)
+        for key, position in positions.items()
+    ]
+    for group, key in zip(groups, keys):
+        layers[positions[key]].params.extend((names[id(p)], p) for p in group["params"])
+    return layers
 
 
 # ----------------------------------------------------------------------------------------------
@@ -192,17 +199,21 @@ def check_norms(norms: dict | None, fallback: str) -> dict[str, str]:
 
 
 def assign_norms(
-    groups: list[dict], group_layers: list[Layer], norms: dict[str, str], fallback: str
-) -> None:
-    """Sets each group's ``"param_norms"``: its ``"norm"`` if not ``"auto"``, else each
-    parameter's role's norm. Needs the final positions: the head is the last layer."""
-    last = max(group["layer"] for group in groups)
-    for group, layer in zip(groups, group_layers):
-        if group["norm"] != "auto":
-            group["param_norms"] = [group["norm"]] * len(group["params"])
-            continue
-        roles = [param_role(layer, p, group["layer"] == last) for p in group["params"]]
-        group["param_norms"] = [resolve_norm(role, norms, fallback) for role in roles]
+    groups: list[dict], partition: Partition, norms: dict[str, str], fallback: str
+) -> dict[int, str]:
+    """Each parameter's norm, ``id(p) -> norm``: its group's ``"norm"`` if not ``"auto"``,
+    else its role's. Needs the final positions: the head is the last layer."""
+    last = max(layer.position for layer in partition.layers)
+    assigned = {}
+    for group in groups:
+        for p in group["params"]:
+            if group["norm"] != "auto":
+                assigned[id(p)] = group["norm"]
+                continue
+            layer = partition.layer_of[id(p)]
+            role = param_role(layer, p, layer.position == last)
+            assigned[id(p)] = resolve_norm(role, norms, fallback)
+    return assigned
 
 
 # ----------------------------------------------------------------------------------------------
@@ -211,39 +222,47 @@ def assign_norms(
 
 
 class FirstForwardTrace:
-    """Orders layers by the first forward pass. ``on_layer(layer, position)`` runs inside each
-    layer's forward pre-hook when the layer is first reached, so the caller can set
-    ``requires_grad`` for the draw of step 0 before the layer records any autograd graph."""
+    """Orders layers by the first forward pass: :meth:`reached` is called as each module's
+    forward starts (from :mod:`dropmuon.truncation`'s hooks) and gives a layer its position the
+    first time its module runs, so the caller can freeze it for step 0 before it records any
+    autograd graph."""
 
-    def __init__(self, layers: list[Layer], on_layer: Callable[[Layer, int], None]) -> None:
+    def __init__(
+        self, layers: list[Layer], model: nn.Module, positions: dict[int, int] | None = None
+    ) -> None:
         self.layers = layers
-        self.positions: dict[int, int] = {}  # construction index -> position in the forward
-        self.on_layer = on_layer
-        self.handles = [
-            layer.module.register_forward_pre_hook(self._hook(layer))
-            for layer in layers
-            if layer.module is not None
+        self.model = model
+        self.by_module = {id(layer.module): layer for layer in layers if layer.module is not None}
+        # construction index -> position in the forward
+        self.positions: dict[int, int] = dict(positions or {})
+
+    def reached(self, module) -> tuple[Layer, int] | None:
+        """The layer of ``module`` and its new position, if this is its first call."""
+        layer = self.by_module.get(id(module))
+        if layer is None or layer.construction_index in self.positions:
+            return None
+        position = len(self.positions)
+        self.positions[layer.construction_index] = position
+        return layer, position
+
+    def params_at(self, mask: list[bool], active: bool) -> list[Tensor]:
+        """The parameters of the layers already reached whose position ``mask`` marks
+        ``active``."""
+        return [
+            p
+            for index, position in self.positions.items()
+            if mask[position] == active
+            for _, p in self.layers[index].params
         ]
 
-    def _hook(self, layer: Layer):
-        def hook(module, args):
-            if layer.construction_index not in self.positions:
-                position = len(self.positions)
-                self.positions[layer.construction_index] = position
-                self.on_layer(layer, position)
-
-        return hook
-
-    def finish(self) -> dict[int, int]:
-        """Removes the hooks; returns each layer's position, construction index -> position
-        (layers that never ran follow in registration order)."""
-        for handle in self.handles:
-            handle.remove()
-        self.handles = []
+    def finish(self) -> None:
+        """Sets every layer's position: the order of the first calls, then the layers that never
+        ran in registration order."""
         ran = sorted(self.positions, key=self.positions.get)
         never = [
             layer.construction_index
             for layer in self.layers
             if layer.construction_index not in self.positions
         ]
-        return {index: position for position, index in enumerate(ran + never)}
+        for position, index in enumerate(ran + never):
+            self.layers[index].position = position

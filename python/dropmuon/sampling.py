@@ -211,6 +211,22 @@ def make_sampler(sampling, num_layers: int, *, seed, tau, total_steps, shift_str
     )
 
 
+def resized_sampler(sampler, num_layers: int):
+    """The sampler for a model that now has ``num_layers`` layers: a built-in one rebuilt with
+    the same configuration and progress (``"custom"`` cannot be: its probabilities are per
+    layer); a user sampler as it is (it gets the number of layers at every draw)."""
+    if not isinstance(sampler, LayerSampler) or sampler.num_layers == num_layers:
+        return sampler
+    if sampler.kind == "custom":
+        raise ValueError("sampling='custom' has one probability per layer: it cannot follow")
+    state = sampler.state_dict()
+    resized = LayerSampler(
+        sampler.kind, num_layers, **{key: state[key] for key in LayerSampler._CONFIG}
+    )
+    resized.set_progress(state["progress"])
+    return resized
+
+
 def draw(sampler, step: int, num_layers: int, smoothness: Sequence[float | None]) -> list[bool]:
     """The active mask of step ``step``; ``cost_optimal`` uses ``smoothness`` once every layer
     has an estimate (full updates until then)."""

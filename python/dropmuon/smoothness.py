@@ -77,6 +77,11 @@ class SmoothnessEstimator:
         self.smoothness: list[float | None] = [None] * num_layers
         self.last_step_norm: list[float | None] = [None] * num_layers
 
+    def add_layers(self, count: int) -> None:
+        """Room for ``count`` new layers (without estimates)."""
+        self.smoothness += [None] * count
+        self.last_step_norm += [None] * count
+
     def before_step(self, by_layer: dict, state) -> dict[int, Tensor]:
         """Updates the estimates of the layers also active at their previous active step (the
         gradient change over that step's length); returns the parameters' values before the

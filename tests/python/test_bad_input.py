@@ -221,8 +221,8 @@ def test_every_rank_is_routed_as_documented_and_trains(fallback):
     names = {id(p): n for n, p in model.named_parameters()}
     seen = set()
     for group in opt.param_groups:
-        for p, norm in zip(group["params"], group["param_norms"]):
-            name = names[id(p)]
+        for p in group["params"]:
+            norm, name = opt.norm_of(p), names[id(p)]
             seen.add(p.dim())
             if p.dim() < 2:
                 assert norm == fallback, name
@@ -335,7 +335,7 @@ def test_adamw_vectors_take_any_float(dtype):
     opt.step()
     assert vector.dtype == dtype and torch.isfinite(vector).all()
     assert not torch.equal(vector, start)
-    assert opt.param_groups[0]["param_norms"] == ["adamw"]
+    assert opt.norm_of(vector) == "adamw"
 
 
 # --------------------------------------------------------------------------------------------
@@ -558,6 +558,10 @@ def drop(container, key):
     del container[key]
 
 
+def set_layers(state, positions):
+    state["param_groups"][0]["dropmuon"]["param_layers"] = [positions]
+
+
 def set_shape(state, index, name, shape):
     state["state"][index][name] = torch.zeros(shape)
 
@@ -573,11 +577,11 @@ LOAD_CASES = {
     ),
     "no-bias-model": (
         lambda: checkpoint(bias=False),
-        "param group 0 has 1 parameters in the checkpoint and 2 here",
+        "param group 0 has 3 parameters in the checkpoint and 6 here",
     ),
     "other-partition": (
         split_partition,
-        "checkpoint has 6 param groups, this optimizer 3: a different model or partition",
+        "checkpoint has 6 param groups, this optimizer 1: a different model or partition",
     ),
     "other-sampler": (
         lambda: checkpoint(sampling="full"),
@@ -585,15 +589,19 @@ LOAD_CASES = {
     ),
     "other-norms": (
         lambda: checkpoint(norms={"head": "row"}),
-        "param group 2 has norms ['row', 'adamw'] in the checkpoint",
+        "parameter 4.weight has norm 'row' in the checkpoint and 'spectral' here",
     ),
     "swapped-layers": (
-        lambda: edited(lambda s: [g.update(layer=i) for g, i in zip(s["param_groups"], [1, 0, 2])]),
-        "param group 0 is layer 1 in the checkpoint and 0 here: a different partition",
+        lambda: edited(lambda s: set_layers(s, [1, 1, 0, 0, 2, 2])),
+        "parameter 0.weight is in layer 1 in the checkpoint and 0 here: a different partition",
     ),
     "repeated-layer": (
-        lambda: edited(lambda s: s["param_groups"][1].update(layer=0)),
-        "checkpoint's layer indices are not 0..num_layers-1",
+        lambda: edited(lambda s: set_layers(s, [0, 0, 0, 0, 2, 2])),
+        "parameter 2.weight is in layer 0 in the checkpoint and 1 here: a different partition",
+    ),
+    "split-layer": (
+        lambda: edited(lambda s: set_layers(s, [0, 1, 1, 1, 2, 2])),
+        "parameter 0.bias is in layer 1 in the checkpoint, the rest of its layer in 0",
     ),
     "bad-sampler-seed": (
         lambda: edited(lambda s: s["param_groups"][0]["dropmuon"]["sampler"].update(seed=-1)),
@@ -619,13 +627,13 @@ LOAD_CASES = {
         lambda: edited(lambda s: s["param_groups"][0]["dropmuon"]["update_counts"].pop()),
         "checkpoint's update_counts has 2 entries, not one per layer",
     ),
-    "short-param-groups": (
-        lambda: edited(lambda s: s["param_groups"].pop()),
-        "checkpoint has 2 param groups, this optimizer 3",
+    "extra-param-group": (
+        lambda: edited(lambda s: s["param_groups"].append(dict(s["param_groups"][0], params=[]))),
+        "checkpoint has 2 param groups, this optimizer 1",
     ),
     "short-group": (
-        lambda: edited(lambda s: s["param_groups"][1]["params"].pop()),
-        "param group 1 has 1 parameters in the checkpoint and 2 here",
+        lambda: edited(lambda s: s["param_groups"][0]["params"].pop()),
+        "param group 0 has 5 parameters in the checkpoint and 6 here",
     ),
     "momentum-shape": (
         lambda: edited(lambda s: set_shape(s, 4, "momentum_buffer", (4, 4))),
@@ -661,6 +669,15 @@ LOAD_CASES = {
     ),
     "not-a-dict": (lambda: [1, 2, 3], "not a DropMuon checkpoint: it has no 'dropmuon' section"),
 }
+
+
+def test_a_checkpoint_with_a_repeated_layer_is_refused_before_the_first_forward():
+    """Before the first forward the checkpoint's order would be adopted: it must be one."""
+    state = edited(lambda s: set_layers(s, [0, 0, 0, 0, 2, 2]))
+    opt = dropmuon.DropMuon(mlp(seed=0), lr=0.05, seed=3, fallback="adamw")
+    with pytest.raises(ValueError, match="layer positions are not 0..num_layers-1"):
+        opt.load_state_dict(state)
+    assert opt.layer_order.startswith("registration")
 
 
 @pytest.mark.parametrize("case", list(LOAD_CASES))

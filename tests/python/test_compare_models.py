@@ -104,11 +104,7 @@ def backward_flops(name: str, cutoff: int):
     loss = loss_fn(model(x), y)
     with FlopCounterMode(display=False) as counter:
         loss.backward()
-    grads_match = all(
-        (p.grad is not None) == opt.active_layers[g["layer"]]
-        for g in opt.param_groups
-        for p in g["params"]
-    )
+    grads_match = all((p.grad is not None) == opt.is_active(p) for p in model.parameters())
     return counter.get_total_flops(), grads_match, opt.num_layers, model, x
 
 

@@ -33,11 +33,14 @@ def mlp(layers=4, width=16):
 
 
 def train(forward, opt, steps):
+    """The set of masks of the steps after the first (the first forward, which orders the
+    layers, runs eagerly)."""
     masks = set()
     for s in range(steps):
         g = torch.Generator().manual_seed(s)
         x, y = torch.randn(6, 8, generator=g), torch.randint(0, 4, (6,), generator=g)
-        masks.add(tuple(opt.active_layers))
+        if s > 0:
+            masks.add(tuple(opt.active_layers))
         opt.zero_grad()
         nn.functional.cross_entropy(forward(x), y).backward()
         opt.step()
@@ -61,9 +64,10 @@ def test_compiled_model_one_graph_per_active_set(order):
     masks = train(compiled, opt, 30)
 
     assert len(masks) == opt.num_layers == 4  # every cutoff came up
-    # One graph per active set, plus the first forward (it still runs the ordering hooks).
-    assert counter.frame_count == len(masks) + 1 <= opt.num_layers + 1
+    # One graph per active set; the first forward ran eagerly (it orders the layers).
+    assert counter.frame_count == len(masks) <= opt.num_layers
     assert not counters["graph_break"]
+    assert all(p.requires_grad for p in model.parameters())  # the user's flags between steps
     assert opt.layer_names()[0].endswith("0")  # the trace saw the real order
     for a, b in zip(model.parameters(), eager.parameters()):
         assert torch.equal(a, b)  # and the very trajectory of the eager model
@@ -91,7 +95,23 @@ def test_more_layers_than_the_default_recompile_limit():
     with torch._dynamo.config.patch(recompile_limit=opt.num_layers + 2):
         masks = train(torch.compile(model, backend=counter), opt, 40)
     assert len(masks) > 7  # past the default limit
-    assert counter.frame_count == len(masks) + 1
+    assert counter.frame_count == len(masks)
+
+
+def test_compile_in_place_trains_without_truncation_and_says_so():
+    """model.compile() compiles the very module call DropMuon's hooks run in: no layer is
+    frozen (every gradient is computed, the frozen ones are dropped by the step), the
+    trajectory is the eager one, and DropMuon warns once, naming the fix."""
+    eager = mlp()
+    eager_opt = dropmuon.DropMuon(eager, lr=0.02, seed=1, ns_precision="native")
+    train(eager, eager_opt, 6)
+    model = mlp()
+    opt = dropmuon.DropMuon(model, lr=0.02, seed=1, ns_precision="native")
+    model.compile(backend="aot_eager")
+    with pytest.warns(dropmuon.TruncationDefeatedWarning, match="torch.compile\\(model\\)"):
+        train(model, opt, 6)
+    for a, b in zip(model.parameters(), eager.parameters()):
+        assert torch.equal(a, b)
 
 
 # ----------------------------------------------------------------------------------------------

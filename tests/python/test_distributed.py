@@ -105,13 +105,14 @@ def _scenarios(rank, workdir):
     cutoffs = train(ddp, model, opt, STEPS, batch=batch)
     out["tau_nice"] = dict(params=snapshot(model), cutoffs=cutoffs, bytes=stats.bytes)
 
-    # A parameter list freezes layers at construction: wrap_ddp must still register them all.
+    # A parameter-group optimizer: nothing is frozen between forward passes, so DDP registers
+    # every parameter (0.1 froze layers at construction, which wrap_ddp had to undo).
     model = make_model()
     opt = dropmuon.DropMuon(
         [{"params": list(m.parameters()), "layer": i} for i, m in enumerate(model[::2])],
         **OPTIONS,
     )
-    assert not all(p.requires_grad for p in model.parameters())  # some frozen already
+    assert all(p.requires_grad for p in model.parameters())
     ddp = dmd.wrap_ddp(model, opt)
     train(ddp, model, opt, STEPS, batch=batch)
     out["param_list"] = dict(params=snapshot(model))

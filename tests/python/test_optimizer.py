@@ -300,11 +300,9 @@ def run_masks(opt, model, steps):
         x, y = net_batch(s)
         opt.zero_grad()
         nn.functional.cross_entropy(model(x), y).backward()
-        has_grad = {id(p): p.grad is not None for p in model.parameters()}
-        for group in opt.param_groups:
-            for p in group["params"]:
-                assert has_grad[id(p)] == opt.active_layers[group["layer"]]
-                assert p.requires_grad == opt.active_layers[group["layer"]]
+        for p in model.parameters():
+            assert (p.grad is not None) == opt.active_layers[opt.layer_of(p)]
+            assert p.requires_grad  # the freeze lasted the forward pass only
         opt.step()
     return masks
 
@@ -467,18 +465,27 @@ def test_execution_order_freezes_the_first_run_layer():
     model(torch.randn(3, 4)).sum().backward()
     assert model.first.weight.grad is None and model.last.weight.grad is not None
     opt.step()
-    assert opt.layer_names() == ["first", "last"]
-    assert opt.param_groups[0]["layer"] == 1  # 'last' was registered first
+    assert opt.layer_names() == ["first", "last"]  # 'last' was registered first
+    assert opt.layer_of(model.last.weight) == 1
 
 
-def test_unfreeze_restores_requires_grad():
+def test_unfreeze_gives_full_backwards_until_the_next_step():
     model = small_net()
     opt = dropmuon.DropMuon(model, sampling=FixedCutoff(2))
     model(net_batch(0)[0]).sum().backward()
     opt.step()
-    assert not model[0].weight.requires_grad
+    assert all(p.requires_grad for p in model.parameters())  # the user's flags between steps
     opt.unfreeze()
-    assert all(p.requires_grad for p in model.parameters())
+    opt.zero_grad()
+    model(net_batch(1)[0]).sum().backward()
+    assert all(p.grad is not None for p in model.parameters())  # nothing frozen
+    before = [p.detach().clone() for p in model.parameters()]
+    opt.step()  # still updates only the active layer, and arms the freeze again
+    after = list(model.parameters())
+    assert [not torch.equal(a, b) for a, b in zip(before, after)] == [False] * 4 + [True] * 2
+    opt.zero_grad()
+    model(net_batch(2)[0]).sum().backward()
+    assert [p.grad is not None for p in model.parameters()] == [False] * 4 + [True] * 2
 
 
 # --------------------------------------------------------------------------------------------
@@ -496,9 +503,11 @@ def test_explicit_param_groups_with_layers():
     ]
     opt = dropmuon.DropMuon(groups, lr=0.01, sampling="full")
     assert opt.num_layers == 3
-    assert [g["layer"] for g in opt.param_groups] == [2, 0, 1, 1]
-    assert opt.param_groups[2]["param_norms"] == ["frobenius"]
-    assert opt.param_groups[0]["param_norms"] == ["spectral", "sign"]
+    assert [g["layer"] for g in opt.param_groups] == [9, 0, 4, 4]  # the groups as passed
+    assert [opt.layer_of(g["params"][0]) for g in opt.param_groups] == [2, 0, 1, 1]
+    assert opt.layer_names() == ["layer 0", "layer 4", "layer 9"]
+    assert opt.norm_of(model[3].weight) == "frobenius"
+    assert [opt.norm_of(p) for p in (model[5].weight, model[5].bias)] == ["spectral", "sign"]
     assert opt.param_groups[0]["lr"] == 0.1
 
 
@@ -552,14 +561,12 @@ def test_group_errors():
         dropmuon.DropMuon(
             [{"params": [model[0].weight], "layer": 0}, {"params": [model[3].weight]}]
         )
-    frozen = nn.Parameter(torch.zeros(3), requires_grad=False)
-    with pytest.raises(ValueError, match="does not require grad"):
-        dropmuon.DropMuon([frozen])
     with pytest.raises(ValueError, match="empty parameter list"):
         dropmuon.DropMuon([])
     opt = dropmuon.DropMuon(model)
-    with pytest.raises(RuntimeError, match="fixed at construction"):
+    with pytest.raises(ValueError, match="not the model's"):
         opt.add_param_group({"params": [nn.Parameter(torch.zeros(2))]})
+    assert len(opt.param_groups) == 1  # refused: nothing changed
 
 
 def test_muon_is_full_sampling():

@@ -1,6 +1,8 @@
 """Checkpoints: torch's state layout, weights_only loading, and an exact resume."""
 
+import copy
 import io
+from pathlib import Path
 
 import pytest
 import torch
@@ -75,29 +77,54 @@ def test_state_dict_layout():
     torch.load(save(opt), weights_only=True)
 
 
-def test_checkpoint_with_the_section_at_the_top_level_still_resumes():
-    """Version 1 checkpoints (the section at the top level, no state for parameters never
-    updated) load as before; after a load the live param groups do not carry the section."""
-    model, opt = make()
-    train(model, opt, 0, 3)
-    model_state, opt_state = torch.load(save(model, opt), weights_only=True)
-    opt_state["dropmuon"] = opt_state["param_groups"][0].pop("dropmuon")
-    opt_state["dropmuon"]["version"] = 1  # which also left never-updated parameters out
-    never_updated = [g for g in opt_state["param_groups"] if opt.update_counts[g["layer"]] == 0]
-    assert never_updated
-    for group in never_updated:
-        for key in group["params"]:
-            opt_state["state"].pop(key)
-    straight = train(model, opt, 3, 3)
-    expected = [p.detach().clone() for p in model.parameters()]
+FIXTURES = Path(__file__).parent / "fixtures"
 
-    model, opt = make(seed=7)
-    model.load_state_dict(model_state)
-    opt.load_state_dict(opt_state)
-    assert opt.step_count == 3 and "dropmuon" not in opt.param_groups[0]
-    assert train(model, opt, 3, 3) == straight
-    for a, b in zip(model.parameters(), expected):
+
+@pytest.mark.parametrize("version", [1, 2])
+@pytest.mark.parametrize("built_from", ["module", "list"])
+def test_a_dropmuon_0_1_checkpoint_resumes_its_trajectory(built_from, version):
+    """Checkpoints written by dropmuon 0.1 (one param group per layer; fixtures/
+    make_v2_checkpoints.py) load into today's optimizer, whose groups are the user's (one here),
+    and continue the very trajectory 0.1 continued them on. Version 1 had the section at the
+    top level and no state for parameters never updated (they start from zeros)."""
+    saved = torch.load(FIXTURES / "v2_checkpoints.pt", weights_only=True)[built_from]
+    state = copy.deepcopy(saved["optimizer"])
+    if version == 1:
+        state["dropmuon"] = state["param_groups"][0].pop("dropmuon")
+        state["dropmuon"]["version"] = 1
+        for group in state["param_groups"]:
+            if state["dropmuon"]["update_counts"][group["layer"]] == 0:
+                for key in group["params"]:
+                    state["state"].pop(key)
+    model = v2_net()
+    model.load_state_dict(saved["model"])
+    params = model.parameters() if built_from == "list" else model
+    opt = dropmuon.DropMuon(params, lr=0.05, seed=4, fallback="adamw", ns_precision="native")
+    opt.load_state_dict(state)
+    assert len(opt.param_groups) == 1 and "dropmuon" not in opt.param_groups[0]
+    assert "layer" not in opt.param_groups[0] and opt.step_count == 3
+    for step in range(3, 6):
+        g = torch.Generator().manual_seed(100 + step)
+        x, y = torch.randn(5, 6, generator=g), torch.randint(0, 3, (5,), generator=g)
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    assert opt.update_counts == saved["update_counts"]
+    for a, b in zip(model.parameters(), saved["after"]):
         assert torch.equal(a, b)
+
+
+def test_a_dropmuon_0_1_checkpoint_with_unequal_groups_cannot_merge():
+    state = torch.load(FIXTURES / "v2_checkpoints.pt", weights_only=True)["module"]["optimizer"]
+    state["param_groups"][1]["lr"] = 0.5
+    opt = dropmuon.DropMuon(v2_net(), lr=0.05, seed=4, fallback="adamw")
+    with pytest.raises(ValueError, match="param groups with different options"):
+        opt.load_state_dict(state)
+
+
+def v2_net():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 3))
 
 
 def test_load_rejects_another_model_and_changes_nothing():
@@ -115,7 +142,7 @@ def test_load_rejects_another_model_and_changes_nothing():
             assert torch.equal(value, after["state"][key][name])
 
     _, sign_opt = make(fallback="sign")
-    with pytest.raises(ValueError, match="norms"):
+    with pytest.raises(ValueError, match="norm 'sign' in the checkpoint and 'adamw' here"):
         opt.load_state_dict(sign_opt.state_dict())
     with pytest.raises(ValueError, match="not a DropMuon checkpoint"):
         opt.load_state_dict(torch.optim.SGD(model.parameters(), lr=0.1).state_dict())

@@ -33,6 +33,7 @@ def layer_forward_flops(module: nn.Module, inputs, outputs) -> int:
 def measure(model, x, cutoff):
     """(measured backward FLOPs, predicted backward FLOPs, grads of frozen params are None)."""
     opt = dropmuon.DropMuon(model, sampling=FixedCutoff(cutoff))
+    opt.zero_grad()
     records = {}
 
     def hook(module, args, output):
@@ -58,12 +59,7 @@ def measure(model, x, cutoff):
     predicted = 0
     for module, (flops, input_needs_grad) in records.items():
         predicted += flops * ((id(module) in active_modules) + input_needs_grad)
-    frozen_clean = all(
-        p.grad is None
-        for g in opt.param_groups
-        if not opt.active_layers[g["layer"]]
-        for p in g["params"]
-    )
+    frozen_clean = all(p.grad is None for p in model.parameters() if not opt.is_active(p))
     return measured, predicted, frozen_clean
 
 
