@@ -46,7 +46,7 @@ def warn_no_gradient(layer: int, name: str, step: int) -> None:
         "{'use_reentrant': False}); (2) the layer's output was detached or not used in the "
         "loss; (3) its gradients were cleared before step(). Reported once per layer.",
         NoGradientWarning,
-        stacklevel=4,
+        stacklevel=6,  # the user's opt.step(): through check_gradients, step, torch's wrappers
     )
 
 
@@ -73,7 +73,7 @@ def warn_no_forward_seen(step: int) -> None:
         "model = torch.compile(model), whose wrapper call runs the hooks), or a forward written "
         "with functional calls outside any nn.Module. Reported once.",
         TruncationDefeatedWarning,
-        stacklevel=4,
+        stacklevel=6,
     )
 
 
@@ -85,13 +85,19 @@ class Diagnostics:
         self.warned_layers: set[int] = set()
         self.warned_truncation = False
 
-    def check_gradients(self, active: list[bool], with_grad, layer_names, step: int) -> None:
+    def check_gradients(
+        self, active: list[bool], with_grad, layer_names, step: int, user_frozen=()
+    ) -> None:
         """Warns for each active layer (position) not among ``with_grad``, when some layer has a
         gradient (a step with none at all is a step before any backward, not a defeated
-        stack). ``layer_names()`` is called only to word a warning."""
+        stack); layers in ``user_frozen`` (none of their parameters requires grad: the user
+        froze them) are expected to have none. ``layer_names()`` is called only to word a
+        warning."""
         if not with_grad:
             return
         for layer, is_active in enumerate(active):
+            if layer in user_frozen:
+                continue
             if is_active and layer not in with_grad and layer not in self.warned_layers:
                 self.warned_layers.add(layer)
                 warn_no_gradient(layer, layer_names()[layer], step)

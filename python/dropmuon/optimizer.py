@@ -560,7 +560,14 @@ class DropMuon(Optimizer):
                 loss = closure()
         self._finish_trace()
         by_layer, schedules = self._active_gradients()
-        self._diagnostics.check_gradients(self._mask, by_layer, self.layer_names, self._step_count)
+        user_frozen = {
+            layer.position
+            for layer in self._partition.layers
+            if not any(p.requires_grad for _, p in layer.params)
+        }
+        self._diagnostics.check_gradients(
+            self._mask, by_layer, self.layer_names, self._step_count, user_frozen
+        )
         froze = self._forward.armed and not all(self._mask)
         self._diagnostics.check_forward_seen(
             self._forward.forwards, froze, by_layer, self._step_count
@@ -672,7 +679,9 @@ class DropMuon(Optimizer):
         sampler = checkpoint.restored_sampler(self.sampler, extra["sampler"])
         super().load_state_dict(state_dict)
         self.param_groups[0].pop("dropmuon", None)  # torch copies the saved groups' keys
-        self._param_names = param_names(self.param_groups)
+        if self._model is None:  # torch adopts the checkpoint's param_names
+            self._param_names = param_names(self.param_groups)
+            self._partition.rename(self._param_names)
         self.state.update(kept)
         if adopt:
             for layer, position in saved_positions.items():

@@ -58,6 +58,14 @@ class Partition:
     def by_position(self) -> list[Layer]:
         return sorted(self.layers, key=lambda layer: layer.position)
 
+    def rename(self, names: dict[int, str]) -> None:
+        """New parameter names (``id(p) -> name``; a loaded checkpoint's ``param_names``): the
+        layers' lists follow, and so does a one-tensor layer named after its tensor."""
+        for layer in self.layers:
+            if layer.module is None and layer.key is None and len(layer.params) == 1:
+                layer.name = names[id(layer.params[0][1])]
+            layer.params = [(names[id(p)], p) for _, p in layer.params]
+
     def extended(self, group: dict, names: dict[int, str], model: nn.Module | None):
         """This partition with a new param group's parameters; returns it and the new layers.
         A module-built partition gives each parameter its module's layer (a module that was no

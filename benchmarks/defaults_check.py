@@ -1,0 +1,148 @@
+"""Do DropMuon's defaults train the models users bring? (issue 22, finding 9)
+
+Trains, with the README's first example (``DropMuon(model, lr=..., sampling=...)``, nothing else
+set) and with the alternatives for the parameters Newton-Schulz does not suit, two models:
+
+- ``transformer``: pytorch/examples' word_language_model ``TransformerModel`` architecture
+  (token embedding scaled by sqrt(d), sinusoidal positions, ``nn.TransformerEncoder`` with a
+  causal mask, linear decoder), character level on Debian's fortunes (2 layers, d=64, 2 heads,
+  context 64, batch 32); metric: validation cross-entropy in nats per character (lower is
+  better; the unigram entropy of the text is about 3.3).
+- ``cnn``: the paper CNN on 12,000 Fashion-MNIST training images (batch 256); metric: accuracy
+  on 4,000 held-out training images.
+
+Configurations: ``fallback`` ``sign`` (0.1's default) or ``adamw`` (vectors on AdamW), and
+``adamw+emb``: vectors and the embedding on AdamW (``norms={"embedding": "adamw"}``), each with
+Muon (every layer) and DropMuon (uniform). AdamW's lr is the group's lr unless ``adamw_lr`` is
+set. One line of JSON per run in ``--output`` (runs already there are skipped, so an
+interrupted check resumes):
+
+    python benchmarks/defaults_check.py --output benchmarks/results/defaults/runs.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+import dropmuon
+from dropmuon.compare.data import load_dataset
+from dropmuon.compare.models import PaperCNN
+from dropmuon.compare.text import load_text, windows
+
+
+class TransformerLM(nn.Module):
+    """word_language_model's TransformerModel, sized for 2 CPU cores."""
+
+    def __init__(self, vocab: int, d: int = 64, heads: int = 2, layers: int = 2, context: int = 64):
+        super().__init__()
+        self.d = d
+        self.encoder = nn.Embedding(vocab, d)
+        position = torch.arange(context).unsqueeze(1)
+        div = torch.exp(torch.arange(0, d, 2) * (-math.log(10000.0) / d))
+        pe = torch.zeros(context, d)
+        pe[:, 0::2], pe[:, 1::2] = torch.sin(position * div), torch.cos(position * div)
+        self.register_buffer("pe", pe)
+        layer = nn.TransformerEncoderLayer(d, heads, 4 * d, dropout=0.0, batch_first=True)
+        self.transformer_encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.decoder = nn.Linear(d, vocab)
+        self.register_buffer("mask", nn.Transformer.generate_square_subsequent_mask(context))
+
+    def forward(self, tokens):
+        h = self.encoder(tokens) * math.sqrt(self.d) + self.pe[: tokens.shape[1]]
+        n = tokens.shape[1]
+        h = self.transformer_encoder(h, mask=self.mask[:n, :n], is_causal=True)
+        return self.decoder(h)
+
+
+CONFIGS = {
+    "sign": dict(fallback="sign"),
+    "adamw": dict(fallback="adamw"),
+    "adamw+emb": dict(fallback="adamw", norms={"embedding": "adamw"}),
+}
+
+
+def run_transformer(config: dict, sampling: str, lr: float, steps: int, seed: int) -> dict:
+    text = load_text("fortunes")
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    model = TransformerLM(text.vocab_size)
+    opt = dropmuon.DropMuon(model, lr=lr, sampling=sampling, seed=seed, **config)
+    val_tokens = text.train[-100_000:]
+    train_tokens = text.train[:-100_000]
+    val_starts = torch.arange(0, len(val_tokens) - 65, 97)[:256]
+    vx, vy = windows(val_tokens, val_starts, 64)
+    curve, start = [], time.perf_counter()
+    for step in range(steps):
+        starts = torch.randint(0, len(train_tokens) - 65, (32,), generator=g)
+        x, y = windows(train_tokens, starts, 64)
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(model(x).flatten(0, 1), y.flatten())
+        loss.backward()
+        opt.step()
+        if (step + 1) % (steps // 4) == 0:
+            with torch.no_grad():
+                val = nn.functional.cross_entropy(model(vx).flatten(0, 1), vy.flatten())
+            curve.append(round(float(val), 4))
+    return dict(metric=curve[-1], curve=curve, seconds=time.perf_counter() - start)
+
+
+def run_cnn(config: dict, sampling: str, lr: float, steps: int, seed: int) -> dict:
+    data = load_dataset("fashion-mnist")
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    model = PaperCNN(data.in_channels, data.num_classes, data.image_size)
+    opt = dropmuon.DropMuon(model, lr=lr, sampling=sampling, seed=seed, **config)
+    train_x, train_y = data.train_x[:12_000], data.train_y[:12_000]
+    held_x, held_y = data.train_x[-2_000:], data.train_y[-2_000:]
+    curve, start = [], time.perf_counter()
+    for step in range(steps):
+        index = torch.randint(0, len(train_x), (256,), generator=g)
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(train_x[index]), train_y[index]).backward()
+        opt.step()
+        if (step + 1) % (steps // 4) == 0:
+            with torch.no_grad():
+                accuracy = (model(held_x).argmax(1) == held_y).float().mean()
+            curve.append(round(float(accuracy), 4))
+    return dict(metric=curve[-1], curve=curve, seconds=time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--output", default="benchmarks/results/defaults/runs.jsonl")
+    parser.add_argument("--models", nargs="+", default=["transformer", "cnn"])
+    parser.add_argument("--lrs", nargs="+", type=float, default=[0.05, 0.02])
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0])
+    parser.add_argument("--steps", type=int, default=400)
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    out = Path(args.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    done = set()
+    if out.exists():
+        done = {tuple(json.loads(line)["key"]) for line in out.read_text().splitlines()}
+    runners = {"transformer": run_transformer, "cnn": run_cnn}
+    for model in args.models:
+        for lr in args.lrs:
+            for sampling in ("full", "uniform"):
+                for name, config in CONFIGS.items():
+                    for seed in args.seeds:
+                        key = (model, lr, sampling, name, seed, args.steps)
+                        if key in done:
+                            continue
+                        result = runners[model](config, sampling, lr, args.steps, seed)
+                        row = dict(key=list(key), **result)
+                        print(json.dumps(row), flush=True)
+                        with out.open("a") as f:
+                            f.write(json.dumps(row) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,78 @@
+"""Models and loops the drop-in tests share (issue 22): a small CNN, and word_language_model's
+transformer (torch's nn.TransformerEncoder, as every torch tutorial builds it)."""
+
+import math
+
+import torch
+from torch import nn
+
+
+def cnn(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(4, 6, 3, padding=1),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(6 * 6 * 6, 5),
+    )
+
+
+def cnn_batch(step):
+    g = torch.Generator().manual_seed(1000 + step)
+    return torch.randn(8, 1, 6, 6, generator=g), torch.randint(0, 5, (8,), generator=g)
+
+
+class TransformerLM(nn.Module):
+    """pytorch/examples' word_language_model TransformerModel, small: embedding scaled by
+    sqrt(d), sinusoidal positions, nn.TransformerEncoder with a causal mask, a linear decoder."""
+
+    def __init__(self, vocab=12, d=16, heads=2, layers=2, context=8, seed=0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.d = d
+        self.encoder = nn.Embedding(vocab, d)
+        position = torch.arange(context).unsqueeze(1)
+        div = torch.exp(torch.arange(0, d, 2) * (-math.log(10000.0) / d))
+        pe = torch.zeros(context, d)
+        pe[:, 0::2], pe[:, 1::2] = torch.sin(position * div), torch.cos(position * div)
+        self.register_buffer("pe", pe)
+        layer = nn.TransformerEncoderLayer(d, heads, 2 * d, dropout=0.0, batch_first=True)
+        self.transformer_encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.decoder = nn.Linear(d, vocab)
+        self.register_buffer("mask", nn.Transformer.generate_square_subsequent_mask(context))
+
+    def forward(self, tokens):
+        n = tokens.shape[1]
+        h = self.encoder(tokens) * math.sqrt(self.d) + self.pe[:n]
+        return self.decoder(self.transformer_encoder(h, mask=self.mask[:n, :n], is_causal=True))
+
+
+def lm_batch(step, vocab=12, context=8, batch=6):
+    """Sequences that count up modulo ``vocab`` from a random start: learnable in a few steps."""
+    g = torch.Generator().manual_seed(2000 + step)
+    start = torch.randint(0, vocab, (batch, 1), generator=g)
+    tokens = (start + torch.arange(context + 1)) % vocab
+    return tokens[:, :-1], tokens[:, 1:]
+
+
+def lm_loss(model, step):
+    x, y = lm_batch(step)
+    return nn.functional.cross_entropy(model(x).flatten(0, 1), y.flatten())
+
+
+def cnn_loss(model, step):
+    x, y = cnn_batch(step)
+    return nn.functional.cross_entropy(model(x), y)
+
+
+MODELS = {"cnn": (cnn, cnn_loss), "transformer": (TransformerLM, lm_loss)}
+
+
+def step(model, opt, loss_fn, s):
+    opt.zero_grad()
+    loss = loss_fn(model, s)
+    loss.backward()
+    opt.step()
+    return loss.item()

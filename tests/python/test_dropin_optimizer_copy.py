@@ -1,0 +1,72 @@
+"""Issue 22, finding 6: copy.deepcopy and pickling of the optimizer keep everything it needs
+(sampler, step counter, statistics, layers): the copy continues the same trajectory."""
+
+import copy
+import pickle
+
+import pytest
+import torch
+from dropin import MODELS, step
+
+import dropmuon
+
+CLASSES = [dropmuon.DropMuon, dropmuon.Muon]
+
+
+def public(opt):
+    return {k for k in opt.__dict__ if not k.startswith("_")}
+
+
+@pytest.mark.parametrize("cls", CLASSES)
+def test_deepcopy_keeps_every_public_attribute(cls):
+    model, loss_fn = MODELS["cnn"]
+    model = model()
+    opt = cls(model, lr=0.02, seed=3)
+    for s in range(3):
+        step(model, opt, loss_fn, s)
+    twin = copy.deepcopy(opt)
+    assert public(twin) == public(opt)
+    assert twin.update_counts == opt.update_counts
+    assert twin.skipped_nonfinite == opt.skipped_nonfinite
+    assert twin.sampler.state_dict() == opt.sampler.state_dict()
+    assert twin.step_count == opt.step_count and twin.active_layers == opt.active_layers
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+@pytest.mark.parametrize("name", list(MODELS))
+def test_a_copied_model_and_optimizer_continue_the_same_trajectory(how, name):
+    make, loss_fn = MODELS[name]
+    model = make()
+    opt = dropmuon.DropMuon(model, lr=0.02, seed=5, fallback="adamw")
+    for s in range(3):
+        step(model, opt, loss_fn, s)
+    if how == "deepcopy":
+        model2, opt2 = copy.deepcopy((model, opt))
+    else:
+        model2, opt2 = pickle.loads(pickle.dumps((model, opt)))
+    assert opt2.layer_names() == opt.layer_names()
+    for s in range(3, 9):
+        assert opt2.active_layers == opt.active_layers
+        step(model, opt, loss_fn, s)
+        step(model2, opt2, loss_fn, s)
+    for a, b in zip(model.parameters(), model2.parameters()):
+        assert torch.equal(a, b)
+    assert opt2.update_counts == opt.update_counts
+
+
+def test_a_deepcopied_optimizer_alone_steps_its_own_copies_like_the_original():
+    """torch.optim's semantics: deepcopy(opt) copies the parameters too; given the same
+    gradients, the copy makes the same step on them."""
+    make, loss_fn = MODELS["cnn"]
+    model = make()
+    opt = dropmuon.DropMuon(model, lr=0.02, seed=5)
+    step(model, opt, loss_fn, 0)
+    twin = copy.deepcopy(opt)
+    loss_fn(model, 1).backward()
+    twin_params = [p for g in twin.param_groups for p in g["params"]]
+    for p, q in zip(model.parameters(), twin_params):
+        q.grad = None if p.grad is None else p.grad.clone()
+    opt.step()
+    twin.step()
+    for p, q in zip(model.parameters(), twin_params):
+        assert torch.equal(p, q)
