@@ -12,9 +12,9 @@ set) and with the alternatives for the parameters Newton-Schulz does not suit, t
   on 4,000 held-out training images.
 
 Configurations: ``fallback`` ``sign`` (0.1's default) or ``adamw`` (vectors on AdamW), and
-``adamw+emb``: vectors and the embedding on AdamW (``norms={"embedding": "adamw"}``), each with
-Muon (every layer) and DropMuon (uniform). AdamW's lr is the group's lr unless ``adamw_lr`` is
-set. One line of JSON per run in ``--output`` (runs already there are skipped, so an
+``adamw+emb``: vectors and the embedding on AdamW (``norms={"embedding": "adamw"}``); with AdamW
+at the spectral lr, or at a twentieth of it (``/20``); each with Muon (every layer) and DropMuon
+(uniform). One line of JSON per run in ``--output`` (runs already there are skipped, so an
 interrupted check resumes):
 
     python benchmarks/defaults_check.py --output benchmarks/results/defaults/runs.jsonl
@@ -65,7 +65,16 @@ CONFIGS = {
     "sign": dict(fallback="sign"),
     "adamw": dict(fallback="adamw"),
     "adamw+emb": dict(fallback="adamw", norms={"embedding": "adamw"}),
+    # AdamW at a twentieth of the spectral lr (0.0025 at 0.05, 0.001 at 0.02)
+    "adamw/20": dict(fallback="adamw", adamw_lr_ratio=0.05),
+    "adamw/20+emb": dict(fallback="adamw", adamw_lr_ratio=0.05, norms={"embedding": "adamw"}),
 }
+
+
+def options(config: dict, lr: float) -> dict:
+    config = dict(config)
+    ratio = config.pop("adamw_lr_ratio", None)
+    return config if ratio is None else dict(config, adamw_lr=ratio * lr)
 
 
 def run_transformer(config: dict, sampling: str, lr: float, steps: int, seed: int) -> dict:
@@ -73,7 +82,7 @@ def run_transformer(config: dict, sampling: str, lr: float, steps: int, seed: in
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     model = TransformerLM(text.vocab_size)
-    opt = dropmuon.DropMuon(model, lr=lr, sampling=sampling, seed=seed, **config)
+    opt = dropmuon.DropMuon(model, lr=lr, sampling=sampling, seed=seed, **options(config, lr))
     val_tokens = text.train[-100_000:]
     train_tokens = text.train[:-100_000]
     val_starts = torch.arange(0, len(val_tokens) - 65, 97)[:256]
@@ -98,7 +107,7 @@ def run_cnn(config: dict, sampling: str, lr: float, steps: int, seed: int) -> di
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     model = PaperCNN(data.in_channels, data.num_classes, data.image_size)
-    opt = dropmuon.DropMuon(model, lr=lr, sampling=sampling, seed=seed, **config)
+    opt = dropmuon.DropMuon(model, lr=lr, sampling=sampling, seed=seed, **options(config, lr))
     train_x, train_y = data.train_x[:12_000], data.train_y[:12_000]
     held_x, held_y = data.train_x[-2_000:], data.train_y[-2_000:]
     curve, start = [], time.perf_counter()

@@ -41,7 +41,7 @@ if command -v nvcc >/dev/null && compgen -G "csrc/cuda/*.cu" >/dev/null; then
 fi
 
 if [ -x tests/fuzz/run.sh ]; then
-    echo "== fuzzing the C API (bounded)"
+    echo "== fuzzing the C API: the corpus replayed (tests/fuzz/explore.sh searches for new inputs)"
     tests/fuzz/run.sh
 fi
 

@@ -19,10 +19,10 @@ a mix of DTensor and plain parameters (shard the root module too), and ``cost_op
 
 **A step**, on every rank:
 
-1. Truncation works as without sharding: the layers below the cutoff have
-   ``requires_grad=False`` on their sharded parameters, which fully_shard carries over to the
-   unsharded ones, so their backward, their gradient reduce-scatter and their backward
-   all-gather do not run (bytes counted in tests/python/test_fsdp.py and
+1. Truncation works as without sharding: while the forward runs, the layers below the cutoff
+   have ``requires_grad=False`` on their sharded parameters, which fully_shard copies to the
+   unsharded ones as it gathers them, so their backward, their gradient reduce-scatter and
+   their backward all-gather do not run (bytes counted in tests/python/test_fsdp.py and
    benchmarks/bench_fsdp.py with :class:`CollectiveCounter`).
 2. NaN/Inf gradients are found on the local shards and the verdict is agreed with one small
    all-reduce, so every rank raises on (or skips) the same layers.
@@ -47,7 +47,7 @@ made at construction like every DropMuon's state (see :meth:`DropMuon.state_dict
 ``set_optimizer_state_dict`` with ``dcp.save`` / ``dcp.load`` keep DropMuon's own state,
 which :meth:`DropMuon.state_dict` carries in the first param group (torch's converters keep
 ``state`` and ``param_groups`` only). ``set_optimizer_state_dict`` leaves out the state of
-parameters that do not require grad (the frozen layers); ``dcp.load`` has already loaded their
+parameters that do not require grad (frozen by the user); ``dcp.load`` has already loaded their
 tensors in place, so :meth:`DropMuon.load_state_dict` keeps them (see there).
 """
 

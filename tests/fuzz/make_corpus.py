@@ -5,6 +5,11 @@ norm x dtype x precision of dm_sharp on a few shapes (tall, wide, padded, batche
 aliased), dm_update with each option, dm_gemm_reference with transposes and strides, every
 sampling kind, the workspace queries, and inputs that once broke a check. libFuzzer mutates
 from there; without seeds it would spend most of its budget discovering the input layout.
+
+To these it adds ``corpus.b64`` (one base64 input per line): a merged corpus from open-ended
+runs (tests/fuzz/explore.sh), so that the test command's replay (tests/fuzz/run.sh) covers what
+they reached. ``make_corpus.py --pack DIR`` rewrites corpus.b64 from a directory of inputs, e.g.
+after ``build/fuzz/fuzz_c_api -merge=1 DIR build/fuzz/seeds build/fuzz/corpus``.
 """
 
 import base64
@@ -152,10 +157,31 @@ def seeds():
         yield query_seed(norm, dtype, 3, 4097)
 
 
+CORPUS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "corpus.b64")
+
+
+def corpus():
+    if os.path.exists(CORPUS):
+        with open(CORPUS) as f:
+            for line in f:
+                if line.strip():
+                    yield base64.b64decode(line)
+
+
+def pack(directory):
+    inputs = sorted(
+        base64.b64encode(open(os.path.join(directory, name), "rb").read()).decode()
+        for name in os.listdir(directory)
+    )
+    with open(CORPUS, "w") as f:
+        f.write("".join(line + "\n" for line in inputs))
+    print(f"{len(inputs)} inputs in {CORPUS}")
+
+
 def main(directory):
     os.makedirs(directory, exist_ok=True)
     count = 0
-    for index, seed in enumerate(seeds()):
+    for index, seed in enumerate(itertools.chain(seeds(), corpus())):
         with open(os.path.join(directory, f"seed-{index:04d}"), "wb") as f:
             f.write(seed)
         count += 1
@@ -163,4 +189,7 @@ def main(directory):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    if sys.argv[1] == "--pack":
+        pack(sys.argv[2])
+    else:
+        main(sys.argv[1])
