@@ -164,7 +164,7 @@ def _worker(rank, port, workdir, steps, rounds):
             rows.append(dict(model=model_name, unsharded_state_bytes=state_bytes(opt)))
     if rank == 0:
         torch.save(rows, os.path.join(workdir, "rows.pt"))
-    dist.barrier()
+    fsdp.release_device_meshes()  # so that destroy_process_group frees the group's threads
     dist.destroy_process_group()
 
 

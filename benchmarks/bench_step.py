@@ -6,7 +6,10 @@ For each batch size and each cutoff s (layers s.. are updated, backprop stops at
     gradients of the active layers plus the input gradients of the layers above the cutoff,
     each as many FLOPs as the layer's forward; predicted backward time = measured full backward
     x (predicted backward FLOPs at s / at s = 0);
-  - the sampling post-hook's own cost (drawing the next layers and setting requires_grad);
+  - what DropMuon adds around a step: drawing the next layers; the process-wide forward hooks
+    that freeze the layers below the cutoff for each forward pass (per module call, and a
+    forward + backward of the paper CNN and of a small nn.TransformerEncoder with and without
+    an optimizer alive); the diagnostics;
   - DropMuon's optimizer step next to torch.optim.Muon (+ AdamW for the biases, conv kernels
     held as 2-D weights as in dropmuon.compare.train) on the same model and gradients.
 
@@ -26,8 +29,6 @@ import dropmuon
 from dropmuon.compare.models import PaperCNN
 from dropmuon.compare.train import OptimizerSpec, build_optimizer
 from dropmuon.diagnostics import Diagnostics
-from dropmuon.partition import partition
-from dropmuon.truncation import apply_mask
 
 
 class FixedCutoff:
@@ -108,12 +109,12 @@ def bench_cutoffs(batch: int, repeats: int) -> list[str]:
             f"{med['step'] * 1e3:.1f} | {total:.3f} | {total / full_total:.2f} |"
         )
         print(rows[-1], flush=True)
-        opt.unfreeze()
     return rows
 
 
-def bench_hook(repeats: int) -> tuple[float, float]:
-    """(post-hook seconds, full training-step seconds at batch 1024) for DropMuon uniform."""
+def bench_draw(repeats: int) -> tuple[float, float]:
+    """(seconds to make the next step the coming one: draw its layers and tell the forward
+    hooks, full training-step seconds at batch 1024) for DropMuon uniform."""
     torch.manual_seed(0)
     model = PaperCNN()
     opt = dropmuon.DropMuon(model, lr=0.05, sampling="uniform", fallback="adamw")
@@ -126,40 +127,90 @@ def bench_hook(repeats: int) -> tuple[float, float]:
 
     train_step()
     step_time = median_time(train_step, repeats)
-    # What the post-hook does after every step: draw the next step's layers, set requires_grad.
-    steps = iter(range(1, 10**9))
-    hook_time = median_time(
-        lambda: apply_mask(opt.param_groups, opt.sampler.sample(next(steps))), 200
-    )
-    opt.unfreeze()
-    return hook_time, step_time
+    draw_time = median_time(lambda: opt._begin_step(opt.step_count + 1), 200)
+    return draw_time, step_time
+
+
+class TinyTransformer(nn.Module):
+    """Many small modules: 4 nn.TransformerEncoderLayer blocks of width 32 (about 40 module
+    calls per forward)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(64, 32)
+        layer = nn.TransformerEncoderLayer(32, 2, 64, dropout=0.0, batch_first=True)
+        self.blocks = nn.TransformerEncoder(layer, 4, enable_nested_tensor=False)
+        self.head = nn.Linear(32, 64)
+
+    def forward(self, tokens):
+        return self.head(self.blocks(self.embed(tokens)))
+
+
+def bench_forward_hooks(repeats: int) -> list[str]:
+    """The forward hooks' cost: a forward + backward (no optimizer step) with no optimizer
+    alive (no hooks), with dropmuon.Muon alive (hooks, nothing frozen) and with DropMuon at
+    cutoff 1 (hooks, the first layer frozen and lifted each forward; its backward is skipped,
+    so that row also shows the saving), timed round-robin; and the per-call cost of the hooks
+    on a stack of 200 tiny modules."""
+    rows = []
+    cases = [
+        ("paper CNN, batch 256", PaperCNN, lambda: torch.randn(256, 1, 28, 28), 10),
+        ("nn.TransformerEncoder, 4x32, batch 16x64", TinyTransformer,
+         lambda: torch.randint(0, 64, (16, 64)), 64),
+    ]  # fmt: skip
+    for label, make, inputs, classes in cases:
+        torch.manual_seed(0)
+        model, x = make(), inputs()
+
+        def pass_(model=model, x=x, classes=classes):
+            model.zero_grad()
+            out = model(x)
+            out.flatten(0, -2).logsumexp(-1).mean().backward()
+
+        times = {"no optimizer": [], "Muon alive": [], "DropMuon, cutoff 1": []}
+        for _ in range(repeats * 4):
+            for name in times:
+                opt = None
+                if name == "Muon alive":
+                    opt = dropmuon.Muon(model)
+                elif name == "DropMuon, cutoff 1":
+                    opt = dropmuon.DropMuon(model, sampling=FixedCutoff(1))
+                pass_()  # the first forward (traced) is not timed
+                start = time.perf_counter()
+                pass_()
+                times[name].append(time.perf_counter() - start)
+                del opt
+        base = statistics.median(times["no optimizer"])
+        for name, spent in times.items():
+            ms = statistics.median(spent) * 1e3
+            rows.append(f"| {label} | {name} | {ms:.2f} | {ms / (base * 1e3):.3f} |")
+            print(rows[-1], flush=True)
+    # Per module call: 200 tiny Linear layers in a Sequential, no grad.
+    stack = nn.Sequential(*[nn.Linear(4, 4) for _ in range(200)])
+    x = torch.randn(1, 4)
+    plain, hooked = [], []
+    with torch.no_grad():
+        for _ in range(repeats * 4):
+            plain.append(median_time(lambda: stack(x), 5))
+            opt = dropmuon.Muon(stack)
+            stack(x)
+            hooked.append(median_time(lambda: stack(x), 5))
+            del opt
+    per_call = (statistics.median(hooked) - statistics.median(plain)) / 201
+    rows.append(f"| 200 tiny nn.Linear | hooks per module call | {per_call * 1e6:.2f} us | - |")
+    print(rows[-1], flush=True)
+    return rows
 
 
 def bench_diagnostics() -> dict[str, float]:
-    """Seconds per step of DropMuon's two checks (dropmuon.diagnostics) on the paper CNN: moving
-    the truncation check to the next cutoff layer (post-hook), the no-gradient check (step), and
-    the forward pre-hook's own call (a tiny layer's forward with the check minus without it,
-    timed round-robin, so that the difference is the hook and not the layer)."""
-    torch.manual_seed(0)
-    found = partition(PaperCNN())
+    """Seconds per step of DropMuon's step-time checks (dropmuon.diagnostics) on the paper CNN's
+    4 layers: the no-gradient check and the check that a forward went through the hooks (the
+    cutoff layer's input check runs inside the hooks, in the numbers above)."""
     diagnostics = Diagnostics()
     active, with_grad = [False, False, True, True], {2, 3}
-    watch = median_time(lambda: diagnostics.watch_cutoff(2, found.groups, found.group_layers), 500)
     check = median_time(lambda: diagnostics.check_gradients(active, with_grad, list, 0), 500)
-    diagnostics.stop_watching()
-    tiny = [nn.Linear(4, 4), nn.Linear(4, 4)]
-    watched = Diagnostics()
-    groups = [{"params": [], "layer": 1}]
-    watched.watch_cutoff(1, groups, partition(tiny[1]).layers)
-    x = torch.randn(1, 4)
-    with torch.no_grad():
-        plain_times, hooked_times = [], []
-        for _ in range(20):
-            plain_times.append(median_time(lambda: tiny[0](x), 200))
-            hooked_times.append(median_time(lambda: tiny[1](x), 200))
-    watched.stop_watching()
-    hook = statistics.median(hooked_times) - statistics.median(plain_times)
-    return {"watch_cutoff": watch, "check_gradients": check, "forward pre-hook": hook}
+    seen = median_time(lambda: diagnostics.check_forward_seen(1, True, with_grad, 0), 500)
+    return {"check_gradients": check, "check_forward_seen": seen}
 
 
 def bench_optimizer_steps(repeats: int) -> list[str]:
@@ -224,14 +275,18 @@ def main() -> None:
     print("\n".join(lines), flush=True)
     for batch in args.batch_sizes:
         lines += bench_cutoffs(batch, args.repeats)
-    hook, step = bench_hook(args.repeats)
+    draw, step = bench_draw(args.repeats)
     lines += [
         "",
-        f"Sampling post-hook: {hook * 1e6:.1f} us per step = "
-        f"{100 * hook / step:.3f}% of a {step:.3f} s training step (batch 1024, "
+        f"Drawing the next step's layers: {draw * 1e6:.1f} us per step = "
+        f"{100 * draw / step:.3f}% of a {step:.3f} s training step (batch 1024, "
         "uniform sampling).",
+        "",
+        "| forward + backward | optimizer alive | ms | vs no optimizer |",
+        "|---|---|---|---|",
     ]
-    print("\n".join(lines[-2:]), flush=True)
+    print("\n".join(lines[-4:]), flush=True)
+    lines += bench_forward_hooks(args.repeats)
     checks = bench_diagnostics()
     total = sum(checks.values())
     lines += [

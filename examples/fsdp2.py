@@ -30,6 +30,7 @@ from torch.distributed.fsdp import fully_shard
 import dropmuon
 from dropmuon.compare.data import load_dataset
 from dropmuon.compare.models import PaperCNN
+from dropmuon.fsdp import release_device_meshes
 
 WORLD = 2
 
@@ -74,8 +75,10 @@ def worker(rank, rendezvous, args):
     dist.init_process_group("gloo", init_method=rendezvous, rank=rank, world_size=WORLD)
     try:
         run(rank, args)
-        dist.barrier()  # leave together: a peer's teardown can abort a process still working
     finally:
+        # DTensor's caches hold the device mesh and so the process group; without this the
+        # group's gloo threads outlive destroy_process_group and can abort the exit.
+        release_device_meshes()
         dist.destroy_process_group()
 
 

@@ -17,7 +17,10 @@ ROLES = ("matrix", "head", "embedding", "vector")
 DEFAULT_ROLE_NORMS = {"matrix": "spectral", "head": "spectral", "embedding": "spectral"}
 # The norm of vectors (0-D and 1-D parameters) unless `norms` says otherwise.
 FALLBACKS = ("sign", "adamw")
-DEFAULT_FALLBACK = "sign"
+# AdamW: what "Muon for matrices" users put the rest on; sign updates (0.1's default) move every
+# bias and norm gain by the full lr at every step, and a word-level language model then barely
+# learns (benchmarks/RESULTS.md, "Defaults").
+DEFAULT_FALLBACK = "adamw"
 
 LR_ADJUSTS = ("none", "original", "match_rms_adamw")  # the kernels' names; "none": lr as is
 ADJUST_LR_FNS = ("original", "match_rms_adamw")  # what torch.optim.Muon's adjust_lr_fn accepts

@@ -419,3 +419,47 @@ class CollectiveCounter(TorchDispatchMode):
 
 def _broadcast_root(args) -> int:
     return int(args[2]) if len(args) > 2 else 0  # broadcast_(tensors, group, root, ...)
+
+
+def release_device_meshes() -> None:
+    """Drops what torch's DTensor caches hold of the device meshes, so that
+    ``destroy_process_group()`` can free the process groups. Call it after training and before
+    ``destroy_process_group()`` in every process that used FSDP2 (or any DTensor).
+
+    Why: DTensor caches its sharding decisions and redistribution plans (module-level
+    ``lru_cache`` functions, the sharding propagator's own caches, the C++ fast path's cache), and
+    their keys and values keep the DeviceMesh, hence the process group, alive after
+    ``destroy_process_group()``. A gloo group's worker threads then outlive it into
+    interpreter shutdown, and a worker that drops its last reference to a Python-owned tensor
+    there (the work a barrier waited for, released just after it) needs the GIL of a
+    finalizing interpreter: the process aborts with "terminate called without an active
+    exception". With the caches cleared, the group is freed and its threads are joined inside
+    ``destroy_process_group()``. Each cache is cleared if this torch has it. Then the garbage
+    is collected: a sharded model that is gone may still sit in reference cycles, holding its
+    DTensors, until the collector runs."""
+    import functools
+    import gc
+    import sys
+
+    from torch.distributed.tensor import DTensor
+
+    for name, module in list(sys.modules.items()):
+        if name.startswith("torch.distributed.tensor") and module is not None:
+            for value in list(vars(module).values()):
+                if isinstance(value, functools._lru_cache_wrapper):
+                    value.cache_clear()
+    propagator = DTensor._op_dispatcher.sharding_propagator
+    for cache in (
+        getattr(propagator, "propagate_op_sharding", None),
+        getattr(propagator, "_propagate_tensor_meta_cached", None),
+    ):
+        if hasattr(cache, "cache_clear"):
+            cache.cache_clear()
+    clear_fast_path = getattr(torch._C, "_clear_DTensor_sharding_propagator_cache", None)
+    if clear_fast_path is not None:
+        clear_fast_path()
+    from torch.distributed.tensor import _redistribute
+
+    if hasattr(_redistribute, "clear_redistribute_planner_cache"):
+        _redistribute.clear_redistribute_planner_cache()
+    gc.collect()  # what the caches kept alive may sit in reference cycles

@@ -152,8 +152,10 @@ class DropMuon(Optimizer):
             the same step on every process and after a resume (default 0).
         total_steps: ``"epoch_shift"``: training length, so that progress = step / total_steps.
         shift_strength: ``"epoch_shift"``: how strongly progress tilts the cutoff distribution.
-        fallback: norm for vectors (biases, norm gains): ``"sign"`` (default; the l_inf sharp
-            operator) or ``"adamw"`` (the "Muon for matrices, AdamW for the rest" setup).
+        fallback: norm for vectors (biases, norm gains): ``"adamw"`` (default; the "Muon for
+            matrices, AdamW for the rest" setup) or ``"sign"`` (the l_inf sharp operator, the
+            paper's geometry; dropmuon 0.1's default, which moves every vector entry by the
+            full lr at every step: a word-level language model then barely learns).
         norms: overrides by role, e.g. ``{"embedding": "column", "head": "row"}``; roles are
             ``matrix``, ``head`` (matrices of the last layer), ``embedding`` (nn.Embedding
             weights) and ``vector``; norms are ``spectral``, ``sign``, ``column``, ``row``,

@@ -51,7 +51,9 @@ def groups(net: Net) -> list[dict]:
 
 # The C++ test builds the same optimizers (test_optimizer.cpp, make_case).
 CASES = {
-    "uniform": lambda net: dropmuon.DropMuon(net, lr=0.02, sampling="uniform", seed=3),
+    "uniform": lambda net: dropmuon.DropMuon(
+        net, lr=0.02, sampling="uniform", seed=3, fallback="sign"
+    ),
     "muon": lambda net: dropmuon.Muon(net, lr=0.02),
     "tau_nice_adamw": lambda net: dropmuon.DropMuon(
         net,

@@ -83,8 +83,8 @@ using Options = dropmuon::DropMuonOptions;
 // make_fixture.py's CASES, built the same way.
 std::unique_ptr<dropmuon::DropMuon> make_case(const std::string &name, Net &net) {
     if (name == "uniform")
-        return std::make_unique<dropmuon::DropMuon>(*net,
-                                                    Options(0.02).sampling("uniform").seed(3));
+        return std::make_unique<dropmuon::DropMuon>(
+            *net, Options(0.02).sampling("uniform").seed(3).fallback("sign"));
     if (name == "muon") return std::make_unique<dropmuon::Muon>(*net, Options(0.02));
     if (name == "tau_nice_adamw")
         return std::make_unique<dropmuon::DropMuon>(*net, Options(0.03)

@@ -18,6 +18,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from dropmuon.fsdp import release_device_meshes
+
 WORLD = 2
 DEADLINE_S = 180
 
@@ -49,17 +51,37 @@ def run_scenarios(rank: int, port: int, workdir: str, scenarios) -> None:
         "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD
     )
     try:
-        results = scenarios(rank, workdir)
-        torch.save(results, os.path.join(workdir, f"rank{rank}.pt"))
-        # Leave together: gloo can abort a process whose peer tears the group down while its
-        # own teardown runs (about 1 run in 5 without this barrier).
-        dist.barrier()
+        torch.save(scenarios(rank, workdir), os.path.join(workdir, f"rank{rank}.pt"))
     except Exception:
         with open(os.path.join(workdir, f"error{rank}.txt"), "w") as f:
             f.write(traceback.format_exc())
         raise
     finally:
+        # Frees the process group in destroy_process_group (its gloo threads joined), not at
+        # interpreter shutdown, where a thread that needs the GIL aborts the process.
+        release_device_meshes()
         dist.destroy_process_group()
+    left = gloo_threads()
+    if left:
+        message = f"gloo threads alive after destroy_process_group: {left}"
+        with open(os.path.join(workdir, f"error{rank}.txt"), "w") as f:
+            f.write(message)
+        raise RuntimeError(message)
+
+
+def gloo_threads() -> list[str]:
+    """This process's gloo threads, by name (Linux; none elsewhere)."""
+    tasks = "/proc/self/task"
+    if not os.path.isdir(tasks):
+        return []
+    names = []
+    for task in os.listdir(tasks):
+        try:
+            with open(os.path.join(tasks, task, "comm")) as f:
+                names.append(f.read().strip())
+        except OSError:  # the thread ended meanwhile
+            continue
+    return sorted(name for name in names if "gloo" in name)
 
 
 def collect(worker, workdir: str) -> list[dict]:

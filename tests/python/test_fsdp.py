@@ -177,9 +177,9 @@ def _scenarios(rank, workdir):
 
     # Uniform DropMuon, owner-computes, watched step by step; and Muon for the byte counts.
     for name, options in (
-        ("uniform", dict(sampling="uniform")),
-        ("all_gather", dict(sampling="uniform", fsdp_update="all_gather")),
-        ("muon", dict(sampling="full")),
+        ("uniform", dict(sampling="uniform", fallback="sign")),
+        ("all_gather", dict(sampling="uniform", fsdp_update="all_gather", fallback="sign")),
+        ("muon", dict(sampling="full", fallback="sign")),
         ("adamw_adaptive", dict(fallback="adamw", radius="adaptive", L0=2.0)),
     ):
         model = sharded_model(mesh)
@@ -318,9 +318,9 @@ TOLERANCE = 1e-5
 @pytest.mark.parametrize(
     "name, options",
     [
-        ("uniform", dict(sampling="uniform")),
-        ("all_gather", dict(sampling="uniform")),
-        ("muon", dict(sampling="full")),
+        ("uniform", dict(sampling="uniform", fallback="sign")),
+        ("all_gather", dict(sampling="uniform", fallback="sign")),
+        ("muon", dict(sampling="full", fallback="sign")),
         ("adamw_adaptive", dict(fallback="adamw", radius="adaptive", L0=2.0)),
     ],
 )

@@ -150,10 +150,12 @@ def manual_training(
     adamw=None,
     lr_at=None,
 ):
-    """Full-sampling DropMuon written out by hand (float32 NS) on small_net."""
+    """Full-sampling DropMuon written out by hand (float32 NS) on small_net; vectors on AdamW
+    at the lr by default, as DropMuon's defaults."""
     schedule = schedule or ops.ns_schedule("muon", 5)
     params = list(model.parameters())
-    norms = norms or ["spectral", "sign", "spectral", "sign", "spectral", "sign"]
+    norms = norms or ["spectral", "adamw"] * 3
+    adamw = adamw or (lr, (0.9, 0.999), 1e-8)
     bufs = [torch.zeros_like(p) for p in params]
     moments = [(torch.zeros_like(p), torch.zeros_like(p)) for p in params]
     for s in range(steps):
@@ -243,8 +245,9 @@ OPTION_CASES = {
     ),
     "column-norm": (
         dict(norms={"head": "column"}),
-        dict(norms=["spectral", "sign", "spectral", "sign", "column", "sign"]),
+        dict(norms=["spectral", "adamw", "spectral", "adamw", "column", "adamw"]),
     ),
+    "fallback-sign": (dict(fallback="sign"), dict(norms=["spectral", "sign"] * 3)),
 }
 
 
@@ -393,15 +396,15 @@ def test_frozen_layers_keep_weights_and_momentum():
     run_masks(opt, model, 1)
     frozen = list(model[0].parameters()) + list(model[3].parameters())
     before = [p.detach().clone() for p in frozen]
-    buffers = [opt.state[p]["momentum_buffer"].clone() for p in frozen]
+    states = [{k: v.clone() for k, v in opt.state[p].items()} for p in frozen]
     x, y = net_batch(5)
     opt.zero_grad()
     nn.functional.cross_entropy(model(x), y).backward()
     assert all(p.grad is None for p in frozen)
     opt.step()
-    for p, b, m in zip(frozen, before, buffers):
+    for p, b, state in zip(frozen, before, states):
         assert torch.equal(p, b)  # no update, no weight decay
-        assert torch.equal(opt.state[p]["momentum_buffer"], m)
+        assert all(torch.equal(opt.state[p][k], v) for k, v in state.items())  # nor state
     assert opt.update_counts == [1, 1, 2]
 
 
@@ -507,7 +510,7 @@ def test_explicit_param_groups_with_layers():
     assert [opt.layer_of(g["params"][0]) for g in opt.param_groups] == [2, 0, 1, 1]
     assert opt.layer_names() == ["layer 0", "layer 4", "layer 9"]
     assert opt.norm_of(model[3].weight) == "frobenius"
-    assert [opt.norm_of(p) for p in (model[5].weight, model[5].bias)] == ["spectral", "sign"]
+    assert [opt.norm_of(p) for p in (model[5].weight, model[5].bias)] == ["spectral", "adamw"]
     assert opt.param_groups[0]["lr"] == 0.1
 
 

@@ -62,7 +62,7 @@ struct DropMuonOptions : public torch::optim::OptimizerCloneableOptions<DropMuon
     TORCH_ARG(int64_t, layer) = -1;          // param groups: the group's layer (-1: its own)
 
     // Optimizer-wide (read from the defaults; a group that differs is refused).
-    TORCH_ARG(std::string, fallback) = "sign"; // or "adamw"
+    TORCH_ARG(std::string, fallback) = "adamw"; // or "sign"
     // "uniform", "full" (Muon), "custom" (probabilities: P(cutoff = i), summing to 1),
     // "tau_nice" (tau layers per step), "epoch_shift" (total_steps, or set_progress()).
     TORCH_ARG(std::string, sampling) = "uniform";
