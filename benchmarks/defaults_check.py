@@ -19,9 +19,12 @@ Configurations: ``fallback`` ``sign`` (0.1's default) or ``adamw`` (vectors on A
 ``adamw+emb``: vectors and the embedding on AdamW (``norms={"embedding": "adamw"}``); with AdamW
 at the spectral lr, or at a twentieth of it (``/20``); each with Muon (every layer) and DropMuon
 (uniform). One line of JSON per run in ``--output`` (runs already there are skipped, so an
-interrupted check resumes):
+interrupted check resumes; ``--table`` prints what is there):
 
-    python benchmarks/defaults_check.py --output benchmarks/results/defaults/runs.jsonl
+    python benchmarks/defaults_check.py --models transformer --steps 600 --seeds 0 1
+    python benchmarks/defaults_check.py --models word --steps 300 --configs sign adamw adamw/20
+    python benchmarks/defaults_check.py --models cnn --steps 300 --lrs 0.05
+    python benchmarks/defaults_check.py --table
 """
 
 from __future__ import annotations
@@ -161,6 +164,29 @@ def run_cnn(config: dict, sampling: str, lr: float, steps: int, seed: int) -> di
     return dict(metric=curve[-1], curve=curve, seconds=time.perf_counter() - start)
 
 
+def table(path: Path) -> str:
+    """The runs in ``path`` as a markdown table: mean metric over seeds per model, lr, sampling
+    and configuration (validation loss: lower is better; cnn: accuracy, higher is better)."""
+    cells: dict = collections.defaultdict(list)
+    for line in path.read_text().splitlines():
+        row = json.loads(line)
+        model, lr, sampling, name, _, steps = row["key"]
+        cells[(model, steps, lr, sampling, name)].append(row["metric"])
+    names = list(CONFIGS)
+    lines = [
+        "| model | steps | lr | sampling | " + " | ".join(names) + " |",
+        "|---|---|---|---|" + "---|" * len(names),
+    ]
+    for key in sorted({k[:4] for k in cells}):
+        values = [cells.get((*key, name)) for name in names]
+        shown = [
+            f"{sum(v) / len(v):.3f}" + (f" (n={len(v)})" if len(v) > 1 else "") if v else "-"
+            for v in values
+        ]
+        lines.append(f"| {key[0]} | {key[1]} | {key[2]} | {key[3]} | " + " | ".join(shown) + " |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--output", default="benchmarks/results/defaults/runs.jsonl")
@@ -170,7 +196,11 @@ def main() -> None:
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     parser.add_argument("--samplings", nargs="+", default=["full", "uniform"])
     parser.add_argument("--steps", type=int, default=400)
+    parser.add_argument("--table", action="store_true", help="print the runs as a table, run none")
     args = parser.parse_args()
+    if args.table:
+        print(table(Path(args.output)))
+        return
     torch.set_num_threads(2)
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)

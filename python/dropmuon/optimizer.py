@@ -380,6 +380,7 @@ class DropMuon(Optimizer):
         functional.initialize_state(self._params_and_norms(), self.state)
         self._forward.managed = {id(p) for p in self._params()}
         self._forward.trace = self._trace
+        truncation.watch(self._forward)  # Muon stops watching once ordered: a new trace needs it
         self._mask = self._draw(self._step_count)
         self._set_forward_freeze()
 
@@ -423,6 +424,10 @@ class DropMuon(Optimizer):
         traced, the layers are frozen as it reaches them instead)."""
         if self._trace is not None:
             self._forward.set_step(self._mask, [])
+            return
+        if getattr(self.sampler, "kind", None) == "full":
+            # Muon: nothing to freeze once the layers are ordered, so no hooks to pay for.
+            truncation.unwatch(self._forward)
             return
         frozen = [
             p

@@ -115,6 +115,11 @@ def watch(watcher: ForwardWatcher) -> None:
     _REGISTRY.add(watcher)
 
 
+def unwatch(watcher: ForwardWatcher) -> None:
+    """Stops calling ``watcher``; the hooks go once no watcher is left."""
+    _REGISTRY.watchers.discard(watcher)
+
+
 def _enter(module, args):
     if torch.compiler.is_compiling():
         return None

@@ -119,3 +119,19 @@ def test_a_refused_group_changes_nothing(build, group, message):
     with pytest.raises((ValueError, TypeError), match=message):
         opt.add_param_group(group(model))
     assert (len(opt.param_groups), opt.num_layers, opt.state_dict()["param_groups"]) == before
+
+
+def test_muon_built_on_a_model_orders_added_layers_by_the_next_forward():
+    """Muon stops watching forwards once its layers are ordered; adding a group starts again."""
+    model = cnn()
+    for p in model[0].parameters():
+        p.requires_grad_(False)
+    opt = dropmuon.Muon(model, lr=0.02)
+    for s in range(2):
+        step(model, opt, cnn_loss, s)
+    for p in model[0].parameters():
+        p.requires_grad_(True)
+    opt.add_param_group({"params": list(model[0].parameters())})
+    step(model, opt, cnn_loss, 2)
+    assert opt.layer_names() == ["0", "2", "5"] and opt.layer_order == "first forward"
+    assert opt.update_counts == [1, 3, 3]
