@@ -313,8 +313,8 @@ class DropMuon(Optimizer):
         self._forward = ForwardFreeze(self, self._diagnostics)
         self._forward.managed = {id(p) for p in self._params()}
         self._forward.trace = self._trace
-        self._set_forward_freeze()
         truncation.watch(self._forward)
+        self._set_forward_freeze()
         self._built = True
 
     # -- parameters, layers, norms ----------------------------------------------------------------
@@ -495,7 +495,9 @@ class DropMuon(Optimizer):
         step: every layer then gets gradients (a full backward). ``requires_grad`` flags are
         never left changed between forward passes, so this is needed only to run other code's
         full backward while this optimizer is alive; another optimizer stepping the same
-        parameters does the same by itself."""
+        parameters does the same by itself. It also ends the freeze of a forward pass that was
+        interrupted (KeyboardInterrupt) before it returned."""
+        truncation.end_interrupted_pass()
         self._forward.armed = False
 
     # -- introspection ----------------------------------------------------------------------------
@@ -565,6 +567,7 @@ class DropMuon(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        truncation.end_interrupted_pass()  # outside any forward, none may be in progress
         self._finish_trace()
         by_layer, schedules = self._active_gradients()
         user_frozen = {
@@ -788,8 +791,8 @@ class DropMuon(Optimizer):
         self._forward = ForwardFreeze(self, self._diagnostics)
         self._forward.managed = {id(p) for p in self._params()}
         self._forward.trace = self._trace
-        self._set_forward_freeze()
         truncation.watch(self._forward)
+        self._set_forward_freeze()
 
 
 # What DropMuon.__getstate__ leaves out and __setstate__ rebuilds.

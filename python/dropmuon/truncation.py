@@ -25,8 +25,8 @@ here, so installing the hooks silences that one message.
 
 **Which optimizer freezes.** An optimizer is *armed* from its construction and after each of its
 steps. It disarms when another optimizer steps a parameter it manages (a second optimizer built
-on the same model takes over) and when its :meth:`disarm` is called (DropMuon's ``unfreeze()``);
-its next step arms it again.
+on the same model takes over) and when ``DropMuon.unfreeze()`` is called; its next step arms
+it again.
 """
 
 from __future__ import annotations
@@ -61,22 +61,40 @@ class ForwardWatcher:
     def belongs_to(self, optimizer) -> bool:
         return False
 
+    def forward_ended(self) -> None:
+        """The forward pass is over, whether or not its end was seen."""
+
     def wants_eager(self, module) -> bool:
         """Whether the forward pass ``module`` starts must run eagerly under torch.compile."""
+        return False
+
+    def sees_every_call(self) -> bool:
+        """Whether the coming forward pass must show this watcher every module call."""
         return False
 
 
 class _Registry:
     """The process-wide hooks and the live watchers (held weakly: a watcher lives as long as its
-    optimizer, and an optimizer nobody holds anymore stops freezing). Each thread counts its
-    nested module calls; the count belongs to one installation of the hooks (``generation``),
-    so removing them mid-call on another thread cannot leave a stale count behind."""
+    optimizer, and an optimizer nobody holds anymore stops freezing).
+
+    Any module hook sends every module call through torch's slower hook path (about 4 us a
+    call, benchmarks/RESULTS.md section 2), so the global hooks catch the outermost call and
+    then, when no watcher needs the calls inside it (a first-forward trace does, and so does the
+    first pass at each cutoff, for its input check), step aside for that forward pass: they
+    leave torch's global hook tables (to come back under the same ids, so that compiled code
+    guarding on those tables keeps matching) and two hooks on the outermost module alone see
+    its end. A compiled outermost call (``torch.compile(model)``'s wrapper) keeps them: inside
+    compiled code they cost nothing. While the global hooks see every call, each thread counts
+    its nested calls."""
 
     def __init__(self) -> None:
         self.watchers: weakref.WeakSet[ForwardWatcher] = weakref.WeakSet()
-        self.handles: list = []
-        self.generation = 0
+        self.handles: list = []  # the global pre-hook, forward hook and optimizer step hook
         self.local = threading.local()
+        self.hidden = False
+        self.pass_handles: list = []  # the outermost module's hooks in a light pass
+        self.pass_module = None
+        self.pass_depth = 0
 
     def add(self, watcher: ForwardWatcher) -> None:
         self.watchers.add(watcher)
@@ -86,25 +104,52 @@ class _Registry:
             warnings.filterwarnings(
                 "ignore", message=r"Using `torch.compile\(module\)` when there are global hooks"
             )
-            self.generation += 1
             self.handles = [
                 _module.register_module_forward_pre_hook(_enter),
                 _module.register_module_forward_hook(_exit, with_kwargs=True, always_call=True),
                 _optimizer.register_optimizer_step_pre_hook(_optimizer_step),
             ]
+            self.local = threading.local()
 
-    def remove_hooks(self) -> None:
+    def remove_all(self) -> None:
+        self.show()
         for handle in self.handles:
             handle.remove()
         self.handles = []
 
+    def hide(self) -> None:
+        """Takes the global module hooks out of torch's tables (their ids kept)."""
+        _module._global_forward_pre_hooks.pop(self.handles[0].id, None)
+        _module._global_forward_hooks.pop(self.handles[1].id, None)
+        self.hidden = True
+
+    def show(self) -> None:
+        if self.hidden and self.handles:
+            _module._global_forward_pre_hooks[self.handles[0].id] = _enter
+            _module._global_forward_hooks[self.handles[1].id] = _exit
+        self.hidden = False
+
     def depth(self) -> int:
-        """This thread's nesting of module calls under the current hooks."""
-        local = self.local
-        return local.depth if getattr(local, "generation", None) == self.generation else 0
+        """This thread's nesting of module calls seen by the global hooks."""
+        return getattr(self.local, "depth", 0)
 
     def set_depth(self, depth: int) -> None:
-        self.local.generation, self.local.depth = self.generation, depth
+        self.local.depth = depth
+
+    def start_light_pass(self, module) -> None:
+        """The outermost call ``module`` started and no watcher needs the calls inside it."""
+        self.hide()
+        self.pass_module, self.pass_depth = module, 1
+        self.pass_handles = [
+            module.register_forward_pre_hook(_light_reenter),
+            module.register_forward_hook(_light_exit, with_kwargs=True, always_call=True),
+        ]
+
+    def end_light_pass(self) -> None:
+        for handle in self.pass_handles:
+            handle.remove()
+        self.pass_handles, self.pass_module = [], None
+        self.show()
 
 
 _REGISTRY = _Registry()
@@ -120,37 +165,79 @@ def unwatch(watcher: ForwardWatcher) -> None:
     _REGISTRY.watchers.discard(watcher)
 
 
+def end_interrupted_pass() -> None:
+    """Ends a forward pass that never returned (a KeyboardInterrupt, which torch's
+    always-called hooks do not see): the hooks back in place and every watcher's freeze lifted.
+    Called from outside any forward pass (an optimizer step, ``unfreeze()``)."""
+    if _REGISTRY.pass_module is not None:
+        _REGISTRY.end_light_pass()
+    _REGISTRY.set_depth(0)
+    stance = getattr(_REGISTRY.local, "stance", None)
+    if stance is not None:
+        _REGISTRY.local.stance = None
+        stance.__exit__(None, None, None)
+    for watcher in list(_REGISTRY.watchers):
+        watcher.forward_ended()
+
+
+def _kwargs_of(rest):
+    # (kwargs, output) normally; (output,) when the forward raised (torch then passes no kwargs)
+    return rest[0] if len(rest) == 2 else None
+
+
+def _compiled(module) -> bool:
+    return isinstance(module, torch._dynamo.eval_frame.OptimizedModule)
+
+
 def _enter(module, args):
     if torch.compiler.is_compiling():
         return None
     depth = _REGISTRY.depth()
     watchers = list(_REGISTRY.watchers)
     if not watchers and depth == 0:  # every optimizer is gone: no more hooks
-        _REGISTRY.remove_hooks()
+        _REGISTRY.remove_all()
         return None
-    _REGISTRY.set_depth(depth + 1)
     if depth == 0 and any(w.wants_eager(module) for w in watchers):
         _REGISTRY.local.stance = _eager_stance()
     for watcher in watchers:
         watcher.enter(module, args, depth == 0)
+    if depth == 0 and not _compiled(module) and not any(w.sees_every_call() for w in watchers):
+        _REGISTRY.start_light_pass(module)
+    else:
+        _REGISTRY.set_depth(depth + 1)
     return None
 
 
 def _exit(module, args, *rest):
-    # (kwargs, output) normally; (output,) when the forward raised (torch then passes no kwargs)
     if torch.compiler.is_compiling():
         return None
     depth = _REGISTRY.depth()
     if depth == 0:  # the call started before the hooks were installed
         return None
     _REGISTRY.set_depth(depth - 1)
-    kwargs = rest[0] if len(rest) == 2 else None
     for watcher in list(_REGISTRY.watchers):
-        watcher.exit(module, args, kwargs, depth == 1)
+        watcher.exit(module, args, _kwargs_of(rest), depth == 1)
     stance = getattr(_REGISTRY.local, "stance", None)
     if depth == 1 and stance is not None:
         _REGISTRY.local.stance = None
         stance.__exit__(None, None, None)
+    return None
+
+
+def _light_reenter(module, args):
+    if not torch.compiler.is_compiling():
+        _REGISTRY.pass_depth += 1  # the outermost module called again inside itself
+    return None
+
+
+def _light_exit(module, args, *rest):
+    if torch.compiler.is_compiling() or _REGISTRY.pass_module is not module:
+        return None
+    _REGISTRY.pass_depth -= 1
+    if _REGISTRY.pass_depth == 0:
+        _REGISTRY.end_light_pass()
+        for watcher in list(_REGISTRY.watchers):
+            watcher.exit(module, args, _kwargs_of(rest), True)
     return None
 
 
@@ -201,11 +288,18 @@ class ForwardFreeze(ForwardWatcher):
         self.cutoff_module = None
         self.cutoff_label = (0, "")
         self.forwards = 0  # forward passes in grad mode since the last step
+        self.checked_cutoffs: set[int] = set()  # cutoffs whose input check has run
         self._freeze = LayerFreeze()
         self._in_grad_forward = False
 
     def belongs_to(self, optimizer) -> bool:
         return self._optimizer() is optimizer
+
+    def sees_every_call(self) -> bool:
+        # The trace; or the cutoff layer's input check, once per cutoff, until it warns.
+        unchecked = self.cutoff_label[0] not in self.checked_cutoffs
+        watching = self.cutoff_module is not None and self.armed and unchecked
+        return self.trace is not None or (watching and not self.diagnostics.warned_truncation)
 
     def wants_eager(self, module) -> bool:
         # The trace must see every module call of the model's first forward.
@@ -241,9 +335,13 @@ class ForwardFreeze(ForwardWatcher):
     def exit(self, module, args, kwargs, outermost: bool) -> None:
         if module is self.cutoff_module and self._in_grad_forward and self.armed:
             self.diagnostics.check_cutoff_input(args, kwargs, *self.cutoff_label)
+            self.checked_cutoffs.add(self.cutoff_label[0])
         if outermost:
-            self._freeze.lift()
-            self._in_grad_forward = False
+            self.forward_ended()
+
+    def forward_ended(self) -> None:
+        self._freeze.lift()
+        self._in_grad_forward = False
 
 
 def _eager_stance():

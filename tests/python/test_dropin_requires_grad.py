@@ -107,3 +107,32 @@ def test_a_new_dropmuon_on_a_trained_model_sees_every_layer():
         step(model, opt, cnn_loss, s)
     assert dropmuon.DropMuon(model).num_layers == opt.num_layers == 3
     assert dropmuon.DropMuon(list(p for p in model.parameters() if p.requires_grad)).num_layers == 6
+
+
+def test_an_interrupted_forward_is_mended_by_the_next_step_or_unfreeze():
+    """A KeyboardInterrupt inside the forward (a notebook's stop button) bypasses torch's
+    always-called hooks: the freeze stays until the next step() or unfreeze() ends it."""
+
+    model = cnn()
+    opt = dropmuon.DropMuon(model, sampling=[0.0, 0.0, 1.0])
+    step(model, opt, cnn_loss, 0)
+
+    def interrupt(module, args):
+        raise KeyboardInterrupt
+
+    for mend in ("unfreeze", "step"):
+        handle = model[2].register_forward_pre_hook(interrupt)
+        with pytest.raises(KeyboardInterrupt):
+            cnn_loss(model, 1)
+        handle.remove()
+        assert not model[0].weight.requires_grad  # stuck mid-forward
+        if mend == "unfreeze":
+            opt.unfreeze()
+        else:
+            opt.step()
+        assert all(p.requires_grad for p in model.parameters())
+        opt.zero_grad()
+        cnn_loss(model, 2).backward()  # and the next forward freezes (or not) as it should
+        frozen = mend == "step"
+        assert (model[0].weight.grad is None) == frozen
+        opt.step()

@@ -264,8 +264,6 @@ def train_run(spec: OptimizerSpec, seed: int, task, args, lr: float, progress=No
             evaluate(float(epoch))
     if not evals or evals[-1]["step"] != step:  # the end, if not just evaluated
         evaluate(step / steps_per_epoch)
-    if isinstance(optimizer, DropMuon):
-        optimizer.unfreeze()
     return dict(
         optimizer=spec.name,
         seed=seed,
