@@ -3,12 +3,14 @@ checks a checkpoint passes before anything is restored.
 
 The section sits in the first param group, ``state_dict["param_groups"][0]["dropmuon"]``, so that
 converters which keep only ``state`` and ``param_groups`` (torch.distributed.checkpoint's
-``get_optimizer_state_dict``) keep it; checkpoints with it at the top level (written before it
-moved) load too. torch's part of the checkpoint keeps torch's layout
-(``state[param]["momentum_buffer"]``; AdamW's ``step``, ``exp_avg``, ``exp_avg_sq``;
-``param_groups`` with the group options, plus ``layer``, ``param_norms`` and ``param_shapes``,
-which the checks below compare). Everything is tensors, numbers, strings, lists and dicts, so a
-checkpoint loads with ``torch.load(..., weights_only=True)``.
+``get_optimizer_state_dict``) keep it. It holds the step, the sampler, the per-layer statistics
+and, per param group, each parameter's layer position, norm and shape, which the checks below
+compare. torch's part of the checkpoint keeps torch's layout (``state[param]["momentum_buffer"]``;
+AdamW's ``step``, ``exp_avg``, ``exp_avg_sq``; ``param_groups`` as the user passed them, with
+their options and ``param_names``). dropmuon 0.1's checkpoints (versions 1 and 2: one param
+group per layer holding ``layer``, ``param_norms`` and ``param_shapes``; version 1 with the section
+at the top level) are brought to this form by :func:`upgraded`. Everything is tensors, numbers,
+strings, lists and dicts, so a checkpoint loads with ``torch.load(..., weights_only=True)``.
 """
 
 from __future__ import annotations

@@ -64,10 +64,12 @@ from .defaults import (
     DEFAULT_SHIFT_STRENGTH,
     DEFAULT_SMOOTHNESS_BETA,
     GROUP_DEFAULTS,
+    ROLES,
 )
 from .diagnostics import Diagnostics
 from .partition import (
     FirstForwardTrace,
+    Layer,
     Partition,
     assign_norms,
     check_layer_keys,
@@ -76,6 +78,7 @@ from .partition import (
     module_groups,
     module_layers,
     param_names,
+    resolve_norm,
 )
 from .sampling import LayerSampler, draw, make_sampler, resized_sampler
 from .smoothness import SmoothnessEstimator
@@ -219,6 +222,7 @@ class DropMuon(Optimizer):
             adamw_betas, adamw_eps,
         )  # fmt: skip
         ops.ns_schedule(ns_coefficients, ns_steps)  # validates
+        truncation.end_interrupted_pass()  # the flags the model is read with are the user's
         check_optimizer_options(nonfinite, smoothness_beta, adamw_lr, lr, cuda_kernels)
         self._role_norms = check_norms(norms, fallback)
         self._fallback = fallback
@@ -340,6 +344,7 @@ class DropMuon(Optimizer):
         if not self._built:  # torch's constructor adds the groups given to it
             super().add_param_group(param_group)
             return
+        truncation.end_interrupted_pass()
         if not isinstance(param_group, dict):
             raise TypeError(f"param_group must be a dict, but got {type(param_group)}")
         if isinstance(self.sampler, LayerSampler) and self.sampler.kind == "custom":
@@ -361,7 +366,8 @@ class DropMuon(Optimizer):
             check_no_duplicates(group, before)
             names = param_names(self.param_groups)
             for p in group["params"]:
-                check_param(p, names[id(p)], group["norm"] if group["norm"] != "auto" else "adamw")
+                for norm in self._possible_norms(group, p):
+                    check_param(p, names[id(p)], norm)
         except (ValueError, TypeError):
             self.param_groups.pop()
             raise
@@ -383,6 +389,14 @@ class DropMuon(Optimizer):
         truncation.watch(self._forward)  # Muon stops watching once ordered: a new trace needs it
         self._mask = self._draw(self._step_count)
         self._set_forward_freeze()
+
+    def _possible_norms(self, group: dict, p: Tensor) -> set[str]:
+        """Every norm ``p`` could get in ``group`` (its layer's place is not known yet)."""
+        if group["norm"] != "auto":
+            return {group["norm"]}
+        if p.dim() < 2:
+            return {resolve_norm("vector", self._role_norms, self._fallback)}
+        return {resolve_norm(role, self._role_norms, self._fallback) for role in ROLES[:3]}
 
     def _named_from_model(self, param_group: dict) -> dict:
         """A group for a module-built optimizer, whose groups carry the parameters' names: the
@@ -449,6 +463,7 @@ class DropMuon(Optimizer):
         self._trace = self._forward.trace = None
         self._layer_order = "first forward"
         self._reorder_statistics(before)
+        self._forward.checked_cutoffs.clear()  # keyed by position
         self._norms = self._assign_norms()  # the head is the last layer
         functional.initialize_state(self._params_and_norms(), self.state)
         self._set_forward_freeze()
@@ -495,10 +510,17 @@ class DropMuon(Optimizer):
         step: every layer then gets gradients (a full backward). ``requires_grad`` flags are
         never left changed between forward passes, so this is needed only to run other code's
         full backward while this optimizer is alive; another optimizer stepping the same
-        parameters does the same by itself. It also ends the freeze of a forward pass that was
-        interrupted (KeyboardInterrupt) before it returned."""
+        parameters does the same by itself. It also lifts the freeze of a forward pass that was
+        interrupted (KeyboardInterrupt) before it returned, whichever DropMuon applied it."""
         truncation.end_interrupted_pass()
         self._forward.armed = False
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """As torch.optim's; also ends a forward pass that was interrupted (KeyboardInterrupt)
+        before it returned, lifting its freeze (see :func:`dropmuon.truncation.
+        end_interrupted_pass`)."""
+        truncation.end_interrupted_pass()
+        super().zero_grad(set_to_none)
 
     # -- introspection ----------------------------------------------------------------------------
 
@@ -644,6 +666,7 @@ class DropMuon(Optimizer):
         it), so every checkpoint holds the same keys and torch.distributed.checkpoint never
         needs to step a fresh optimizer to create them. With FSDP2 the state tensors are
         DTensors: save through torch.distributed.checkpoint (:mod:`dropmuon.fsdp`)."""
+        truncation.end_interrupted_pass()
         state = super().state_dict()
         per_group = [group["params"] for group in self.param_groups]
         state["param_groups"][0]["dropmuon"] = checkpoint.section(
@@ -677,13 +700,14 @@ class DropMuon(Optimizer):
             param_name=self.param_name,
             positions_final=positions_final,
         )
-        if not positions_final:
-            # Before the first forward, the checkpoint's order replaces the trace (unless it
-            # was written before the first forward too: accelerate's round trip, say).
-            adopt = extra.get("layer_order") != self._layer_order
-            norms = self._norms_at(saved_positions) if adopt else self._norms
-        else:
-            adopt, norms = False, self._norms
+        # The checkpoint's positions (equal to ours once ours are final): with the trace still
+        # to come they place the per-layer statistics, and a checkpoint whose order is final
+        # ends the trace (one written before any forward, such as accelerate's round trip,
+        # leaves it to run).
+        adopt = not positions_final and not str(extra.get("layer_order", "")).startswith(
+            "registration"
+        )
+        norms = self._norms_at(saved_positions)
         checkpoint.check_norms(state_dict, self.param_groups, norms, self.param_name)
         kept = self._state_loaded_in_place(state_dict)
         sampler = checkpoint.restored_sampler(self.sampler, extra["sampler"])
@@ -693,12 +717,13 @@ class DropMuon(Optimizer):
             self._param_names = param_names(self.param_groups)
             self._partition.rename(self._param_names)
         self.state.update(kept)
+        for layer, position in saved_positions.items():
+            layer.position = position
         if adopt:
-            for layer, position in saved_positions.items():
-                layer.position = position
             self._trace = self._forward.trace = None
             self._layer_order = "checkpoint"
-            self._norms = self._assign_norms()
+        self._norms = self._assign_norms()
+        self._forward.checked_cutoffs.clear()
         functional.initialize_state(self._params_and_norms(), self.state)  # older checkpoints
         self.sampler = sampler
         self.update_counts = list(extra["update_counts"])
@@ -758,20 +783,34 @@ class DropMuon(Optimizer):
     # -- copies and pickles -----------------------------------------------------------------------
 
     def __getstate__(self):
-        """Everything a copy needs to continue the same trajectory (torch.optim's own keeps only
-        defaults, state and param_groups). Maps keyed by ``id()`` and the forward hooks' side
-        are made anew by :meth:`__setstate__`; step hooks are left out, as torch does."""
+        """What a copy needs to continue the same trajectory: torch.optim's own state (defaults,
+        state, param groups; step hooks are left out, as torch does) and DropMuon's (layers,
+        sampler, counters, estimates). Maps keyed by ``id()`` and the forward hooks' side are
+        made anew by :meth:`__setstate__`. The model is kept only while the first forward is
+        still to be traced (it is needed then); after that a copy holds the layers without
+        their modules, so pickling the optimizer does not pickle the model: such a copy skips
+        the cutoff layer's input check, and ``add_param_group`` on it needs parameters in
+        groups of their own (with ``"layer"`` keys if the original had them)."""
         if getattr(self, "_sharded", None) is not None:
             raise TypeError(
                 "a DropMuon over FSDP2-sharded parameters cannot be copied or pickled: save it "
                 "with torch.distributed.checkpoint (see dropmuon.fsdp)"
             )
-        state = {
-            key: value
-            for key, value in self.__dict__.items()
-            if key not in _REBUILT_ON_UNPICKLE and not key.startswith("_optimizer_")
-        }
-        state["_layers"] = self._partition.layers
+        state = {key: self.__dict__[key] for key in _PICKLED if key in self.__dict__}
+        keep_modules = self._trace is not None
+        state["_layers"] = [
+            Layer(
+                layer.construction_index,
+                layer.name,
+                list(layer.params),
+                layer.module if keep_modules else None,
+                layer.position,
+                layer.key,
+            )
+            for layer in self._partition.layers
+        ]
+        if not keep_modules:
+            state["_model"] = None
         return state
 
     def __setstate__(self, state):
@@ -795,8 +834,14 @@ class DropMuon(Optimizer):
         self._set_forward_freeze()
 
 
-# What DropMuon.__getstate__ leaves out and __setstate__ rebuilds.
-_REBUILT_ON_UNPICKLE = ("_forward", "_partition", "_param_names", "_norms")
+# What DropMuon.__getstate__ keeps: torch.optim's state and DropMuon's own (the rest, keyed by
+# id() or tied to this process's hooks, is rebuilt by __setstate__).
+_PICKLED = (
+    "defaults", "state", "param_groups",
+    "_built", "_role_norms", "_fallback", "_model", "_nonfinite", "_step_count",
+    "update_counts", "skipped_nonfinite", "sampler", "_estimate", "_smoothness",
+    "_cuda_kernels", "_diagnostics", "_sharded", "_mask", "_trace", "_layer_order",
+)  # fmt: skip
 
 
 class Muon(DropMuon):

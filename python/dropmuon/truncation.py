@@ -73,6 +73,25 @@ class ForwardWatcher:
         return False
 
 
+class LayerFreeze:
+    """The freeze of one forward pass: :meth:`apply` turns ``requires_grad`` off on the given
+    parameters that have it on, :meth:`lift` turns exactly those back on."""
+
+    def __init__(self) -> None:
+        self.turned_off: list[Tensor] = []
+
+    def apply(self, params: Iterable[Tensor]) -> None:
+        for p in params:
+            if p.requires_grad:
+                p.requires_grad_(False)
+                self.turned_off.append(p)
+
+    def lift(self) -> None:
+        for p in self.turned_off:
+            p.requires_grad_(True)
+        self.turned_off = []
+
+
 class _Registry:
     """The process-wide hooks and the live watchers (held weakly: a watcher lives as long as its
     optimizer, and an optimizer nobody holds anymore stops freezing).
@@ -95,6 +114,9 @@ class _Registry:
         self.pass_handles: list = []  # the outermost module's hooks in a light pass
         self.pass_module = None
         self.pass_depth = 0
+        # Every watcher's freeze of the pass in progress, kept here so that it is lifted even
+        # when the watcher's optimizer is gone by then (an interrupted pass, see below).
+        self.freeze = LayerFreeze()
 
     def add(self, watcher: ForwardWatcher) -> None:
         self.watchers.add(watcher)
@@ -167,11 +189,19 @@ def unwatch(watcher: ForwardWatcher) -> None:
 
 def end_interrupted_pass() -> None:
     """Ends a forward pass that never returned (a KeyboardInterrupt, which torch's
-    always-called hooks do not see): the hooks back in place and every watcher's freeze lifted.
-    Called from outside any forward pass (an optimizer step, ``unfreeze()``)."""
+    always-called hooks do not see): the hooks back in place and the pass's freeze lifted,
+    whichever optimizer applied it. Called from outside any forward pass: DropMuon calls it
+    when it is built and at ``zero_grad``, ``step``, ``state_dict``, ``add_param_group`` and
+    ``unfreeze``."""
     if _REGISTRY.pass_module is not None:
         _REGISTRY.end_light_pass()
+    _end_pass()
+
+
+def _end_pass() -> None:
+    """The end of the outermost call: every freeze lifted, every watcher told."""
     _REGISTRY.set_depth(0)
+    _REGISTRY.freeze.lift()
     stance = getattr(_REGISTRY.local, "stance", None)
     if stance is not None:
         _REGISTRY.local.stance = None
@@ -217,15 +247,13 @@ def _exit(module, args, *rest):
     _REGISTRY.set_depth(depth - 1)
     for watcher in list(_REGISTRY.watchers):
         watcher.exit(module, args, _kwargs_of(rest), depth == 1)
-    stance = getattr(_REGISTRY.local, "stance", None)
-    if depth == 1 and stance is not None:
-        _REGISTRY.local.stance = None
-        stance.__exit__(None, None, None)
+    if depth == 1:
+        _end_pass()
     return None
 
 
 def _light_reenter(module, args):
-    if not torch.compiler.is_compiling():
+    if not torch.compiler.is_compiling() and _REGISTRY.pass_module is module:
         _REGISTRY.pass_depth += 1  # the outermost module called again inside itself
     return None
 
@@ -238,6 +266,7 @@ def _light_exit(module, args, *rest):
         _REGISTRY.end_light_pass()
         for watcher in list(_REGISTRY.watchers):
             watcher.exit(module, args, _kwargs_of(rest), True)
+        _end_pass()
     return None
 
 
@@ -251,25 +280,6 @@ def _optimizer_step(optimizer, args, kwargs):
         for watcher in others:
             watcher.other_optimizer_stepped(params)
     return None
-
-
-class LayerFreeze:
-    """The freeze of one forward pass: :meth:`apply` turns ``requires_grad`` off on the given
-    parameters that have it on, :meth:`lift` turns exactly those back on."""
-
-    def __init__(self) -> None:
-        self.turned_off: list[Tensor] = []
-
-    def apply(self, params: Iterable[Tensor]) -> None:
-        for p in params:
-            if p.requires_grad:
-                p.requires_grad_(False)
-                self.turned_off.append(p)
-
-    def lift(self) -> None:
-        for p in self.turned_off:
-            p.requires_grad_(True)
-        self.turned_off = []
 
 
 class ForwardFreeze(ForwardWatcher):
@@ -289,7 +299,6 @@ class ForwardFreeze(ForwardWatcher):
         self.cutoff_label = (0, "")
         self.forwards = 0  # forward passes in grad mode since the last step
         self.checked_cutoffs: set[int] = set()  # cutoffs whose input check has run
-        self._freeze = LayerFreeze()
         self._in_grad_forward = False
 
     def belongs_to(self, optimizer) -> bool:
@@ -322,25 +331,22 @@ class ForwardFreeze(ForwardWatcher):
             if self._in_grad_forward:
                 self.forwards += 1
                 if self.armed:
-                    self._freeze.apply(self.frozen)
+                    _REGISTRY.freeze.apply(self.frozen)
                     if self.trace is not None:
-                        self._freeze.apply(self.trace.params_at(self.mask, active=False))
+                        _REGISTRY.freeze.apply(self.trace.params_at(self.mask, active=False))
         if self.trace is not None:
             found = self.trace.reached(module)
             if found is not None and self._in_grad_forward and self.armed:
                 layer, position = found
                 if not self.mask[position]:
-                    self._freeze.apply(p for _, p in layer.params)
+                    _REGISTRY.freeze.apply(p for _, p in layer.params)
 
     def exit(self, module, args, kwargs, outermost: bool) -> None:
         if module is self.cutoff_module and self._in_grad_forward and self.armed:
             self.diagnostics.check_cutoff_input(args, kwargs, *self.cutoff_label)
             self.checked_cutoffs.add(self.cutoff_label[0])
-        if outermost:
-            self.forward_ended()
 
     def forward_ended(self) -> None:
-        self._freeze.lift()
         self._in_grad_forward = False
 
 

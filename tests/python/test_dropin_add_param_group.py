@@ -135,3 +135,60 @@ def test_muon_built_on_a_model_orders_added_layers_by_the_next_forward():
     step(model, opt, cnn_loss, 2)
     assert opt.layer_names() == ["0", "2", "5"] and opt.layer_order == "first forward"
     assert opt.update_counts == [1, 3, 3]
+
+
+def test_a_float16_matrix_is_refused_as_at_construction():
+    model = cnn()
+    opt = dropmuon.DropMuon(list(model[0].parameters()))
+    with pytest.raises(ValueError, match="float16"):
+        opt.add_param_group({"params": [nn.Parameter(torch.randn(4, 3, dtype=torch.float16))]})
+    assert len(opt.param_groups) == 1
+
+
+def test_a_checkpoint_written_while_new_layers_wait_for_their_trace_resumes():
+    """Saved after add_param_group (the new layer not yet placed by a forward) and loaded into
+    a twin built the same way: the same layers, statistics and trajectory."""
+
+    class Reversed(nn.Module):  # registered a, b, c; run c, b, a
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.a, self.b, self.c = nn.Linear(6, 3), nn.Linear(6, 6), nn.Linear(4, 6)
+            self.extra = nn.Linear(4, 4)
+            for p in self.extra.parameters():
+                p.requires_grad_(False)
+
+        def forward(self, x):
+            return self.a(torch.tanh(self.b(torch.tanh(self.c(self.extra(x))))))
+
+    def loss(model, s):
+        g = torch.Generator().manual_seed(s)
+        return model(torch.randn(5, 4, generator=g)).square().mean()
+
+    def build():
+        model = Reversed()
+        return model, dropmuon.DropMuon(model, lr=0.02, seed=2, sampling="uniform")
+
+    def grow(model, opt):
+        for p in model.extra.parameters():
+            p.requires_grad_(True)
+        opt.add_param_group({"params": list(model.extra.parameters())})
+
+    model, opt = build()
+    for s in range(4):
+        step(model, opt, loss, s)
+    grow(model, opt)
+    state = copy.deepcopy(opt.state_dict())
+    twin = copy.deepcopy(model)  # the same weights, built the same way: extra frozen, then grown
+    for p in twin.extra.parameters():
+        p.requires_grad_(False)
+    twin_opt = dropmuon.DropMuon(twin, lr=0.02, seed=2, sampling="uniform")
+    grow(twin, twin_opt)
+    twin_opt.load_state_dict(state)
+    for s in range(4, 10):
+        step(model, opt, loss, s)
+        step(twin, twin_opt, loss, s)
+    assert opt.layer_names() == twin_opt.layer_names() == ["extra", "c", "b", "a"]
+    assert opt.update_counts == twin_opt.update_counts
+    for p, q in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(p, q)

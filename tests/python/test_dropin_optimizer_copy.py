@@ -70,3 +70,23 @@ def test_a_deepcopied_optimizer_alone_steps_its_own_copies_like_the_original():
     twin.step()
     for p, q in zip(model.parameters(), twin_params):
         assert torch.equal(p, q)
+
+
+def test_a_copy_does_not_take_the_schedulers_or_the_models_hooks_along():
+    """An LR scheduler wraps the optimizer's step, and the model may hold hooks that cannot be
+    pickled (lambdas): a copy is the optimizer's own state, as torch.optim's is."""
+    make, loss_fn = MODELS["cnn"]
+    model = make()
+    model.register_forward_hook(lambda module, args, out: None)  # not picklable
+    opt = dropmuon.DropMuon(model, lr=0.02, seed=5)
+    scheduler = torch.optim.lr_scheduler.StepLR(opt, 1, gamma=0.5)
+    for s in range(2):
+        step(model, opt, loss_fn, s)
+        scheduler.step()
+    twin = copy.deepcopy(opt)
+    for p in (q for g in twin.param_groups for q in g["params"]):
+        p.grad = torch.zeros_like(p)
+    twin.step()
+    assert twin.step_count == 3 and opt.step_count == 2  # the copy's step is its own
+    again = pickle.loads(pickle.dumps(opt))
+    assert again.step_count == 2 and again.layer_names() == opt.layer_names()

@@ -136,3 +136,22 @@ def test_an_interrupted_forward_is_mended_by_the_next_step_or_unfreeze():
         frozen = mend == "step"
         assert (model[0].weight.grad is None) == frozen
         opt.step()
+
+
+def test_an_interrupted_forward_is_mended_even_when_its_optimizer_is_gone():
+    """Ctrl-C in a forward, then the optimizer rebuilt: the new one sees every parameter (the
+    old freeze is lifted before it reads requires_grad), and the model carries no hook."""
+    model = cnn()
+    opt = dropmuon.DropMuon(model, sampling=[0.0, 0.0, 1.0])
+    step(model, opt, cnn_loss, 0)
+    handle = model[5].register_forward_pre_hook(
+        lambda m, a: (_ for _ in ()).throw(KeyboardInterrupt)
+    )
+    with pytest.raises(KeyboardInterrupt):
+        cnn_loss(model, 1)
+    handle.remove()
+    del opt
+    opt = dropmuon.DropMuon(model, lr=0.02)
+    assert all(p.requires_grad for p in model.parameters())
+    assert opt.num_layers == 3
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
