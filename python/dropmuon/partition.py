@@ -20,11 +20,14 @@ changes once, when the first forward has been traced).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
 
 from .defaults import DEFAULT_ROLE_NORMS, FALLBACKS, NORMS, ROLES
+from .dtensors import is_dtensor
 
 
 @dataclass(eq=False)
@@ -230,31 +233,53 @@ def assign_norms(
 
 
 class FirstForwardTrace:
-    """Orders layers by the first forward pass: :meth:`reached` is called as each module's
-    forward starts (from :mod:`dropmuon.truncation`'s hooks) and gives a layer its position the
-    first time its module runs, so the caller can freeze it for step 0 before it records any
-    autograd graph."""
+    """Orders layers by where the first forward pass uses their parameters, and tells the
+    caller as each layer is placed, so that it can freeze the layer for step 0 before the
+    layer records any autograd graph. Two kinds of events place a layer, the first time:
+
+    - :meth:`used`: a torch function the forward calls reads one of its parameters (seen by
+      :class:`ParamUse`, a torch function mode). This places what a parent reads functionally
+      (nn.MultiheadAttention's ``out_proj``, whose module is never called; a weight passed to
+      ``F.conv2d``) where it is read, and a tied weight where it is first read.
+    - :meth:`reached`: its module is called. Only for layers whose parameters a function mode
+      cannot see: FSDP2 swaps its sharded DTensor parameters for unsharded copies while the
+      module runs.
+
+    Layers placed by neither come last, in registration order (:attr:`unused` names them)."""
 
     def __init__(
-        self, layers: list[Layer], model: nn.Module, positions: dict[int, int] | None = None
+        self, layers: list[Layer], model: nn.Module | None, positions: dict[int, int] | None = None
     ) -> None:
         self.layers = layers
         self.model = model
-        self.by_module = {id(layer.module): layer for layer in layers if layer.module is not None}
+        self.by_param = {id(p): layer for layer in layers for _, p in layer.params}
+        self.by_module = {
+            id(layer.module): layer
+            for layer in layers
+            if layer.module is not None and any(is_dtensor(p) for _, p in layer.params)
+        }
         # construction index -> position in the forward
         self.positions: dict[int, int] = dict(positions or {})
+        self.unused: list[str] = []  # the layers no event placed (set by finish)
 
-    def reached(self, module) -> tuple[Layer, int] | None:
-        """The layer of ``module`` and its new position, if this is its first call."""
-        layer = self.by_module.get(id(module))
+    def _place(self, layer: Layer | None) -> tuple[Layer, int] | None:
         if layer is None or layer.construction_index in self.positions:
             return None
         position = len(self.positions)
         self.positions[layer.construction_index] = position
         return layer, position
 
+    def used(self, tensor) -> tuple[Layer, int] | None:
+        """The layer of parameter ``tensor`` and its new position, if this is its first use."""
+        return self._place(self.by_param.get(id(tensor)))
+
+    def reached(self, module) -> tuple[Layer, int] | None:
+        """The layer of ``module`` and its new position, if this is its first call and its
+        layer is placed by calls (see the class docstring)."""
+        return self._place(self.by_module.get(id(module)))
+
     def params_at(self, mask: list[bool], active: bool) -> list[Tensor]:
-        """The parameters of the layers already reached whose position ``mask`` marks
+        """The parameters of the layers already placed whose position ``mask`` marks
         ``active``."""
         return [
             p
@@ -264,13 +289,44 @@ class FirstForwardTrace:
         ]
 
     def finish(self) -> None:
-        """Sets every layer's position: the order of the first calls, then the layers that never
-        ran in registration order."""
-        ran = sorted(self.positions, key=self.positions.get)
+        """Sets every layer's position: the order of placement, then the layers never placed
+        in registration order."""
+        placed = sorted(self.positions, key=self.positions.get)
         never = [
             layer.construction_index
             for layer in self.layers
             if layer.construction_index not in self.positions
         ]
-        for position, index in enumerate(ran + never):
+        self.unused = [self.layers[index].name for index in never]
+        for position, index in enumerate(placed + never):
             self.layers[index].position = position
+
+
+class ParamUse(TorchFunctionMode):
+    """A torch function mode that calls ``on_use(tensor)`` for every tensor argument (or tensor
+    in a list, tuple or dict argument) of each torch function the code under it calls, before
+    the function runs. Only the outermost calls are seen: a function's own inner calls run
+    with the mode off, which is what placement needs (the first call that reads a parameter)."""
+
+    def __init__(self, on_use: Callable[[Tensor], None]) -> None:
+        super().__init__()
+        self.on_use = on_use
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if getattr(func, "__name__", "") in ("__get__", "__set__"):
+            # A tensor property read (p.dtype, p.shape: HF's model.dtype reads the first
+            # parameter's) is no use of the parameter in the computation.
+            return func(*args, **kwargs)
+        for value in (*args, *kwargs.values()):
+            if isinstance(value, Tensor):
+                self.on_use(value)
+            elif isinstance(value, (list, tuple)):
+                for item in value:
+                    if isinstance(item, Tensor):
+                        self.on_use(item)
+            elif isinstance(value, dict):
+                for item in value.values():
+                    if isinstance(item, Tensor):
+                        self.on_use(item)
+        return func(*args, **kwargs)

@@ -41,6 +41,8 @@ from torch import Tensor
 from torch.nn.modules import module as _module
 from torch.optim import optimizer as _optimizer
 
+from .partition import ParamUse
+
 
 class ForwardWatcher:
     """What an optimizer does at the start and end of module calls; the base does nothing.
@@ -299,6 +301,7 @@ class ForwardFreeze(ForwardWatcher):
         self.cutoff_label = (0, "")
         self.forwards = 0  # forward passes in grad mode since the last step
         self.checked_cutoffs: set[int] = set()  # cutoffs whose input check has run
+        self._use_mode = None  # the first forward's ParamUse mode, while it runs
         self._in_grad_forward = False
 
     def belongs_to(self, optimizer) -> bool:
@@ -334,12 +337,22 @@ class ForwardFreeze(ForwardWatcher):
                     _REGISTRY.freeze.apply(self.frozen)
                     if self.trace is not None:
                         _REGISTRY.freeze.apply(self.trace.params_at(self.mask, active=False))
+            if self.trace is not None and self._use_mode is None:
+                self._use_mode = ParamUse(self._param_used)
+                self._use_mode.__enter__()
         if self.trace is not None:
-            found = self.trace.reached(module)
-            if found is not None and self._in_grad_forward and self.armed:
-                layer, position = found
-                if not self.mask[position]:
-                    _REGISTRY.freeze.apply(p for _, p in layer.params)
+            self._placed(self.trace.reached(module))
+
+    def _param_used(self, tensor) -> None:
+        if self.trace is not None:
+            self._placed(self.trace.used(tensor))
+
+    def _placed(self, found) -> None:
+        """A layer just placed by the trace: frozen now if step 0 leaves it out."""
+        if found is not None and self._in_grad_forward and self.armed:
+            layer, position = found
+            if not self.mask[position]:
+                _REGISTRY.freeze.apply(p for _, p in layer.params)
 
     def exit(self, module, args, kwargs, outermost: bool) -> None:
         if module is self.cutoff_module and self._in_grad_forward and self.armed:
@@ -348,6 +361,9 @@ class ForwardFreeze(ForwardWatcher):
 
     def forward_ended(self) -> None:
         self._in_grad_forward = False
+        if self._use_mode is not None:
+            mode, self._use_mode = self._use_mode, None
+            mode.__exit__(None, None, None)
 
 
 def _eager_stance():

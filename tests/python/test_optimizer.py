@@ -441,16 +441,18 @@ class TiedLM(nn.Module):
 def test_tied_weights_and_execution_order():
     model = TiedLM()
     opt = dropmuon.DropMuon(model, lr=0.01, sampling=FixedCutoff(1))
-    # Registration order: head (owns the tied weight), mix. The first forward runs embed ->
-    # mix -> head: the tied weight's first user. Layers are the modules owning parameters.
+    # Registration order: head (owns the tied weight), mix. The first forward reads the tied
+    # weight first in the embedding (F.embedding), then mix's, then the tied one again: its
+    # layer (named head, its first registrant) sits on the input side, where it is first read.
     assert opt.num_layers == 2
     tokens = torch.randint(0, 11, (4, 3))
     loss = model(tokens).sum()
     loss.backward()
     opt.step()
-    assert opt.layer_names() == ["mix", "head"]
+    assert opt.layer_names() == ["head", "mix"]
     assert "head.weight" in dropmuon.describe(opt)
-    assert model.head.weight.grad is not None  # the tied weight's layer (head) is active
+    # Cutoff 1: the tied weight's layer is frozen (no backward into the embedding), mix active.
+    assert model.head.weight.grad is None and model.mix.weight.grad is not None
 
 
 def test_execution_order_freezes_the_first_run_layer():
