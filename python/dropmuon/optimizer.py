@@ -267,9 +267,15 @@ class DropMuon(Optimizer):
             check_group_norm(group)
             check_no_duplicates(group, g_index)
         self._param_names = param_names(self.param_groups)
+        # Parameters or groups without "layer" keys: the layers are the modules that own them
+        # in the model the first forward runs (found then, by _find_layers); until then the
+        # parameters are one provisional layer.
+        self._layers_pending = model is None and "layer" not in self.param_groups[0]
         if model is not None:
             managed = {id(p) for group in self.param_groups for p in group["params"]}
             layers = module_layers(model, managed)
+        elif self._layers_pending:
+            layers = [Layer(0, PENDING_LAYER, [(self.param_name(p), p) for p in self._params()])]
         else:
             layers = group_layers(self.param_groups, self._param_names, one_group_given)
         self._partition = Partition.of(layers)
@@ -279,14 +285,18 @@ class DropMuon(Optimizer):
         self._step_count = 0
         self.update_counts = [0] * self.num_layers
         self.skipped_nonfinite = [0] * self.num_layers
-        self.sampler = make_sampler(
-            sampling,
-            self.num_layers,
-            seed=seed,
-            tau=tau,
-            total_steps=total_steps,
+        self._sampling = dict(
+            sampling=sampling, seed=seed, tau=tau, total_steps=total_steps,
             shift_strength=shift_strength,
-        )
+        )  # fmt: skip
+        if self._layers_pending and isinstance(sampling, (str, list, tuple, Tensor)):
+            if not isinstance(sampling, str) or sampling == "custom":
+                raise ValueError(
+                    "custom cutoff probabilities need the layers at construction, but these "
+                    "parameters' layers are found at the first forward (by the modules that "
+                    "own them): pass the model itself, or param groups with 'layer' keys"
+                )
+        self.sampler = self._make_sampler()
         cost_optimal = getattr(self.sampler, "kind", None) == "cost_optimal"
         if estimate_smoothness is False and cost_optimal:
             raise ValueError("sampling='cost_optimal' needs estimate_smoothness")
@@ -314,9 +324,12 @@ class DropMuon(Optimizer):
         if model is not None:
             self._trace = FirstForwardTrace(self._partition.layers, self._model)
             self._layer_order = "registration (first forward not yet seen)"
+        elif self._layers_pending:
+            self._layer_order = PENDING_ORDER
         self._forward = ForwardFreeze(self, self._diagnostics)
         self._forward.managed = {id(p) for p in self._params()}
         self._forward.trace = self._trace
+        self._forward.layers_pending = self._layers_pending
         truncation.watch(self._forward)
         self._set_forward_freeze()
         self._built = True
@@ -326,6 +339,109 @@ class DropMuon(Optimizer):
     def _params(self):
         """Every managed parameter, in param-group order."""
         return (p for group in self.param_groups for p in group["params"])
+
+    def _make_sampler(self):
+        """The sampler over the current layers (while they are pending, one: a tau_nice tau
+        is checked against the real count when they are found)."""
+        options = dict(self._sampling)
+        if self._layers_pending and isinstance(options["tau"], int):
+            options["tau"] = min(options["tau"], self.num_layers)
+        return make_sampler(options.pop("sampling"), self.num_layers, **options)
+
+    def _first_forward_while_pending(self, root: nn.Module) -> None:
+        """Called by the forward hooks at the first forward while the layers are pending."""
+        self._find_layers(root)
+
+    def _layers_without_forward(self) -> None:
+        """A step came before any module call found the layers (gradients set by hand, or a
+        forward outside any nn.Module): one layer per parameter, in the order given."""
+        params = list(self._params())
+        self._use_layers(
+            [Layer(i, self.param_name(p), [(self.param_name(p), p)]) for i, p in enumerate(params)]
+        )
+        self._layer_order = "param groups"
+
+    def _layers_of_checkpoint(self, state_dict) -> None:
+        """Loading into an optimizer whose layers are pending: the checkpoint's layers (each
+        parameter's saved position), unless it was written while pending too."""
+        extra = checkpoint.section_of(state_dict)
+        if extra is None or extra.get("layer_order") == PENDING_ORDER:
+            return
+        if "param_layers" not in extra:
+            return  # a 0.1 checkpoint not brought to version 3: validate() says so
+        saved = [position for positions in extra["param_layers"] for position in positions]
+        params = list(self._params())
+        names = list(extra.get("layer_names") or [])
+        if len(saved) != len(params) or not saved:
+            return  # validate() names the mismatch
+        count = max(saved) + 1
+        layers = [Layer(i, names[i] if i < len(names) else f"layer {i}") for i in range(count)]
+        for p, position in zip(params, saved):
+            if 0 <= position < count:
+                layers[position].params.append((self.param_name(p), p))
+        self._use_layers([layer for layer in layers if layer.params])
+        self._layer_order = extra.get("layer_order", "checkpoint")
+
+    def _pending_snapshot(self) -> dict:
+        """What _use_layers changes, to undo it when a checkpoint is refused."""
+        keys = (
+            "_layers_pending", "_partition", "_model", "update_counts", "skipped_nonfinite",
+            "_smoothness", "sampler", "_norms", "_mask", "_layer_order",
+        )  # fmt: skip
+        return dict(
+            attributes={key: self.__dict__[key] for key in keys},
+            state={p: self.state[p] for p in self._params()},
+        )
+
+    def _use_layers(self, layers: list[Layer], model: nn.Module | None = None) -> None:
+        """Pending layers become ``layers``: the sampler, the statistics, the norms and the
+        coming step's draw follow (nothing was updated under the provisional ones that a
+        different norm would need to keep)."""
+        self._layers_pending = self._forward.layers_pending = False
+        self._partition = Partition.of(layers)
+        self._model = model
+        self.update_counts = [0] * self.num_layers
+        self.skipped_nonfinite = [0] * self.num_layers
+        self._smoothness = SmoothnessEstimator(
+            self.num_layers, self._smoothness.beta, self._cuda_kernels
+        )
+        self.sampler = self._make_sampler()
+        before = self._norms
+        self._norms = self._assign_norms()
+        for p in self._params():
+            check_param(p, self.param_name(p), self.norm_of(p))
+            if (before[id(p)] == "adamw") != (self._norms[id(p)] == "adamw"):
+                self.state[p] = {}
+        functional.initialize_state(self._params_and_norms(), self.state)
+        self._mask = self._draw(self._step_count)
+
+    def _find_layers(self, root: nn.Module) -> None:
+        """The first forward of an optimizer built from parameters or groups without "layer"
+        keys: its layers become the modules that own the parameters in ``root``, the model
+        being run (wrappers such as DDP and torch.compile's unwrapped), each placed by where the
+        forward first uses it, as for a model passed itself; a parameter no module owns is a
+        layer of its own. The sampler, the statistics and step 0's draw follow."""
+        model = _unwrapped(root)
+        managed = {id(p) for p in self._params()}
+        if not any(id(p) in managed for p in model.parameters()):
+            return  # a module outside the model (a loss module, say): the model comes later
+        owned_layers = module_layers(model, managed)
+        owned = {id(p) for layer in owned_layers for _, p in layer.params}
+        names = {id(p): n for layer in owned_layers for n, p in layer.params}
+        given = param_names(self.param_groups)
+        loose = [p for p in self._params() if id(p) not in owned]
+        layers = owned_layers + [
+            Layer(len(owned_layers) + i, given[id(p)], [(given[id(p)], p)])
+            for i, p in enumerate(loose)
+        ]
+        user_named = {id(p) for g in self.param_groups if "param_names" in g for p in g["params"]}
+        self._param_names = {k: given[k] if k in user_named else n for k, n in names.items()}
+        self._param_names.update({id(p): given[id(p)] for p in loose})
+        Partition.of(layers).rename(self._param_names)
+        self._use_layers(layers, model)
+        self._trace = self._forward.trace = FirstForwardTrace(self._partition.layers, model)
+        self._layer_order = "registration (first forward not yet seen)"
+        self._set_forward_freeze()
 
     def _params_and_norms(self):
         return ((p, self._norms[id(p)]) for p in self._params())
@@ -423,6 +539,8 @@ class DropMuon(Optimizer):
     # -- draws and freezing -----------------------------------------------------------------------
 
     def _draw(self, step: int) -> list[bool]:
+        if self._layers_pending:  # one provisional layer: the real draw comes with the layers
+            return [True] * self.num_layers
         return draw(self.sampler, step, self.num_layers, self._smoothness.smoothness)
 
     def _begin_step(self, step: int) -> None:
@@ -439,7 +557,7 @@ class DropMuon(Optimizer):
         if self._trace is not None:
             self._forward.set_step(self._mask, [])
             return
-        if getattr(self.sampler, "kind", None) == "full":
+        if getattr(self.sampler, "kind", None) == "full" and not self._layers_pending:
             # Muon: nothing to freeze once the layers are ordered, so no hooks to pay for.
             truncation.unwatch(self._forward)
             return
@@ -590,6 +708,9 @@ class DropMuon(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         truncation.end_interrupted_pass()  # outside any forward, none may be in progress
+        if self._layers_pending:
+            self._layers_without_forward()
+            self._set_forward_freeze()
         self._finish_trace()
         by_layer, schedules = self._active_gradients()
         user_frozen = {
@@ -690,16 +811,30 @@ class DropMuon(Optimizer):
         changes nothing. A checkpoint written under another world size loads as is (see
         :meth:`state_dict`). Its ``param_names`` replace this optimizer's, as in torch."""
         state_dict = checkpoint.upgraded(state_dict, len(self.param_groups))
-        extra = checkpoint.section_of(state_dict)
-        positions_final = self._trace is None
-        saved_positions = checkpoint.validate(
-            state_dict,
-            param_groups=self.param_groups,
-            layer_of=self._partition.layer_of,
-            num_layers=self.num_layers,
-            param_name=self.param_name,
-            positions_final=positions_final,
-        )
+        before = self._pending_snapshot() if self._layers_pending else None
+        try:
+            if before is not None:
+                self._layers_of_checkpoint(state_dict)
+            extra = checkpoint.section_of(state_dict)
+            positions_final = self._trace is None
+            saved_positions = checkpoint.validate(
+                state_dict,
+                param_groups=self.param_groups,
+                layer_of=self._partition.layer_of,
+                num_layers=self.num_layers,
+                param_name=self.param_name,
+                positions_final=positions_final,
+            )
+            norms = self._norms_at(saved_positions)
+            checkpoint.check_norms(state_dict, self.param_groups, norms, self.param_name)
+            kept = self._state_loaded_in_place(state_dict)
+            sampler = checkpoint.restored_sampler(self.sampler, extra["sampler"])
+        except (ValueError, TypeError, KeyError):
+            if before is not None:  # a refused checkpoint changes nothing
+                self.__dict__.update(before["attributes"])
+                self.state.update(before["state"])
+                self._forward.layers_pending = True
+            raise
         # The checkpoint's positions (equal to ours once ours are final): with the trace still
         # to come they place the per-layer statistics, and a checkpoint whose order is final
         # ends the trace (one written before any forward, such as accelerate's round trip,
@@ -707,10 +842,6 @@ class DropMuon(Optimizer):
         adopt = not positions_final and not str(extra.get("layer_order", "")).startswith(
             "registration"
         )
-        norms = self._norms_at(saved_positions)
-        checkpoint.check_norms(state_dict, self.param_groups, norms, self.param_name)
-        kept = self._state_loaded_in_place(state_dict)
-        sampler = checkpoint.restored_sampler(self.sampler, extra["sampler"])
         super().load_state_dict(state_dict)
         self.param_groups[0].pop("dropmuon", None)  # torch copies the saved groups' keys
         if self._model is None:  # torch adopts the checkpoint's param_names
@@ -830,9 +961,25 @@ class DropMuon(Optimizer):
         self._forward = ForwardFreeze(self, self._diagnostics)
         self._forward.managed = {id(p) for p in self._params()}
         self._forward.trace = self._trace
+        self._forward.layers_pending = self._layers_pending
         truncation.watch(self._forward)
         self._set_forward_freeze()
 
+
+def _unwrapped(module: nn.Module) -> nn.Module:
+    """The model inside DDP's and torch.compile's wrappers."""
+    for _ in range(8):
+        if isinstance(module, torch._dynamo.eval_frame.OptimizedModule):
+            module = module._orig_mod
+        elif isinstance(module, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            module = module.module
+        else:
+            break
+    return module
+
+
+PENDING_LAYER = "(every parameter: the layers are found at the first forward)"
+PENDING_ORDER = "pending (the layers are found at the first forward)"
 
 # What DropMuon.__getstate__ keeps: torch.optim's state and DropMuon's own (the rest, keyed by
 # id() or tied to this process's hooks, is rebuilt by __setstate__).
@@ -841,6 +988,7 @@ _PICKLED = (
     "_built", "_role_norms", "_fallback", "_model", "_nonfinite", "_step_count",
     "update_counts", "skipped_nonfinite", "sampler", "_estimate", "_smoothness",
     "_cuda_kernels", "_diagnostics", "_sharded", "_mask", "_trace", "_layer_order",
+    "_layers_pending", "_sampling",
 )  # fmt: skip
 
 

@@ -233,7 +233,9 @@ def assign_norms(
 
 
 class FirstForwardTrace:
-    """Orders layers by where the first forward pass uses their parameters, and tells the
+    """Orders layers by where the first forward pass in grad mode uses their parameters (in
+    evaluation torch may take fused paths that read a block's parameters in one call), and
+    tells the
     caller as each layer is placed, so that it can freeze the layer for step 0 before the
     layer records any autograd graph. Two kinds of events place a layer, the first time:
 

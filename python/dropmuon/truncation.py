@@ -302,6 +302,7 @@ class ForwardFreeze(ForwardWatcher):
         self.forwards = 0  # forward passes in grad mode since the last step
         self.checked_cutoffs: set[int] = set()  # cutoffs whose input check has run
         self._use_mode = None  # the first forward's ParamUse mode, while it runs
+        self.layers_pending = False  # the optimizer's layers are found at the first forward
         self._in_grad_forward = False
 
     def belongs_to(self, optimizer) -> bool:
@@ -315,6 +316,8 @@ class ForwardFreeze(ForwardWatcher):
 
     def wants_eager(self, module) -> bool:
         # The trace must see every module call of the model's first forward.
+        if self.layers_pending:
+            return True
         model = self.trace.model if self.trace is not None else None
         return model is not None and any(m is model for m in module.modules())
 
@@ -329,6 +332,10 @@ class ForwardFreeze(ForwardWatcher):
             self.armed = False
 
     def enter(self, module, args, outermost: bool) -> None:
+        if outermost and self.layers_pending:
+            optimizer = self._optimizer()
+            if optimizer is not None:
+                optimizer._first_forward_while_pending(module)
         if outermost:
             self._in_grad_forward = torch.is_grad_enabled()
             if self._in_grad_forward:
@@ -337,10 +344,12 @@ class ForwardFreeze(ForwardWatcher):
                     _REGISTRY.freeze.apply(self.frozen)
                     if self.trace is not None:
                         _REGISTRY.freeze.apply(self.trace.params_at(self.mask, active=False))
-            if self.trace is not None and self._use_mode is None:
+            # The trace follows a forward in grad mode: without it (evaluation) torch may take
+            # fused paths that read a block's parameters in one call, in argument order.
+            if self.trace is not None and self._in_grad_forward and self._use_mode is None:
                 self._use_mode = ParamUse(self._param_used)
                 self._use_mode.__enter__()
-        if self.trace is not None:
+        if self.trace is not None and self._in_grad_forward:
             self._placed(self.trace.reached(module))
 
     def _param_used(self, tensor) -> None:
@@ -349,7 +358,7 @@ class ForwardFreeze(ForwardWatcher):
 
     def _placed(self, found) -> None:
         """A layer just placed by the trace: frozen now if step 0 leaves it out."""
-        if found is not None and self._in_grad_forward and self.armed:
+        if found is not None and self.armed:
             layer, position = found
             if not self.mask[position]:
                 _REGISTRY.freeze.apply(p for _, p in layer.params)

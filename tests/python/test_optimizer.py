@@ -516,9 +516,27 @@ def test_explicit_param_groups_with_layers():
     assert opt.param_groups[0]["lr"] == 0.1
 
 
-def test_plain_parameter_list_is_one_layer_per_tensor():
-    opt = dropmuon.DropMuon(small_net().parameters())
-    assert opt.num_layers == 6
+def test_a_parameter_list_gets_the_modules_that_run_it_as_layers():
+    """No "layer" keys: the layers are the modules owning the parameters in the model the first
+    forward runs, placed by use, as if the model had been passed; until then, one."""
+    model = small_net()
+    opt = dropmuon.DropMuon(model.parameters(), sampling=FixedCutoff(1))
+    assert opt.num_layers == 1 and opt.layer_order.startswith("pending")
+    x, y = net_batch(0)
+    nn.functional.cross_entropy(model(x), y).backward()
+    # Found as the forward began, so step 0 already froze layer 0 (cutoff 1).
+    assert model[0].weight.grad is None and model[3].weight.grad is not None
+    opt.step()
+    assert opt.layer_names() == ["0", "3", "5"] and opt.layer_order == "first forward"
+
+
+def test_raw_tensors_stepped_without_a_module_forward_are_one_layer_each():
+    params = [nn.Parameter(torch.randn(3, 2)), nn.Parameter(torch.randn(2))]
+    opt = dropmuon.DropMuon(params, lr=0.1)
+    for p in params:
+        p.grad = torch.ones_like(p)
+    opt.step()
+    assert opt.num_layers == 2 and opt.layer_order == "param groups"
 
 
 @pytest.mark.parametrize(
