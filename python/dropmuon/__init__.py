@@ -10,7 +10,12 @@ import torch  # noqa: F401  (loads libtorch before the extension)
 from . import ops, reference
 from .defaults import MUON_COEFFICIENTS, POLAR_EXPRESS_COEFFICIENTS
 from .describe import describe
-from .diagnostics import DropMuonWarning, NoGradientWarning, TruncationDefeatedWarning
+from .diagnostics import (
+    DropMuonWarning,
+    LayerOrderWarning,
+    NoGradientWarning,
+    TruncationDefeatedWarning,
+)
 from .ops import (
     NewtonSchulzSchedule,
     ns_schedule,
@@ -26,6 +31,7 @@ __version__ = "0.1.0"
 __all__ = [
     "DropMuon",
     "DropMuonWarning",
+    "LayerOrderWarning",
     "NoGradientWarning",
     "TruncationDefeatedWarning",
     "LayerSampler",

@@ -7,13 +7,14 @@ since) and the gradients.
 
 from __future__ import annotations
 
+import difflib
 import math
 
 import torch
 from torch import Tensor
 
 from . import ops
-from .defaults import ADJUST_LR_FNS, NONFINITE_MODES, NS_PRECISIONS, RADII
+from .defaults import ADJUST_LR_FNS, GROUP_DEFAULTS, NONFINITE_MODES, NS_PRECISIONS, RADII
 from .dtensors import local_tensor
 from .partition import check_norms
 
@@ -100,6 +101,33 @@ def check_no_duplicates(group: dict, g_index: int) -> None:
             f"optimizer contains a parameter group with duplicate parameters (param group "
             f"{g_index}); DropMuon would update them twice per step"
         )
+
+
+# The keys DropMuon reads in a param group, besides its hyperparameters (GROUP_DEFAULTS).
+GROUP_KEYS = ("params", "param_names", "layer", *GROUP_DEFAULTS)
+# Keys torch's LR schedulers write into param groups (a checkpoint's groups carry them).
+SCHEDULER_KEYS = ("initial_lr", "max_lr", "min_lr", "base_momentum", "max_momentum")
+
+
+def check_group_keys(group: dict, g_index: int) -> None:
+    """torch.optim keeps any key a param group brings (a scheduler's, the user's own label),
+    and so does DropMuon; a key that is a near miss of one DropMuon reads ("momentun",
+    "layers") is an error, since the option it meant would silently keep its default."""
+    if group.get("use_muon") is False:  # Keller Jordan's MuonWithAuxAdam groups
+        raise ValueError(
+            f"param group {g_index} has use_muon=False: DropMuon gives each parameter its update "
+            "by role (vectors, embeddings and the head go to fallback='adamw' by default); to "
+            "put this group on AdamW say so with 'norm': 'adamw'"
+        )
+    for key in group:
+        if key in GROUP_KEYS or key in SCHEDULER_KEYS or not isinstance(key, str):
+            continue
+        close = difflib.get_close_matches(key, GROUP_KEYS, n=1, cutoff=0.8)
+        if close:
+            raise ValueError(
+                f"param group {g_index} has the key {key!r}, which DropMuon does not read: did "
+                f"you mean {close[0]!r}? (other unknown keys are kept, as torch.optim does)"
+            )
 
 
 def check_group(group) -> ops.NewtonSchulzSchedule:

@@ -51,6 +51,7 @@ from .checks import (
     adamw_lr_ratio,
     check_grad,
     check_group,
+    check_group_keys,
     check_group_norm,
     check_hyperparameters,
     check_no_duplicates,
@@ -66,7 +67,7 @@ from .defaults import (
     GROUP_DEFAULTS,
     ROLES,
 )
-from .diagnostics import Diagnostics
+from .diagnostics import Diagnostics, warn_order_unknown, warn_unused_layers
 from .partition import (
     FirstForwardTrace,
     Layer,
@@ -249,7 +250,7 @@ class DropMuon(Optimizer):
         # and normalises them. The layers are a partition of the same parameters, beside them.
         model = params if isinstance(params, nn.Module) else None
         if model is not None:
-            given, one_group_given = module_groups(model), True
+            given = module_groups(model)
         else:
             if isinstance(params, Tensor):
                 raise TypeError(
@@ -257,9 +258,10 @@ class DropMuon(Optimizer):
                     f"or dicts, but got {torch.typename(params)}"
                 )
             given = list(params)
-            one_group_given = bool(given) and not isinstance(given[0], dict)
-            if given and not one_group_given:
+            if given and isinstance(given[0], dict):
                 check_layer_keys(given)
+                for g_index, group in enumerate(given):
+                    check_group_keys(group, g_index)
         self._built = False
         super().__init__(given, defaults)
         for g_index, group in enumerate(self.param_groups):
@@ -271,13 +273,14 @@ class DropMuon(Optimizer):
         # in the model the first forward runs (found then, by _find_layers); until then the
         # parameters are one provisional layer.
         self._layers_pending = model is None and "layer" not in self.param_groups[0]
+        self._layers_by_use = False  # the layers were found by the first forward (a model run)
         if model is not None:
             managed = {id(p) for group in self.param_groups for p in group["params"]}
             layers = module_layers(model, managed)
         elif self._layers_pending:
-            layers = [Layer(0, PENDING_LAYER, [(self.param_name(p), p) for p in self._params()])]
+            layers = self._pending_layers()
         else:
-            layers = group_layers(self.param_groups, self._param_names, one_group_given)
+            layers = group_layers(self.param_groups, self._param_names)
         self._partition = Partition.of(layers)
         self._model = model
 
@@ -340,6 +343,10 @@ class DropMuon(Optimizer):
         """Every managed parameter, in param-group order."""
         return (p for group in self.param_groups for p in group["params"])
 
+    def _pending_layers(self) -> list[Layer]:
+        """Every parameter in one provisional layer, until the first forward finds the layers."""
+        return [Layer(0, PENDING_LAYER, [(self.param_name(p), p) for p in self._params()])]
+
     def _make_sampler(self):
         """The sampler over the current layers (while they are pending, one: a tau_nice tau
         is checked against the real count when they are found)."""
@@ -360,6 +367,9 @@ class DropMuon(Optimizer):
             [Layer(i, self.param_name(p), [(self.param_name(p), p)]) for i, p in enumerate(params)]
         )
         self._layer_order = "param groups"
+        if len(params) > 1 and getattr(self.sampler, "kind", None) != "full":  # order matters
+            warn_order_unknown(len(params))
+        warn_order_unknown(len(params))
 
     def _layers_of_checkpoint(self, state_dict) -> None:
         """Loading into an optimizer whose layers are pending: the checkpoint's layers (each
@@ -439,6 +449,7 @@ class DropMuon(Optimizer):
         self._param_names.update({id(p): given[id(p)] for p in loose})
         Partition.of(layers).rename(self._param_names)
         self._use_layers(layers, model)
+        self._layers_by_use = True
         self._trace = self._forward.trace = FirstForwardTrace(self._partition.layers, model)
         self._layer_order = "registration (first forward not yet seen)"
         self._set_forward_freeze()
@@ -471,7 +482,8 @@ class DropMuon(Optimizer):
         if ("layer" in param_group) != ("layer" in self.param_groups[0]):
             raise ValueError("either every param group has a 'layer' index or none does")
         check_layer_keys([param_group])
-        if self._model is not None:
+        check_group_keys(param_group, len(self.param_groups))
+        if self._model is not None and not self._layers_by_use:
             param_group = self._named_from_model(param_group)
         before = len(self.param_groups)
         super().add_param_group(param_group)
@@ -488,6 +500,12 @@ class DropMuon(Optimizer):
             self.param_groups.pop()
             raise
         self._param_names = names
+        self._forward.managed = {id(p) for p in self._params()}
+        if self._layers_pending:  # the new parameters wait with the others for the first forward
+            self._partition = Partition.of(self._pending_layers())
+            self._norms = self._assign_norms()
+            functional.initialize_state(self._params_and_norms(), self.state)
+            return
         before = [layer.position for layer in self._partition.layers]
         self._partition, new_layers = self._partition.extended(group, names, self._model)
         before += range(len(before), self.num_layers)  # new layers: appended, then moved
@@ -500,7 +518,6 @@ class DropMuon(Optimizer):
         self.sampler = resized_sampler(self.sampler, self.num_layers)
         self._norms = self._assign_norms()
         functional.initialize_state(self._params_and_norms(), self.state)
-        self._forward.managed = {id(p) for p in self._params()}
         self._forward.trace = self._trace
         truncation.watch(self._forward)  # Muon stops watching once ordered: a new trace needs it
         self._mask = self._draw(self._step_count)
@@ -577,7 +594,9 @@ class DropMuon(Optimizer):
             return
         self._check_params_still_registered()
         before = [layer.position for layer in self._partition.layers]
-        self._trace.finish()
+        self._mask = self._trace.finish(self._mask)
+        if self._trace.unused:
+            warn_unused_layers(self._trace.unused)
         self._trace = self._forward.trace = None
         self._layer_order = "first forward"
         self._reorder_statistics(before)
@@ -988,7 +1007,7 @@ _PICKLED = (
     "_built", "_role_norms", "_fallback", "_model", "_nonfinite", "_step_count",
     "update_counts", "skipped_nonfinite", "sampler", "_estimate", "_smoothness",
     "_cuda_kernels", "_diagnostics", "_sharded", "_mask", "_trace", "_layer_order",
-    "_layers_pending", "_sampling",
+    "_layers_pending", "_layers_by_use", "_sampling",
 )  # fmt: skip
 
 

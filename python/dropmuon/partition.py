@@ -87,6 +87,12 @@ class Partition:
                     new.append(found)
                 else:
                     layer.params = found.params
+            placed = {id(p) for layer in layers for _, p in layer.params}
+            for p in group["params"]:  # not the model's (an optimizer built from a list): alone
+                if id(p) not in placed:
+                    loose = Layer(len(layers), names[id(p)], [(names[id(p)], p)])
+                    layers.append(loose)
+                    new.append(loose)
             return Partition.of(layers), new
         params = [(names[id(p)], p) for p in group["params"]]
         key = group.get("layer")
@@ -155,20 +161,12 @@ def check_layer_keys(groups) -> None:
             raise ValueError(f"param group {g_index}: 'layer' must be an int, got {key!r}")
 
 
-def group_layers(groups: list[dict], names: dict[int, str], one_group_given: bool) -> list[Layer]:
-    """Layers from param groups: with ``"layer"`` keys, the groups sharing a key form one layer
-    (ordered by the key); from a plain parameter list (``one_group_given``), one layer per
-    tensor; otherwise one layer per group, in order."""
-    if one_group_given and "layer" not in groups[0]:
-        params = groups[0]["params"]
-        return [Layer(i, names[id(p)], [(names[id(p)], p)]) for i, p in enumerate(params)]
-    keys = [group.get("layer", g_index) for g_index, group in enumerate(groups)]
+def group_layers(groups: list[dict], names: dict[int, str]) -> list[Layer]:
+    """Layers from param groups with ``"layer"`` keys: the groups sharing a key form one layer,
+    ordered by the key."""
+    keys = [group["layer"] for group in groups]
     positions = {key: position for position, key in enumerate(sorted(set(keys)))}
-    given = "layer" in groups[0]
-    layers = [
-        Layer(position, f"layer {key}", key=key if given else None)
-        for key, position in positions.items()
-    ]
+    layers = [Layer(position, f"layer {key}", key=key) for key, position in positions.items()]
     for group, key in zip(groups, keys):
         layers[positions[key]].params.extend((names[id(p)], p) for p in group["params"])
     return layers
@@ -247,7 +245,7 @@ class FirstForwardTrace:
       cannot see: FSDP2 swaps its sharded DTensor parameters for unsharded copies while the
       module runs.
 
-    Layers placed by neither come last, in registration order (:attr:`unused` names them)."""
+    Layers placed by neither come first, in registration order (:attr:`unused` names them)."""
 
     def __init__(
         self, layers: list[Layer], model: nn.Module | None, positions: dict[int, int] | None = None
@@ -290,9 +288,15 @@ class FirstForwardTrace:
             for _, p in self.layers[index].params
         ]
 
-    def finish(self) -> None:
-        """Sets every layer's position: the order of placement, then the layers never placed
-        in registration order."""
+    def finish(self, mask: list[bool]) -> list[bool]:
+        """Sets every layer's position: the layers never placed first, in registration order
+        (nothing in the forward depends on them, so they cost nothing to keep active, and the
+        head stays last), then the order of placement. Returns ``mask`` (by placement, as the
+        forward froze it) by the final positions, the layers never placed inactive: they were
+        not used, so they have no gradient to apply. With nothing placed (no forward seen:
+        gradients set by hand) the registration order and ``mask`` stand."""
+        if not self.positions:
+            return list(mask)
         placed = sorted(self.positions, key=self.positions.get)
         never = [
             layer.construction_index
@@ -300,8 +304,19 @@ class FirstForwardTrace:
             if layer.construction_index not in self.positions
         ]
         self.unused = [self.layers[index].name for index in never]
-        for position, index in enumerate(placed + never):
+        final = [False] * len(never) + [mask[self.positions[index]] for index in placed]
+        for position, index in enumerate(never + placed):
             self.layers[index].position = position
+        return final
+
+    def nothing_active(self, mask: list[bool]) -> bool:
+        """Whether the forward so far used layers but only ones ``mask`` leaves out while some
+        layers were never used: the drawn cutoff lies above every layer the forward reached."""
+        return (
+            bool(self.positions)
+            and len(self.positions) < len(self.layers)
+            and not any(mask[position] for position in self.positions.values())
+        )
 
 
 class ParamUse(TorchFunctionMode):

@@ -49,13 +49,14 @@ class ForwardWatcher:
 
     ``enter(module, args, outermost)`` runs before a module's forward, ``exit(module, args,
     kwargs, outermost)`` after it (also when the forward raised, with ``kwargs`` None).
-    ``outermost`` marks the call that opened the forward pass."""
+    ``outermost`` marks the call that opened the forward pass; an exception ``exit`` returns is
+    raised once the pass has ended (every freeze lifted)."""
 
     def enter(self, module, args, outermost: bool) -> None:
         pass
 
-    def exit(self, module, args, kwargs, outermost: bool) -> None:
-        pass
+    def exit(self, module, args, kwargs, outermost: bool) -> Exception | None:
+        return None
 
     def other_optimizer_stepped(self, params: Iterable[Tensor]) -> None:
         pass
@@ -247,10 +248,15 @@ def _exit(module, args, *rest):
     if depth == 0:  # the call started before the hooks were installed
         return None
     _REGISTRY.set_depth(depth - 1)
-    for watcher in list(_REGISTRY.watchers):
+    errors = [
         watcher.exit(module, args, _kwargs_of(rest), depth == 1)
+        for watcher in list(_REGISTRY.watchers)
+    ]
     if depth == 1:
         _end_pass()
+        for error in errors:
+            if error is not None:
+                raise error
     return None
 
 
@@ -304,6 +310,7 @@ class ForwardFreeze(ForwardWatcher):
         self._use_mode = None  # the first forward's ParamUse mode, while it runs
         self.layers_pending = False  # the optimizer's layers are found at the first forward
         self._in_grad_forward = False
+        self._outer: tuple = (None, [])  # (outermost module, its tensor arguments) of a pass
 
     def belongs_to(self, optimizer) -> bool:
         return self._optimizer() is optimizer
@@ -338,6 +345,9 @@ class ForwardFreeze(ForwardWatcher):
                 optimizer._first_forward_while_pending(module)
         if outermost:
             self._in_grad_forward = torch.is_grad_enabled()
+            # The model run and its input, to name the cause of a defeated truncation.
+            inputs = [x for x in args if isinstance(x, Tensor)]
+            self._outer = (module, inputs)
             if self._in_grad_forward:
                 self.forwards += 1
                 if self.armed:
@@ -363,13 +373,29 @@ class ForwardFreeze(ForwardWatcher):
             if not self.mask[position]:
                 _REGISTRY.freeze.apply(p for _, p in layer.params)
 
-    def exit(self, module, args, kwargs, outermost: bool) -> None:
+    def exit(self, module, args, kwargs, outermost: bool) -> Exception | None:
         if module is self.cutoff_module and self._in_grad_forward and self.armed:
-            self.diagnostics.check_cutoff_input(args, kwargs, *self.cutoff_label)
+            self.diagnostics.check_cutoff_input(
+                args, kwargs, *self.cutoff_label, self._outer, self.managed
+            )
             self.checked_cutoffs.add(self.cutoff_label[0])
+        traced = outermost and self._in_grad_forward and self.armed and self.wants_eager(module)
+        if traced and self.trace is not None and self.trace.nothing_active(self.mask):
+            unused = [layer.name for layer in self.trace.layers if layer.construction_index
+                      not in self.trace.positions]  # fmt: skip
+            return RuntimeError(
+                f"DropMuon: the coming step's cutoff (layer {sum(not m for m in self.mask)} of "
+                f"{len(self.mask)}) lies above every layer this first forward pass used, "
+                "because the parameters of " + ", ".join(unused[:6]) + " were never used by "
+                "it: nothing in this pass would train and its loss would have no gradient. "
+                "Leave parameters the forward does not use out of the optimizer (or give them "
+                "to another optimizer)."
+            )
+        return None
 
     def forward_ended(self) -> None:
         self._in_grad_forward = False
+        self._outer = (None, [])
         if self._use_mode is not None:
             mode, self._use_mode = self._use_mode, None
             mode.__exit__(None, None, None)

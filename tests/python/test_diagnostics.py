@@ -130,7 +130,8 @@ def test_an_input_that_requires_grad_is_reported_once():
     ours = dropmuon_warnings(record)
     assert [w.category for w in ours] == [TruncationDefeatedWarning]
     text = str(ours[0].message)
-    assert "cutoff layer 2 (4)" in text and "enable_input_require_grads" in text
+    assert "cutoff layer 2 (4)" in text and "The model's input requires grad" in text
+    assert "enable_input_require_grads" not in text and "does not manage" not in text
 
 
 def test_an_input_that_requires_grad_at_cutoff_0_is_fine():

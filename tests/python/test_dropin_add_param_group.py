@@ -70,11 +70,19 @@ def test_keyed_groups_join_or_make_layers():
         step(model, opt, cnn_loss, s)
 
 
-def test_a_new_unkeyed_group_is_a_new_top_layer():
+def test_unkeyed_groups_are_split_by_use_before_and_after_the_first_forward():
+    """Groups without "layer" keys are hyperparameters: before the first forward a new one
+    waits with the others; after it, its modules become layers placed by the next forward."""
     model = cnn()
-    opt = dropmuon.DropMuon([{"params": list(model[0].parameters())}], lr=0.02)
-    opt.add_param_group({"params": list(model[2].parameters())})
-    assert opt.num_layers == 2 and opt.layer_of(model[2].weight) == 1
+    opt = dropmuon.DropMuon([{"params": list(model[2].parameters())}], lr=0.02)
+    opt.add_param_group({"params": list(model[0].parameters()), "lr": 0.01})
+    assert opt.num_layers == 1 and opt.layer_order.startswith("pending")
+    step(model, opt, cnn_loss, 0)
+    assert opt.layer_names() == ["0", "2"] and opt.layer_order == "first forward"
+    opt.add_param_group({"params": list(model[5].parameters())})
+    assert opt.layer_names() == ["0", "2", "5"] and opt.layer_order.startswith("registration")
+    step(model, opt, cnn_loss, 1)
+    assert opt.layer_names() == ["0", "2", "5"] and opt.layer_order == "first forward"
 
 
 @pytest.mark.parametrize(
