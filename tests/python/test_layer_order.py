@@ -191,7 +191,8 @@ def hf_models():
 def lm_loss(model, idx):
     out = model(idx)
     logits = out.logits if hasattr(out, "logits") else out
-    return F.cross_entropy(logits.flatten(0, -2), idx.flatten() % logits.shape[-1])
+    targets = idx[:, -logits.shape[1] :]  # a seq2seq model predicts the target part
+    return F.cross_entropy(logits.flatten(0, -2), targets.flatten() % logits.shape[-1])
 
 
 def image_loss(model, x):
@@ -223,7 +224,7 @@ def case(name):
         gpt2, bert, llama = hf_models()
         model, last = {
             "hf gpt2 (tied)": (gpt2, "transformer.ln_f"),  # the head is the token embedding
-            "hf bert": (bert, "cls.predictions.transform.LayerNorm"),  # tied decoder too
+            "hf bert": (bert, "cls.predictions"),  # its output bias (the decoder is tied)
             "hf llama": (llama, "lm_head"),
         }[name]
         return model, None, idx, lm_loss, last
@@ -277,6 +278,7 @@ def expected_order(opt, model, x, loss_fn) -> list[str]:
     for group in opt.param_groups:
         for p in group["params"]:
             layers.setdefault(opt.layer_of(p), []).append(uses.first.get(id(p), -1))
+    assert min(min(uses) for uses in layers.values()) >= 0, "every layer is read"
     names = opt.layer_names()
     keyed = sorted(range(len(names)), key=lambda position: (min(layers[position]), position))
     return [names[position] for position in keyed]
@@ -296,7 +298,7 @@ def test_layers_follow_first_use_and_backward_flops_follow_the_cost_model(name):
     reference = copy.deepcopy(pristine)
     reference_opt = optimizer_for(reference, groups, sampling="full")
     one_step(reference, reference_opt, x, loss_fn)
-    expected = expected_order(reference_opt, copy.deepcopy(pristine), x, loss_fn)
+    expected = expected_order(reference_opt, reference, x, loss_fn)
     assert opt.layer_names() == expected
     assert opt.layer_names()[-1] == last
 
@@ -314,7 +316,7 @@ def test_layers_follow_first_use_and_backward_flops_follow_the_cost_model(name):
             loss = loss_fn(m, x)
         with FlopCounterMode(display=False) as counter:
             loss.backward()
-        counts = counter.get_flop_counts()["Global"]
+        counts = counter.get_flop_counts().get("Global", {})
         measured = sum(v for op, v in counts.items() if str(op).split(".")[-1] in MEASURED_OPS)
         predicted = cost.backward_flops
         assert measured == pytest.approx(predicted, rel=0.05), (name, cutoff)
@@ -358,7 +360,7 @@ def test_a_parameter_the_forward_never_uses_is_ordered_first_and_named():
 def test_a_cutoff_above_every_used_layer_in_the_first_forward_is_a_clear_error():
     model = FunctionalChild()
     spare = nn.Parameter(torch.randn(3, 3))
-    opt = dropmuon.DropMuon([*model.parameters(), spare], lr=0.01, sampling=FixedCutoff(5))
+    opt = dropmuon.DropMuon([*model.parameters(), spare], lr=0.01, sampling=FixedCutoff(4))
     with pytest.raises(RuntimeError, match="never used by it"):
         image_loss(model, torch.randn(4, 12))
     assert all(p.requires_grad for p in model.parameters())  # the pass's freeze was lifted
@@ -384,7 +386,10 @@ def test_groups_are_read_as_hyperparameters_until_they_say_layer():
     assert opt.param_groups[0]["weight_decay"] == 0.1 and opt.param_groups[1]["weight_decay"] == 0
     # "layer" keys still define the layers, in key order.
     keyed = dropmuon.DropMuon(
-        [{"params": model.head.parameters(), "layer": 1}, {"params": model.token.parameters(), "layer": 0}]
+        [
+            {"params": model.head.parameters(), "layer": 1},
+            {"params": model.token.parameters(), "layer": 0},
+        ]
     )
     assert keyed.layer_names() == ["layer 0", "layer 1"] and keyed.layer_order == "param groups"
 
