@@ -121,12 +121,14 @@ class DropMuon(Optimizer):
     (``help(dropmuon.optimizer)``).
 
     Args:
-        params: an ``nn.Module`` (layers found automatically, ordered by the first forward pass),
-            an iterable of parameters or of (name, parameter) pairs such as
-            ``model.named_parameters()`` (one layer each, in the given order), or param groups
-            (dicts); a group's ``"layer"`` (int) says which layer it belongs to (layers are
-            ordered by that value, input first; groups without it are one layer each, in order),
-            and its ``"norm"`` (default ``"auto"``) overrides the norm of all its parameters.
+        params: an ``nn.Module``, an iterable of parameters or of (name, parameter) pairs such
+            as ``model.named_parameters()``, or param groups (dicts). The layers are the modules
+            that own the parameters, ordered by where the first forward pass first uses them;
+            for parameters and groups the model is the one that first forward runs (until then
+            one provisional layer). Groups that all carry a ``"layer"`` (int) say the layers
+            themselves (ordered by that value, input first). A group's ``"norm"`` (default
+            ``"auto"``) overrides the norm of all its parameters; a key that is a near miss of
+            one DropMuon reads is a ValueError, other keys are kept. README "Layers".
         lr (float or Tensor): learning rate (default 1e-3, as torch.optim.Muon).
         weight_decay: decoupled weight decay, applied with the unadjusted lr (default 0.1).
         momentum: EMA factor of the momentum buffer, in [0, 1] (default 0.95).

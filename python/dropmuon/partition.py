@@ -7,10 +7,10 @@ them. A layer of a module is a module that directly holds trainable parameters
 (``named_parameters(recurse=False)`` that require grad at construction). A parameter held by
 several modules (a tied embedding and output head) belongs to the first of them in
 registration order, and a module left with no parameter of its own is no layer. Layers are
-ordered by when their ``forward`` first starts in the first forward pass
-(:class:`FirstForwardTrace`), and by registration order until that pass has run. A plain list
-of parameters gives one layer per tensor; group dicts give one layer per group, or per
-``"layer"`` key.
+ordered by where the first forward pass first uses their parameters (:class:`FirstForwardTrace`),
+and by registration order until that pass has run. A parameter list, or groups without
+``"layer"`` keys, are split the same way, by the modules of the model the first forward runs
+(the optimizer finds it then); groups with ``"layer"`` keys give one layer per key.
 
 Two numbers describe a layer, and they are kept apart: its **construction index**
 (``Layer.construction_index``: the order in which it was found, fixed) and its **position**

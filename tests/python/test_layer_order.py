@@ -451,7 +451,7 @@ def test_another_optimizers_parameters_below_the_cutoff_are_named():
     assert opt.layer_names() == ["whiten", "blocks.0", "blocks.4"]
 
 
-def test_the_first_forward_costs_little_more_than_a_plain_one():
+def test_the_traced_forward_runs_the_same_aten_ops_as_a_plain_one():
     """Not a timing test (benchmarks/bench_first_forward.py measures it): the trace runs every
     torch function once through a Python mode, so it must not call any of them twice."""
     model = TorchEncoderLM()
