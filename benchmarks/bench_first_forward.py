@@ -20,28 +20,15 @@ import time
 from pathlib import Path
 
 import torch
-from torch import nn
 
 import dropmuon
-from dropmuon.compare.models import CharGPT, ResNet18
-
-
-class TorchEncoderLM(nn.Module):
-    def __init__(self, vocab=256, dim=128, depth=4) -> None:
-        super().__init__()
-        self.embed = nn.Embedding(vocab, dim)
-        layer = nn.TransformerEncoderLayer(dim, 4, 4 * dim, dropout=0.0, batch_first=True)
-        self.encoder = nn.TransformerEncoder(layer, depth, enable_nested_tensor=False)
-        self.head = nn.Linear(dim, vocab)
-
-    def forward(self, idx):
-        return self.head(self.encoder(self.embed(idx)))
+from dropmuon.compare.models import CharGPT, ResNet18, WordTransformer
 
 
 def models():
     idx = torch.randint(0, 256, (16, 64))
     out = [
-        ("nn.TransformerEncoder (4 x 128)", TorchEncoderLM(), idx),
+        ("word_language_model (4 x 128)", WordTransformer(256, 128, 4, 4, context=64), idx),
         ("harness gpt (4 x 128)", CharGPT(256, 64, dim=128, depth=4, heads=4), idx),
         ("harness resnet18 (width 16)", ResNet18(3, 10, width=16), torch.randn(32, 3, 32, 32)),
     ]

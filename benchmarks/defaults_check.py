@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import collections
 import json
-import math
 import re
 import time
 from pathlib import Path
@@ -42,33 +41,8 @@ from torch import nn
 
 import dropmuon
 from dropmuon.compare.data import load_dataset
-from dropmuon.compare.models import PaperCNN
+from dropmuon.compare.models import PaperCNN, WordTransformer
 from dropmuon.compare.text import load_text, windows
-
-
-class TransformerLM(nn.Module):
-    """word_language_model's TransformerModel, sized for 2 CPU cores."""
-
-    def __init__(self, vocab: int, d: int = 64, heads: int = 2, layers: int = 2, context: int = 64):
-        super().__init__()
-        self.d = d
-        self.encoder = nn.Embedding(vocab, d)
-        position = torch.arange(context).unsqueeze(1)
-        div = torch.exp(torch.arange(0, d, 2) * (-math.log(10000.0) / d))
-        pe = torch.zeros(context, d)
-        pe[:, 0::2], pe[:, 1::2] = torch.sin(position * div), torch.cos(position * div)
-        self.register_buffer("pe", pe)
-        layer = nn.TransformerEncoderLayer(d, heads, 4 * d, dropout=0.0, batch_first=True)
-        self.transformer_encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
-        self.decoder = nn.Linear(d, vocab)
-        self.register_buffer("mask", nn.Transformer.generate_square_subsequent_mask(context))
-
-    def forward(self, tokens):
-        h = self.encoder(tokens) * math.sqrt(self.d) + self.pe[: tokens.shape[1]]
-        n = tokens.shape[1]
-        h = self.transformer_encoder(h, mask=self.mask[:n, :n], is_causal=True)
-        return self.decoder(h)
-
 
 CONFIGS = {
     "sign": dict(fallback="sign"),
@@ -90,19 +64,22 @@ def run_transformer(config: dict, sampling: str, lr: float, steps: int, seed: in
     text = load_text("fortunes")
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    model = TransformerLM(text.vocab_size)
+    model = WordTransformer(text.vocab_size, context=64)
     opt = dropmuon.DropMuon(model, lr=lr, sampling=sampling, seed=seed, **options(config, lr))
-    val_tokens = text.train[-100_000:]
-    train_tokens = text.train[:-100_000]
-    val_starts = torch.arange(0, len(val_tokens) - 65, 97)[:256]
-    vx, vy = windows(val_tokens, val_starts, 64)
+    return train_lm(model, opt, text.train[:-100_000], text.train[-100_000:], 64, steps, g, 256)
+
+
+def train_lm(model, opt, train_tokens, val_tokens, context, steps, g, val_windows=None) -> dict:
+    """``steps`` steps on random windows of ``train_tokens`` (batch 32); the validation loss
+    on every 97th window of ``val_tokens`` (the first ``val_windows``) after each quarter."""
+    val_starts = torch.arange(0, len(val_tokens) - context - 1, 97)[:val_windows]
+    vx, vy = windows(val_tokens, val_starts, context)
     curve, start = [], time.perf_counter()
     for step in range(steps):
-        starts = torch.randint(0, len(train_tokens) - 65, (32,), generator=g)
-        x, y = windows(train_tokens, starts, 64)
+        starts = torch.randint(0, len(train_tokens) - context - 1, (32,), generator=g)
+        x, y = windows(train_tokens, starts, context)
         opt.zero_grad()
-        loss = nn.functional.cross_entropy(model(x).flatten(0, 1), y.flatten())
-        loss.backward()
+        nn.functional.cross_entropy(model(x).flatten(0, 1), y.flatten()).backward()
         opt.step()
         if (step + 1) % (steps // 4) == 0:
             with torch.no_grad():
@@ -124,23 +101,9 @@ def run_word(config: dict, sampling: str, lr: float, steps: int, seed: int) -> d
     tokens, vocab = word_tokens()
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    model = TransformerLM(vocab, context=35)
+    model = WordTransformer(vocab, context=35)
     opt = dropmuon.DropMuon(model, lr=lr, sampling=sampling, seed=seed, **options(config, lr))
-    val_tokens, train_tokens = tokens[-50_000:], tokens[:-50_000]
-    vx, vy = windows(val_tokens, torch.arange(0, len(val_tokens) - 36, 97)[:256], 35)
-    curve, start = [], time.perf_counter()
-    for step in range(steps):
-        x, y = windows(
-            train_tokens, torch.randint(0, len(train_tokens) - 36, (32,), generator=g), 35
-        )
-        opt.zero_grad()
-        nn.functional.cross_entropy(model(x).flatten(0, 1), y.flatten()).backward()
-        opt.step()
-        if (step + 1) % (steps // 4) == 0:
-            with torch.no_grad():
-                val = nn.functional.cross_entropy(model(vx).flatten(0, 1), vy.flatten())
-            curve.append(round(float(val), 4))
-    return dict(metric=curve[-1], curve=curve, seconds=time.perf_counter() - start)
+    return train_lm(model, opt, tokens[:-50_000], tokens[-50_000:], 35, steps, g)
 
 
 def run_cnn(config: dict, sampling: str, lr: float, steps: int, seed: int) -> dict:

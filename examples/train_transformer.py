@@ -17,31 +17,8 @@ import torch
 from torch import nn
 
 import dropmuon
+from dropmuon.compare.models import WordTransformer
 from dropmuon.compare.text import load_text, windows
-
-
-class TransformerModel(nn.Module):
-    """word_language_model's TransformerModel: embedding scaled by sqrt(d), sinusoidal
-    positions, nn.TransformerEncoder with a causal mask, a linear decoder."""
-
-    def __init__(self, vocab: int, d: int = 64, heads: int = 2, layers: int = 2, context: int = 35):
-        super().__init__()
-        self.d = d
-        self.encoder = nn.Embedding(vocab, d)
-        position = torch.arange(context).unsqueeze(1)
-        div = torch.exp(torch.arange(0, d, 2) * (-math.log(10000.0) / d))
-        pe = torch.zeros(context, d)
-        pe[:, 0::2], pe[:, 1::2] = torch.sin(position * div), torch.cos(position * div)
-        self.register_buffer("pe", pe)
-        layer = nn.TransformerEncoderLayer(d, heads, 4 * d, dropout=0.0, batch_first=True)
-        self.transformer_encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
-        self.decoder = nn.Linear(d, vocab)
-        self.register_buffer("mask", nn.Transformer.generate_square_subsequent_mask(context))
-
-    def forward(self, tokens):
-        n = tokens.shape[1]
-        h = self.encoder(tokens) * math.sqrt(self.d) + self.pe[:n]
-        return self.decoder(self.transformer_encoder(h, mask=self.mask[:n, :n], is_causal=True))
 
 
 def word_tokens(vocab_size: int = 10_000) -> tuple[torch.Tensor, int]:
@@ -63,7 +40,7 @@ def main() -> None:
     torch.manual_seed(0)
     tokens, vocab = word_tokens()
     train, val = tokens[:-50_000], tokens[-50_000:]
-    model = TransformerModel(vocab)
+    model = WordTransformer(vocab)
     opt = dropmuon.DropMuon(model, lr=0.05, sampling=args.sampling)  # the README's line
     loss_fn = nn.CrossEntropyLoss()
     g = torch.Generator().manual_seed(0)

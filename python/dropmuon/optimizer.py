@@ -331,15 +331,20 @@ class DropMuon(Optimizer):
             self._layer_order = "registration (first forward not yet seen)"
         elif self._layers_pending:
             self._layer_order = PENDING_ORDER
+        self._watch_forwards()
+        self._built = True
+
+    # -- parameters, layers, norms ----------------------------------------------------------------
+
+    def _watch_forwards(self) -> None:
+        """This optimizer's side of the forward hooks (see :mod:`dropmuon.truncation`), armed
+        with the coming step's freeze."""
         self._forward = ForwardFreeze(self, self._diagnostics)
         self._forward.managed = {id(p) for p in self._params()}
         self._forward.trace = self._trace
         self._forward.layers_pending = self._layers_pending
         truncation.watch(self._forward)
         self._set_forward_freeze()
-        self._built = True
-
-    # -- parameters, layers, norms ----------------------------------------------------------------
 
     def _params(self):
         """Every managed parameter, in param-group order."""
@@ -979,12 +984,7 @@ class DropMuon(Optimizer):
             self._trace = FirstForwardTrace(
                 self._partition.layers, self._model, self._trace.positions
             )
-        self._forward = ForwardFreeze(self, self._diagnostics)
-        self._forward.managed = {id(p) for p in self._params()}
-        self._forward.trace = self._trace
-        self._forward.layers_pending = self._layers_pending
-        truncation.watch(self._forward)
-        self._set_forward_freeze()
+        self._watch_forwards()
 
 
 def _unwrapped(module: nn.Module) -> nn.Module:

@@ -1,10 +1,10 @@
 """Models and loops the drop-in tests share (issue 22): a small CNN, and word_language_model's
 transformer (torch's nn.TransformerEncoder, as every torch tutorial builds it)."""
 
-import math
-
 import torch
 from torch import nn
+
+from dropmuon.compare.models import WordTransformer
 
 
 def cnn(seed=0):
@@ -24,29 +24,10 @@ def cnn_batch(step):
     return torch.randn(8, 1, 6, 6, generator=g), torch.randint(0, 5, (8,), generator=g)
 
 
-class TransformerLM(nn.Module):
-    """pytorch/examples' word_language_model TransformerModel, small: embedding scaled by
-    sqrt(d), sinusoidal positions, nn.TransformerEncoder with a causal mask, a linear decoder."""
-
-    def __init__(self, vocab=12, d=16, heads=2, layers=2, context=8, seed=0):
-        super().__init__()
-        torch.manual_seed(seed)
-        self.d = d
-        self.encoder = nn.Embedding(vocab, d)
-        position = torch.arange(context).unsqueeze(1)
-        div = torch.exp(torch.arange(0, d, 2) * (-math.log(10000.0) / d))
-        pe = torch.zeros(context, d)
-        pe[:, 0::2], pe[:, 1::2] = torch.sin(position * div), torch.cos(position * div)
-        self.register_buffer("pe", pe)
-        layer = nn.TransformerEncoderLayer(d, heads, 2 * d, dropout=0.0, batch_first=True)
-        self.transformer_encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
-        self.decoder = nn.Linear(d, vocab)
-        self.register_buffer("mask", nn.Transformer.generate_square_subsequent_mask(context))
-
-    def forward(self, tokens):
-        n = tokens.shape[1]
-        h = self.encoder(tokens) * math.sqrt(self.d) + self.pe[:n]
-        return self.decoder(self.transformer_encoder(h, mask=self.mask[:n, :n], is_causal=True))
+def TransformerLM(vocab=12, d=16, heads=2, layers=2, context=8, seed=0):  # noqa: N802
+    """pytorch/examples' word_language_model TransformerModel, small."""
+    torch.manual_seed(seed)
+    return WordTransformer(vocab, d, heads, layers, context, ff_mult=2)
 
 
 def lm_batch(step, vocab=12, context=8, batch=6):

@@ -27,7 +27,13 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 import dropmuon
-from dropmuon.compare.models import CharGPT, PaperCNN, ResNet18, VisionTransformer
+from dropmuon.compare.models import (
+    CharGPT,
+    PaperCNN,
+    ResNet18,
+    VisionTransformer,
+    WordTransformer,
+)
 
 aten = torch.ops.aten
 MATMULS = {aten.mm.default, aten.addmm.default, aten.bmm.default, aten.baddbmm.default}
@@ -100,22 +106,6 @@ class CostModel(TorchDispatchMode):
 
 
 # -- the architectures ---------------------------------------------------------------------
-
-
-class TorchEncoderLM(nn.Module):
-    """Every torch tutorial's transformer: nn.TransformerEncoder between an embedding and a head
-    (nn.MultiheadAttention applies out_proj functionally)."""
-
-    def __init__(self, vocab=50, dim=32) -> None:
-        super().__init__()
-        self.embed = nn.Embedding(vocab, dim)
-        layer = nn.TransformerEncoderLayer(dim, 2, 64, dropout=0.0, batch_first=True)
-        self.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
-        self.head = nn.Linear(dim, vocab)
-
-    def forward(self, idx):
-        mask = nn.Transformer.generate_square_subsequent_mask(idx.shape[1])
-        return self.head(self.encoder(self.embed(idx), mask=mask, is_causal=True))
 
 
 class TorchSeq2Seq(nn.Module):
@@ -213,7 +203,8 @@ def case(name):
     torch.manual_seed(0)
     idx = torch.randint(0, 40, (2, 12))
     if name == "nn.TransformerEncoder":
-        return TorchEncoderLM(), None, idx, lm_loss, "head"
+        # pytorch/examples' word_language_model: every torch tutorial's transformer
+        return WordTransformer(50, 32, context=12, ff_mult=2), None, idx, lm_loss, "decoder"
     if name == "nn.Transformer":
         return TorchSeq2Seq(), None, idx, lm_loss, "head"
     if name == "functional child":
@@ -454,7 +445,7 @@ def test_another_optimizers_parameters_below_the_cutoff_are_named():
 def test_the_traced_forward_runs_the_same_aten_ops_as_a_plain_one():
     """Not a timing test (benchmarks/bench_first_forward.py measures it): the trace runs every
     torch function once through a Python mode, so it must not call any of them twice."""
-    model = TorchEncoderLM()
+    model = WordTransformer(50, 32, context=12, ff_mult=2)
     idx = torch.randint(0, 40, (2, 12))
     with FirstUse() as plain:
         lm_loss(model, idx)

@@ -17,6 +17,8 @@ attn.proj, norm2, mlp.fc1, mlp.fc2. Blocks are pre-norm (``x + attn(norm1(x))``,
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -229,6 +231,36 @@ class CharGPT(nn.Module):
         for block in self.blocks:
             x = block(x)
         return self.head(self.norm(x))
+
+
+class WordTransformer(nn.Module):
+    """pytorch/examples' word_language_model ``TransformerModel``, the transformer users bring
+    from torch's tutorials (not one of the comparisons' models): an embedding scaled by sqrt(d),
+    sinusoidal positions (a buffer), torch's ``nn.TransformerEncoder`` (``nn.MultiheadAttention``
+    applies ``out_proj`` functionally) under a causal mask, a linear decoder. ``forward(tokens
+    [B, T] int64, T <= context)`` gives logits ``[B, T, vocab]``."""
+
+    def __init__(
+        self, vocab: int, d: int = 64, heads: int = 2, layers: int = 2, context: int = 35,
+        ff_mult: int = 4,
+    ) -> None:  # fmt: skip
+        super().__init__()
+        self.d = d
+        self.encoder = nn.Embedding(vocab, d)
+        position = torch.arange(context).unsqueeze(1)
+        div = torch.exp(torch.arange(0, d, 2) * (-math.log(10000.0) / d))
+        pe = torch.zeros(context, d)
+        pe[:, 0::2], pe[:, 1::2] = torch.sin(position * div), torch.cos(position * div)
+        self.register_buffer("pe", pe)
+        layer = nn.TransformerEncoderLayer(d, heads, ff_mult * d, dropout=0.0, batch_first=True)
+        self.transformer_encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.decoder = nn.Linear(d, vocab)
+        self.register_buffer("mask", nn.Transformer.generate_square_subsequent_mask(context))
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        n = tokens.shape[1]
+        h = self.encoder(tokens) * math.sqrt(self.d) + self.pe[:n]
+        return self.decoder(self.transformer_encoder(h, mask=self.mask[:n, :n], is_causal=True))
 
 
 def build_model(name: str, in_channels: int, num_classes: int, image_size: int, **options):
