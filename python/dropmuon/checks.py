@@ -14,9 +14,8 @@ import torch
 from torch import Tensor
 
 from . import ops
-from .defaults import ADJUST_LR_FNS, GROUP_DEFAULTS, NONFINITE_MODES, NS_PRECISIONS, RADII
+from .defaults import ADJUST_LR_FNS, GROUP_DEFAULTS, NONFINITE_MODES, NORMS, NS_PRECISIONS, RADII
 from .dtensors import local_tensor
-from .partition import check_norms
 
 # The dtypes of the C kernels (spectral, sign, column, row, frobenius); AdamW takes any float.
 SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
@@ -107,6 +106,13 @@ def check_no_duplicates(group: dict, g_index: int) -> None:
 GROUP_KEYS = ("params", "param_names", "layer", *GROUP_DEFAULTS)
 # Keys torch's LR schedulers write into param groups (a checkpoint's groups carry them).
 SCHEDULER_KEYS = ("initial_lr", "max_lr", "min_lr", "base_momentum", "max_momentum")
+# DropMuon's arguments whose group key has another name.
+GROUP_NAMES = {"adamw_betas": "betas", "adamw_lr": "adamw_lr_ratio"}
+# DropMuon's arguments that are the optimizer's, not a group's.
+OPTIMIZER_ONLY = (
+    "sampling", "tau", "seed", "total_steps", "shift_strength", "fallback", "norms",
+    "nonfinite", "estimate_smoothness", "smoothness_beta", "cuda_kernels", "fsdp_update",
+)  # fmt: skip
 
 
 def check_group_keys(group: dict, g_index: int) -> None:
@@ -119,15 +125,29 @@ def check_group_keys(group: dict, g_index: int) -> None:
             "by role (vectors, embeddings and the head go to fallback='adamw' by default); to "
             "put this group on AdamW say so with 'norm': 'adamw'"
         )
+    known = (*GROUP_KEYS, *GROUP_NAMES, *OPTIMIZER_ONLY)
     for key in group:
         if key in GROUP_KEYS or key in SCHEDULER_KEYS or not isinstance(key, str):
             continue
-        close = difflib.get_close_matches(key, GROUP_KEYS, n=1, cutoff=0.8)
-        if close:
+        close = difflib.get_close_matches(key, known, n=1, cutoff=0.8)
+        meant = key if key in known else (close[0] if close else None)
+        if meant is None:
+            continue  # kept, as torch.optim keeps any key
+        where = f"param group {g_index} has the key {key!r}, which DropMuon does not read"
+        if meant in OPTIMIZER_ONLY:
             raise ValueError(
-                f"param group {g_index} has the key {key!r}, which DropMuon does not read: did "
-                f"you mean {close[0]!r}? (other unknown keys are kept, as torch.optim does)"
+                f"{where}: {meant!r} is an option of the whole optimizer "
+                f"(DropMuon(..., {meant}=...)), not of a param group"
             )
+        if meant in GROUP_NAMES:
+            raise ValueError(
+                f"{where}: in a param group DropMuon's {meant!r} is {GROUP_NAMES[meant]!r}"
+                + (" (AdamW's lr as a ratio to the group's lr)" if meant == "adamw_lr" else "")
+            )
+        raise ValueError(
+            f"{where}: did you mean {meant!r}? (other unknown keys are kept, as torch.optim "
+            "keeps them)"
+        )
 
 
 def check_group(group) -> ops.NewtonSchulzSchedule:
@@ -151,8 +171,11 @@ def check_group(group) -> ops.NewtonSchulzSchedule:
 
 def check_group_norm(group) -> None:
     """A group's ``"norm"``: ``"auto"`` or one of the norms (checked at construction)."""
-    if group["norm"] != "auto":
-        check_norms({"matrix": group["norm"]}, "sign")
+    if group["norm"] != "auto" and group["norm"] not in NORMS:
+        raise ValueError(
+            f"a param group's 'norm' is {group['norm']!r}: use 'auto' (each parameter's norm "
+            f"from its role) or one of {', '.join(NORMS)}"
+        )
 
 
 def check_param(p: Tensor, name: str, norm: str) -> None:

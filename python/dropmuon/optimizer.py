@@ -604,6 +604,8 @@ class DropMuon(Optimizer):
         self._mask = self._trace.finish(self._mask)
         if self._trace.unused:
             warn_unused_layers(self._trace.unused)
+            # They come first; the warning above already says they get no gradient.
+            self._diagnostics.warned_layers.update(range(len(self._trace.unused)))
         self._trace = self._forward.trace = None
         self._layer_order = "first forward"
         self._reorder_statistics(before)
@@ -611,6 +613,13 @@ class DropMuon(Optimizer):
         self._norms = self._assign_norms()  # the head is the last layer
         functional.initialize_state(self._params_and_norms(), self.state)
         self._set_forward_freeze()
+
+    def _traced_forward_ended(self) -> None:
+        """Called by the forward hooks when the traced forward pass returns: its order is
+        adopted at once, so that layer_names(), layer_of() and describe() are right before the
+        first step (a later pass of the same step freezes by the final positions)."""
+        if self._trace is not None and self._trace.positions:
+            self._finish_trace()
 
     def _reorder_statistics(self, before: list[int]) -> None:
         """The per-position lists after the layers moved from positions ``before``."""

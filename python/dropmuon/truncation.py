@@ -379,8 +379,10 @@ class ForwardFreeze(ForwardWatcher):
                 args, kwargs, *self.cutoff_label, self._outer, self.managed
             )
             self.checked_cutoffs.add(self.cutoff_label[0])
-        traced = outermost and self._in_grad_forward and self.armed and self.wants_eager(module)
-        if traced and self.trace is not None and self.trace.nothing_active(self.mask):
+        traced = outermost and self._in_grad_forward and self.trace is not None
+        if not traced or not self.wants_eager(module):  # not the traced model's pass
+            return None
+        if self.armed and self.trace.nothing_active(self.mask):
             unused = [layer.name for layer in self.trace.layers if layer.construction_index
                       not in self.trace.positions]  # fmt: skip
             return RuntimeError(
@@ -391,11 +393,24 @@ class ForwardFreeze(ForwardWatcher):
                 "Leave parameters the forward does not use out of the optimizer (or give them "
                 "to another optimizer)."
             )
+        # The pass's end, here: the optimizer may unwatch this watcher (Muon does), and then
+        # forward_ended would not come.
+        self._close_use_mode()
+        self._outer = (None, [])
+        optimizer = self._optimizer()
+        try:
+            if optimizer is not None:
+                optimizer._traced_forward_ended()
+        except Exception as error:  # raised once the pass has ended, every freeze lifted
+            return error
         return None
 
     def forward_ended(self) -> None:
         self._in_grad_forward = False
         self._outer = (None, [])
+        self._close_use_mode()
+
+    def _close_use_mode(self) -> None:
         if self._use_mode is not None:
             mode, self._use_mode = self._use_mode, None
             mode.__exit__(None, None, None)

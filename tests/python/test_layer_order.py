@@ -387,9 +387,15 @@ def test_groups_are_read_as_hyperparameters_until_they_say_layer():
 
 @pytest.mark.parametrize(
     "key, message",
-    [("momentun", "did you mean 'momentum'"), ("layers", "did you mean 'layer'")],
+    [
+        ("momentun", "did you mean 'momentum'"),
+        ("layers", "did you mean 'layer'"),
+        ("adamw_betas", "is 'betas'"),
+        ("adamw_lr", "is 'adamw_lr_ratio'"),
+        ("fallback", "an option of the whole optimizer"),
+    ],
 )
-def test_a_misspelt_group_key_is_an_error(key, message):
+def test_a_misspelt_or_misplaced_group_key_is_an_error(key, message):
     model = FunctionalChild()
     with pytest.raises(ValueError, match=message):
         dropmuon.DropMuon([{"params": model.parameters(), key: 0.9}])
@@ -397,6 +403,28 @@ def test_a_misspelt_group_key_is_an_error(key, message):
     with pytest.raises(ValueError, match=message):
         opt.add_param_group({"params": model.mix.parameters(), key: 0.9})
     assert len(opt.param_groups) == 1
+
+
+def test_a_groups_unknown_norm_is_named_as_the_groups():
+    model = FunctionalChild()
+    with pytest.raises(ValueError, match="a param group's 'norm' is 'spectal'"):
+        dropmuon.DropMuon([{"params": model.parameters(), "norm": "spectal"}])
+
+
+def test_the_order_is_adopted_when_the_first_forward_returns():
+    """layer_names(), layer_of() and describe() are right between the first forward and the
+    first step (a logger reading them then gets the real order)."""
+    model = FunctionalChild()
+    opt = dropmuon.DropMuon(model, lr=0.01)
+    assert opt.layer_names()[0] == "head"  # registration order, before any forward
+    loss = image_loss(model, torch.randn(4, 12))
+    assert opt.layer_order == "first forward"
+    assert opt.layer_names() == ["body.0", "body.2", "mix", "head"]
+    assert opt.layer_of(model.head.weight) == 3 and "head" in dropmuon.describe(opt)
+    loss.backward()
+    frozen = [p for p in model.parameters() if not opt.is_active(p)]
+    assert all(p.grad is None for p in frozen)  # step 0's freeze followed the same positions
+    opt.step()
 
 
 def test_unknown_group_keys_are_kept_as_torch_keeps_them():
