@@ -463,7 +463,7 @@ def test_invalid_hyperparameter_is_a_value_error(kwargs, message):
     [
         (dict(lr=-0.1), "Learning rate should be >= 0 but is: -0.1"),
         (dict(weight_decay=NAN), "weight decay should be >= 0 but is: nan"),
-        (dict(norm="nuclear"), "unknown norm 'nuclear'"),
+        (dict(norm="nuclear"), "'norm' is 'nuclear'"),
         (dict(ns_steps=-2), "ns_steps must be a non-negative int, got -2"),
         (dict(layer="head"), "'layer' must be an int, got 'head'"),
         (dict(layer=True), "'layer' must be an int, got True"),
