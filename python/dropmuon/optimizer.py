@@ -376,7 +376,6 @@ class DropMuon(Optimizer):
         self._layer_order = "param groups"
         if len(params) > 1 and getattr(self.sampler, "kind", None) != "full":  # order matters
             warn_order_unknown(len(params))
-        warn_order_unknown(len(params))
 
     def _layers_of_checkpoint(self, state_dict) -> None:
         """Loading into an optimizer whose layers are pending: the checkpoint's layers (each

@@ -375,6 +375,20 @@ def test_a_step_before_any_forward_says_the_order_is_unknown():
     assert opt.layer_order == "param groups" and opt.num_layers == 2
 
 
+@pytest.mark.parametrize(
+    "build", [lambda ps: dropmuon.Muon(ps), lambda ps: dropmuon.DropMuon(ps[:1])]
+)
+def test_no_order_warning_where_the_order_does_not_matter(build):
+    """Muon updates every layer, and one parameter has one order."""
+    params = [nn.Parameter(torch.randn(4, 4)), nn.Parameter(torch.randn(4, 4))]
+    opt = build(params)
+    for p in params:
+        p.grad = torch.randn(4, 4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", dropmuon.DropMuonWarning)
+        opt.step()
+
+
 def test_groups_are_read_as_hyperparameters_until_they_say_layer():
     model = CharGPT(40, context=16, dim=32, depth=1, heads=2)
     opt = dropmuon.DropMuon(decay_groups(model), lr=0.01)
