@@ -193,11 +193,11 @@ class Diagnostics:
                 self.warned_layers.add(layer)
                 warn_no_gradient(layer, layer_names()[layer], step)
 
-    def check_cutoff_input(self, args, kwargs, cutoff: int, name: str, model, managed) -> None:
+    def check_cutoff_input(self, args, kwargs, cutoff: int, name: str, outer, managed) -> None:
         """Warns (once) when an input of the cutoff layer's call requires grad, naming why:
-        the tensors requiring grad its graph reaches, read against ``model``'s parameters
-        (the outermost module of the pass, whose arguments are the model's input) and the
-        ids of the optimizer's (``managed``)."""
+        the tensors requiring grad its graph reaches, read against the parameters of the
+        pass's outermost module and its tensor arguments (``outer``: the model and its input)
+        and the ids of the optimizer's parameters (``managed``)."""
         if self.warned_truncation:
             return
         inputs = [x for x in (*args, *(kwargs or {}).values()) if isinstance(x, Tensor)]
@@ -205,7 +205,7 @@ class Diagnostics:
         if not needing:
             return
         self.warned_truncation = True
-        module, model_inputs = model
+        module, model_inputs = outer
         names = {id(p): n for n, p in module.named_parameters()} if module is not None else {}
         cause = truncation_cause(grad_leaves(needing), names, managed, model_inputs)
         warn_truncation_defeated(cutoff, name, cause)
