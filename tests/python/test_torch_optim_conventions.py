@@ -1,7 +1,8 @@
 """torch.optim's generic optimizer checks (those torch's own test suite runs on
 torch.optim.Muon, in our words), on dropmuon.Muon and dropmuon.DropMuon with the seven
-configurations torch tests Muon with. DropMuon here has one layer per tensor (a parameter list),
-so a one-matrix model is updated at every step."""
+configurations torch tests Muon with. DropMuon here gets a parameter list, whose layers are the
+modules the first forward runs (one per tensor when gradients are set by hand), so a one-matrix
+model is updated at every step."""
 
 import copy
 import io
