@@ -16,15 +16,10 @@ from .diagnostics import (
     NoGradientWarning,
     TruncationDefeatedWarning,
 )
-from .ops import (
-    NewtonSchulzSchedule,
-    ns_schedule,
-    sample_layers,
-    sampler_distribution,
-    sharp,
-)
+from .ops import sample_layers, sampler_distribution, sharp
 from .optimizer import DropMuon, Muon
 from .sampling import LayerSampler
+from .update_rules import NewtonSchulzSchedule, ns_schedule
 
 __version__ = "0.1.0"
 

@@ -13,9 +13,9 @@ import math
 import torch
 from torch import Tensor
 
-from . import ops
 from .defaults import ADJUST_LR_FNS, GROUP_DEFAULTS, NONFINITE_MODES, NORMS, NS_PRECISIONS, RADII
 from .dtensors import local_tensor
+from .update_rules import NewtonSchulzSchedule, ns_schedule
 
 # The dtypes of the C kernels (spectral, sign, column, row, frobenius); AdamW takes any float.
 SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
@@ -150,7 +150,7 @@ def check_group_keys(group: dict, g_index: int) -> None:
         )
 
 
-def check_group(group) -> ops.NewtonSchulzSchedule:
+def check_group(group) -> NewtonSchulzSchedule:
     """A group's hyperparameters (a group may override the defaults), checked at construction and
     again at each step; returns its resolved Newton-Schulz schedule."""
     check_hyperparameters(
@@ -166,7 +166,7 @@ def check_group(group) -> ops.NewtonSchulzSchedule:
         group["betas"],
         group["adamw_eps"],
     )
-    return ops.ns_schedule(group["ns_coefficients"], group["ns_steps"])
+    return ns_schedule(group["ns_coefficients"], group["ns_steps"])
 
 
 def check_group_norm(group) -> None:

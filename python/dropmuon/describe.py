@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from collections import defaultdict
 
-from .reference import matrix_shape
 from .sampling import LayerSampler
+from .update_rules import matrix_shape
 
 
 def describe(optimizer) -> str:

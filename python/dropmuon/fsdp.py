@@ -64,7 +64,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from . import ops
 from .dtensors import is_dtensor, local_tensor
 from .functional import Bucket, momentum_buffer, update_bucket_
-from .reference import matrix_shape, step_size
+from .update_rules import direction, matrix_shape, step_size
 
 UPDATE_MODES = ("owner", "all_gather")
 SUPPORTED = (
@@ -303,7 +303,8 @@ def _momentum_direction_(arguments: dict, p: Tensor, param_state: dict) -> Tenso
     grad = local_tensor(p.grad)
     buf = local_tensor(momentum_buffer(param_state, p))
     buf.lerp_(grad, 1 - arguments["momentum"])
-    return grad.lerp(buf, arguments["momentum"]) if arguments["nesterov"] else buf.clone()
+    d = direction(grad, buf, arguments["momentum"], arguments["nesterov"])
+    return d.clone() if d is buf else d
 
 
 def _scaled_updates(entries, full: dict[int, Tensor], cuda_kernels) -> dict[int, Tensor]:

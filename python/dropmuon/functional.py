@@ -20,9 +20,10 @@ from torch import Tensor
 from . import ops
 from .adamw import adamw_initial_state, adamw_step_
 from .dtensors import local_tensor
+from .update_rules import NewtonSchulzSchedule
 
 
-def update_arguments(group: dict, norm: str, schedule: ops.NewtonSchulzSchedule) -> dict:
+def update_arguments(group: dict, norm: str, schedule: NewtonSchulzSchedule) -> dict:
     """``ops.muon_update_``'s keywords for the parameters of ``group`` on ``norm`` (any norm
     but ``"adamw"``), with the group's resolved Newton-Schulz ``schedule``. The lr adjustment
     (``adjust_lr_fn``) applies to spectral updates only; other norms use lr as is."""
@@ -55,7 +56,7 @@ class Bucket:
 
 
 def buckets(
-    active: Iterable[tuple[dict, str, Tensor]], schedules: dict[int, ops.NewtonSchulzSchedule]
+    active: Iterable[tuple[dict, str, Tensor]], schedules: dict[int, NewtonSchulzSchedule]
 ) -> list[Bucket]:
     """Gathers ``(group, norm, param)`` entries into calls: tensors of the same shape, dtype and
     device whose update arguments are equal share one (whatever their groups); AdamW

@@ -8,19 +8,14 @@ from __future__ import annotations
 import os
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from . import reference
-from .defaults import (
-    DEFAULT_SHIFT_STRENGTH,
-    GROUP_DEFAULTS,
-    MUON_COEFFICIENTS,
-    POLAR_EXPRESS_COEFFICIENTS,
-    POLAR_EXPRESS_NORM,
-)
+from .defaults import DEFAULT_SHIFT_STRENGTH, GROUP_DEFAULTS
+from .defaults import MUON_COEFFICIENTS as MUON_COEFFICIENTS  # re-exported
+from .update_rules import NewtonSchulzSchedule, ns_schedule
 
 try:
     from . import _C  # noqa: F401  (registers torch.ops.dropmuon.*)
@@ -28,65 +23,6 @@ try:
     EXTENSION_ERROR: Exception | None = None
 except ImportError as error:  # not built: the references stand in
     EXTENSION_ERROR = error
-
-
-@dataclass(frozen=True)
-class NewtonSchulzSchedule:
-    """A resolved Newton-Schulz schedule: flat (a, b, c) triples and the input normalisation."""
-
-    coefficients: tuple[float, ...]
-    norm_scale: float = 1.0
-    norm_offset: float = 0.0
-
-    @property
-    def steps(self) -> int:
-        return len(self.coefficients) // 3
-
-
-def ns_schedule(
-    ns_coefficients=GROUP_DEFAULTS["ns_coefficients"],
-    ns_steps: int | None = GROUP_DEFAULTS["ns_steps"],
-) -> NewtonSchulzSchedule:
-    """Resolves the user's ``ns_coefficients`` / ``ns_steps`` into a schedule.
-
-    ``ns_coefficients`` is ``"muon"`` or one (a, b, c) triple (repeated ``ns_steps`` times),
-    ``"polar_express"`` (its 5 tuned triples; more steps repeat the last one, fewer take the
-    first ``ns_steps``), or a sequence of triples, one per step (``ns_steps`` must then be None
-    or match its length). A resolved schedule passes through as it is.
-    """
-    if isinstance(ns_coefficients, NewtonSchulzSchedule):
-        return ns_coefficients
-    if ns_steps is not None and (not isinstance(ns_steps, int) or ns_steps < 0):
-        raise ValueError(f"ns_steps must be a non-negative int, got {ns_steps!r}")
-    if isinstance(ns_coefficients, str):
-        if ns_coefficients == "muon":
-            return ns_schedule(MUON_COEFFICIENTS, ns_steps)
-        if ns_coefficients == "polar_express":
-            steps = len(POLAR_EXPRESS_COEFFICIENTS) if ns_steps is None else ns_steps
-            triples = [POLAR_EXPRESS_COEFFICIENTS[min(j, 4)] for j in range(steps)]
-            return NewtonSchulzSchedule(_flatten(triples), *POLAR_EXPRESS_NORM)
-        raise ValueError(
-            f"ns_coefficients must be 'muon', 'polar_express', a triple or a list of triples, "
-            f"got {ns_coefficients!r}"
-        )
-    values = list(ns_coefficients)
-    if len(values) == 3 and all(isinstance(v, (int, float)) for v in values):
-        return NewtonSchulzSchedule(_flatten([values] * (5 if ns_steps is None else ns_steps)))
-    # A short or long tuple of numbers is neither a triple nor a list of triples.
-    if not values or any(not isinstance(t, (list, tuple)) or len(t) != 3 for t in values):
-        raise ValueError(f"ns_coefficients must be a triple or a list of triples, got {values!r}")
-    if ns_steps is not None and ns_steps != len(values):
-        raise ValueError(
-            f"ns_steps={ns_steps} does not match the {len(values)} triples in ns_coefficients"
-        )
-    return NewtonSchulzSchedule(_flatten(values))
-
-
-def _flatten(triples) -> tuple[float, ...]:
-    flat = tuple(float(v) for t in triples for v in t)
-    if any(v != v or v in (float("inf"), float("-inf")) for v in flat):
-        raise ValueError(f"ns_coefficients must be finite, got {flat}")
-    return flat
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,8 +1,10 @@
-"""Pure-PyTorch references of every dropmuon operator.
+"""Pure-PyTorch references of every dropmuon operator: the oracle.
 
 They define what the C/CUDA kernels compute (tests compare the two), and they run when the
 extension is not built or has no kernel for a device (``dropmuon.ops`` warns once). They favour
-being obviously right over being fast.
+being obviously right over being fast. The rules every path shares (a tensor's matrix shape,
+the step size, the momentum direction) live in :mod:`dropmuon.update_rules`; nothing in the
+package imports its helpers from here.
 """
 
 from __future__ import annotations
@@ -19,22 +21,7 @@ from .defaults import (
     PROBABILITY_TOLERANCE,
     RADII,
 )
-
-
-def matrix_shape(shape) -> tuple[int, int]:
-    """The (rows, cols) matrix every kernel sees a tensor of this shape as: (size(0),
-    numel / size(0)), as conv kernels (out, in*kh*kw); 0-D is 1 x 1, zero-size tensors included
-    (csrc/torch/common.h's matrix_shape is the shim's twin)."""
-    if len(shape) == 0:
-        return 1, 1
-    rows = shape[0]
-    return rows, math.prod(shape) // rows if rows else 0
-
-
-def as_matrix(t: Tensor) -> Tensor:
-    """``t`` reshaped to its :func:`matrix_shape` (reshape cannot infer -1 for zero-size)."""
-    return t.reshape(matrix_shape(t.shape))
-
+from .update_rules import as_matrix, direction, step_size
 
 # --------------------------------------------------------------------------------------------
 # Sharp operators
@@ -121,33 +108,6 @@ def sharp(
 # --------------------------------------------------------------------------------------------
 
 
-def lr_ratio(adjust_lr_fn: str, rows: int, cols: int) -> float:
-    """The shape-dependent factor of torch.optim.Muon's ``_adjust_lr``."""
-    if adjust_lr_fn == "original":
-        return math.sqrt(max(1.0, rows / cols))
-    if adjust_lr_fn == "match_rms_adamw":
-        return 0.2 * math.sqrt(max(rows, cols))
-    return 1.0
-
-
-def step_size(
-    lr: float,
-    adjust_lr_fn: str,
-    rows: int,
-    cols: int,
-    radius: str,
-    dual: float | None,
-    L0: float,
-    L1: float,
-) -> float:
-    """The step t of one (rows x cols) parameter: lr scaled for its shape (``radius="fixed"``)
-    or the adaptive radius from its dual ``<D, sharp(D)>`` (docs/method.md section 4)."""
-    if radius == "adaptive":
-        # A zero direction moves nothing, also when L0 = 0 (no 0 / 0), as in the C core.
-        return lr * dual / (L0 + L1 * dual) if dual > 0 else 0.0
-    return lr * lr_ratio(adjust_lr_fn, rows, cols)
-
-
 def muon_update_(
     params: list[Tensor],
     grads: list[Tensor],
@@ -176,8 +136,7 @@ def muon_update_(
         raise RuntimeError(f"dropmuon: unknown radius '{radius}'")
     directions = []
     for g, buf in zip(grads, momentum_buffers):
-        new_buf = buf.lerp(g, 1 - momentum)
-        directions.append(g.lerp(new_buf, momentum) if nesterov else new_buf)
+        directions.append(direction(g, buf.lerp(g, 1 - momentum), momentum, nesterov))
     if not directions:
         return torch.empty(0, dtype=torch.float64)
     batch = torch.stack([as_matrix(d) for d in directions])

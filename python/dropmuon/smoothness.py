@@ -17,7 +17,7 @@ from torch import Tensor
 
 from . import ops
 from .defaults import SMOOTHNESS_POWER_ITERATIONS
-from .reference import as_matrix
+from .update_rules import as_matrix
 
 # ActiveByLayer: position -> [(group, norm, param)], the step's active parameters with gradients.
 

@@ -35,7 +35,7 @@ def test_fallback_warns_once_and_matches(monkeypatch):
 def test_ns_schedule_forms():
     assert ops.ns_schedule("muon", 5).coefficients == ops.MUON_COEFFICIENTS * 5
     pe = ops.ns_schedule("polar_express", 7)
-    assert pe.steps == 7 and pe.coefficients[-3:] == ops.POLAR_EXPRESS_COEFFICIENTS[-1]
+    assert pe.steps == 7 and pe.coefficients[-3:] == dropmuon.POLAR_EXPRESS_COEFFICIENTS[-1]
     assert (pe.norm_scale, pe.norm_offset) == (1.02, 1e-6)
     custom = ops.ns_schedule([(1.5, -0.5, 0.0), (2.0, -1.0, 0.0)], None)
     assert custom.steps == 2

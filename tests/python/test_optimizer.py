@@ -10,7 +10,7 @@ from torch import nn
 from training import train_steps
 
 import dropmuon
-from dropmuon import ops, reference
+from dropmuon import ops, reference, update_rules
 
 
 def mlp(bias=False, seed=0):
@@ -178,7 +178,7 @@ def manual_training(
                     continue
                 bufs[i].lerp_(g, 1 - momentum)
                 d = g.lerp(bufs[i], momentum) if nesterov else bufs[i].clone()
-                matrix = reference.as_matrix(d).unsqueeze(0)
+                matrix = update_rules.as_matrix(d).unsqueeze(0)
                 o, dual = reference.sharp(
                     matrix,
                     norms[i],
@@ -191,7 +191,7 @@ def manual_training(
                 if radius == "adaptive":
                     step = step_lr * dual.item() / (L0 + L1 * dual.item())
                 else:
-                    ratio = reference.lr_ratio(
+                    ratio = update_rules.lr_ratio(
                         adjust if norms[i] == "spectral" else "none", rows, cols
                     )
                     step = step_lr * ratio
