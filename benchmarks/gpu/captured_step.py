@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from dropmuon import functional, ops
+from dropmuon.update_rules import UpdateArguments
 
 # The keywords of muon_update_ that the capturable op reads from its float64 [5] tensor.
 DEVICE_HYPERPARAMETERS = ("lr", "weight_decay", "momentum", "L0", "L1")
@@ -42,9 +43,7 @@ class CapturedStep:
                 buckets.setdefault((norm, tuple(p.shape), p.dtype), []).append(p)
                 self.grads.append(p.grad)
             for (norm, _, _), params in buckets.items():
-                keywords = ops.muon_update_keywords(
-                    **functional.update_arguments(group, norm, schedule)
-                )
+                keywords = UpdateArguments.of_group(group, norm, schedule).op_keywords()
                 values = [keywords.pop(k) for k in DEVICE_HYPERPARAMETERS]
                 if id(group) not in self.hyper:
                     self.hyper[id(group)] = torch.tensor(values, dtype=torch.float64, device=device)

@@ -64,7 +64,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from . import ops
 from .dtensors import is_dtensor, local_tensor
 from .functional import Bucket, momentum_buffer, update_bucket_
-from .update_rules import direction, matrix_shape, step_size
+from .update_rules import UpdateArguments, direction, matrix_shape, step_size
 
 UPDATE_MODES = ("owner", "all_gather")
 SUPPORTED = (
@@ -129,7 +129,7 @@ class ShardedUpdate:
         whole = []
         for bucket in buckets:
             elementwise = bucket.norm == "adamw" or (
-                bucket.norm in LOCAL_NORMS and bucket.arguments["radius"] == "fixed"
+                bucket.norm in LOCAL_NORMS and bucket.arguments.radius == "fixed"
             )
             if elementwise:  # the unsharded update, on the local shards
                 update_bucket_(bucket, state, cuda_kernels)
@@ -159,7 +159,7 @@ class ShardedUpdate:
         for i, (bucket, p) in enumerate(entries):
             arguments = bucket.arguments
             x = local_tensor(p)
-            x.mul_(1 - arguments["lr"] * arguments["weight_decay"])
+            x.mul_(1 - arguments.lr * arguments.weight_decay)
             x.sub_(mine[i].view_as(x))
 
     def _gather_to_owners(self, params, directions, owners) -> dict[int, Tensor]:
@@ -274,7 +274,7 @@ def update_cost(bucket: Bucket, p: Tensor) -> float:
     if bucket.norm != "spectral":
         return float(rows * cols)
     m, n = min(rows, cols), max(rows, cols)
-    return float(bucket.arguments["schedule"].steps * (4 * m * m * n + 2 * m**3) + rows * cols)
+    return float(bucket.arguments.schedule.steps * (4 * m * m * n + 2 * m**3) + rows * cols)
 
 
 def assign_owners(costs: Sequence[float], world: int) -> list[int]:
@@ -297,13 +297,13 @@ def _by_dtype(params) -> list[list[int]]:
     return list(groups.values())
 
 
-def _momentum_direction_(arguments: dict, p: Tensor, param_state: dict) -> Tensor:
+def _momentum_direction_(arguments: UpdateArguments, p: Tensor, param_state: dict) -> Tensor:
     """Updates the local momentum shard and returns the local rows of the direction D, with
     the fused kernel's arithmetic (reference.muon_update_)."""
     grad = local_tensor(p.grad)
     buf = local_tensor(momentum_buffer(param_state, p))
-    buf.lerp_(grad, 1 - arguments["momentum"])
-    d = direction(grad, buf, arguments["momentum"], arguments["nesterov"])
+    buf.lerp_(grad, 1 - arguments.momentum)
+    d = direction(grad, buf, arguments.momentum, arguments.nesterov)
     return d.clone() if d is buf else d
 
 
@@ -319,22 +319,19 @@ def _scaled_updates(entries, full: dict[int, Tensor], cuda_kernels) -> dict[int,
         a = bucket.arguments
         rows, cols = matrix_shape(p.shape)
         batch = torch.stack([full[i].view(rows, cols) for i in indices])
-        adaptive = a["radius"] == "adaptive"
+        adaptive = a.radius == "adaptive"
         out, duals = ops.sharp(
             batch,
-            a["norm"],
-            a["schedule"],
-            None,
-            a["eps"],
-            a["ns_precision"],
-            adaptive,
-            cuda_kernels,
+            a.norm,
+            ns_coefficients=a.schedule,  # resolved: ns_steps is not read
+            eps=a.eps,
+            ns_precision=a.ns_precision,
+            with_duals=adaptive,
+            cuda_kernels=cuda_kernels,
         )
         for k, i in enumerate(indices):
             dual = float(duals[k]) if adaptive else None
-            step = step_size(
-                a["lr"], a["adjust_lr_fn"], rows, cols, a["radius"], dual, a["L0"], a["L1"]
-            )
+            step = step_size(a.lr, a.adjust_lr_fn, rows, cols, a.radius, dual, a.L0, a.L1)
             updates[i] = out[k].mul_(step).reshape(-1)
     return updates
 

@@ -1,8 +1,5 @@
 """The step math of DropMuon, as plain functions: the optimizer orchestrates, these compute.
 
-- :func:`update_arguments`: the keyword arguments of :func:`dropmuon.ops.muon_update_` for a
-  param group's parameters on one norm. The optimizer, the tests and the GPU benchmark all
-  build their kernel calls from it.
 - :func:`buckets`: the active parameters gathered into fused calls (same shape, dtype, device
   and arguments share one call).
 - :func:`update_bucket_`: one bucket's update: :func:`sharp_update_` (one fused call, with
@@ -20,38 +17,17 @@ from torch import Tensor
 from . import ops
 from .adamw import adamw_initial_state, adamw_step_
 from .dtensors import local_tensor
-from .update_rules import NewtonSchulzSchedule
-
-
-def update_arguments(group: dict, norm: str, schedule: NewtonSchulzSchedule) -> dict:
-    """``ops.muon_update_``'s keywords for the parameters of ``group`` on ``norm`` (any norm
-    but ``"adamw"``), with the group's resolved Newton-Schulz ``schedule``. The lr adjustment
-    (``adjust_lr_fn``) applies to spectral updates only; other norms use lr as is."""
-    adjust = group["adjust_lr_fn"] or "original"
-    return dict(
-        lr=float(group["lr"]),
-        weight_decay=group["weight_decay"],
-        momentum=group["momentum"],
-        nesterov=group["nesterov"],
-        norm=norm,
-        schedule=schedule,
-        eps=group["eps"],
-        adjust_lr_fn=adjust if norm == "spectral" else "none",
-        ns_precision=group["ns_precision"],
-        radius=group["radius"],
-        L0=group["L0"],
-        L1=group["L1"],
-    )
+from .update_rules import NewtonSchulzSchedule, UpdateArguments
 
 
 @dataclass
 class Bucket:
-    """Parameters updated by one call: a fused sharp update (``arguments`` from
-    :func:`update_arguments`), or AdamW (``norm == "adamw"``, one group, ``arguments`` None)."""
+    """Parameters updated by one call: a fused sharp update (``arguments``), or AdamW
+    (``norm == "adamw"``, one group, ``arguments`` None)."""
 
     group: dict
     norm: str
-    arguments: dict | None
+    arguments: UpdateArguments | None
     params: list[Tensor] = field(default_factory=list)
 
 
@@ -61,7 +37,7 @@ def buckets(
     """Gathers ``(group, norm, param)`` entries into calls: tensors of the same shape, dtype and
     device whose update arguments are equal share one (whatever their groups); AdamW
     parameters are bucketed by group. ``schedules`` maps ``id(group)`` to its schedule."""
-    arguments_of: dict[tuple[int, str], dict] = {}
+    arguments_of: dict[tuple[int, str], UpdateArguments] = {}
     found: dict[tuple, Bucket] = {}
     for group, norm, p in active:
         if norm == "adamw":
@@ -69,9 +45,9 @@ def buckets(
         else:
             arguments = arguments_of.get((id(group), norm))
             if arguments is None:
-                arguments = update_arguments(group, norm, schedules[id(group)])
+                arguments = UpdateArguments.of_group(group, norm, schedules[id(group)])
                 arguments_of[(id(group), norm)] = arguments
-            key = (tuple(p.shape), p.dtype, p.device, *arguments.values())
+            key = (tuple(p.shape), p.dtype, p.device, arguments)
         bucket = found.get(key)
         if bucket is None:
             bucket = found[key] = Bucket(group, norm, arguments)
@@ -101,7 +77,7 @@ def initialize_state(params_and_norms: Iterable[tuple[Tensor, str]], state) -> N
 
 
 def sharp_update_(
-    params: list[Tensor], state, arguments: dict, cuda_kernels: bool | None = None
+    params: list[Tensor], state, arguments: UpdateArguments, cuda_kernels: bool | None = None
 ) -> None:
     """One fused update of same-shape parameters in place from their ``.grad``, with their
     momentum buffers in ``state`` (the optimizer's per-parameter state); ``cuda_kernels``: see
@@ -113,7 +89,7 @@ def sharp_update_(
     # Parameters stored otherwise (channels_last conv kernels, transposed views) are updated
     # through a row-major copy that is written back.
     work = [t if t.is_contiguous() else t.contiguous() for t in targets]
-    ops.muon_update_(work, grads, bufs, cuda_kernels=cuda_kernels, **arguments)
+    ops.muon_update_(work, grads, bufs, arguments, cuda_kernels=cuda_kernels)
     for t, w in zip(targets, work):
         if w is not t:
             t.copy_(w)

@@ -15,7 +15,7 @@ from torch import Tensor
 from . import reference
 from .defaults import DEFAULT_SHIFT_STRENGTH, GROUP_DEFAULTS
 from .defaults import MUON_COEFFICIENTS as MUON_COEFFICIENTS  # re-exported
-from .update_rules import NewtonSchulzSchedule, ns_schedule
+from .update_rules import UpdateArguments, ns_schedule
 
 try:
     from . import _C  # noqa: F401  (registers torch.ops.dropmuon.*)
@@ -150,62 +150,25 @@ def muon_update_(
     params: Sequence[Tensor],
     grads: Sequence[Tensor],
     momentum_buffers: Sequence[Tensor],
+    arguments: UpdateArguments,
     *,
+    with_duals: bool = False,
     cuda_kernels: bool | None = None,
-    **arguments,
 ) -> Tensor:
     """One fused update of same-shape tensors in place (dm_update in dropmuon.h;
-    docs/method.md section 1). The keywords are :func:`muon_update_keywords`' (as
-    :func:`dropmuon.functional.update_arguments` builds them for a param group);
-    ``cuda_kernels``: see :func:`use_kernel`.
+    docs/method.md section 1) with ``arguments`` (:meth:`UpdateArguments.of_group` builds them
+    for a param group); ``cuda_kernels``: see :func:`use_kernel`.
 
     Returns the float64 duals <D, sharp(D)> of the update directions with ``with_duals``, an
     empty tensor otherwise.
     """
-    kwargs = muon_update_keywords(**arguments)
+    kwargs = arguments.op_keywords(with_duals)
     device = params[0].device.type if params else "cpu"
     if use_kernel(device, cuda_kernels):
         return torch.ops.dropmuon.muon_update_(
             list(params), list(grads), list(momentum_buffers), **kwargs
         )
     return reference.muon_update_(list(params), list(grads), list(momentum_buffers), **kwargs)
-
-
-def muon_update_keywords(
-    *,
-    lr: float,
-    weight_decay: float,
-    momentum: float,
-    nesterov: bool,
-    norm: str,
-    schedule: NewtonSchulzSchedule,
-    eps: float,
-    adjust_lr_fn: str,
-    ns_precision: str = "native",
-    radius: str = "fixed",
-    L0: float = 1.0,
-    L1: float = 0.0,
-    with_duals: bool = False,
-) -> dict:
-    """The keyword arguments of ``torch.ops.dropmuon.muon_update_`` (its schema's types; the
-    schedule spelled out) for :func:`muon_update_`'s."""
-    return dict(
-        lr=float(lr),
-        weight_decay=float(weight_decay),
-        momentum=float(momentum),
-        nesterov=bool(nesterov),
-        norm=norm,
-        ns_coefficients=list(schedule.coefficients),
-        norm_scale=schedule.norm_scale,
-        norm_offset=schedule.norm_offset,
-        eps=float(eps),
-        ns_precision=ns_precision,
-        adjust_lr_fn=adjust_lr_fn,
-        radius=radius,
-        L0=float(L0),
-        L1=float(L1),
-        with_duals=bool(with_duals),
-    )
 
 
 def sampler_arguments(

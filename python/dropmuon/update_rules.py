@@ -1,8 +1,9 @@
 """The rules of the update that every path shares, each written once: how a tensor is seen as a
-matrix, the Newton-Schulz schedule a group's options resolve to, the momentum direction and
-the step size. The fused kernels (csrc/core) implement the same rules in C; the reference
-(:mod:`dropmuon.reference`), the FSDP2 owner path (:mod:`dropmuon.fsdp`) and the describe and
-smoothness code call these.
+matrix, the Newton-Schulz schedule a group's options resolve to, the arguments of one fused
+update (:class:`UpdateArguments`, built once per group and norm and passed unchanged down to
+the operator call), the momentum direction and the step size. The fused kernels (csrc/core)
+implement the same rules in C; the reference (:mod:`dropmuon.reference`), the FSDP2 owner path
+(:mod:`dropmuon.fsdp`) and the describe and smoothness code call these.
 """
 
 from __future__ import annotations
@@ -101,6 +102,76 @@ def _flatten(triples) -> tuple[float, ...]:
     if any(v != v or v in (float("inf"), float("-inf")) for v in flat):
         raise ValueError(f"ns_coefficients must be finite, got {flat}")
     return flat
+
+
+# --------------------------------------------------------------------------------------------
+# The arguments of one fused update
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class UpdateArguments:
+    """Everything one fused update of same-shape parameters needs besides the tensors (dm_update
+    in dropmuon.h; docs/method.md section 1): made once per param group and norm by
+    :meth:`of_group`, passed unchanged from the optimizer through :mod:`dropmuon.ops` (which
+    spells it out for the operator once, :meth:`op_keywords`) and to the FSDP2 owner path.
+    Frozen and hashable: parameters whose arguments are equal share a call."""
+
+    lr: float
+    weight_decay: float
+    momentum: float
+    nesterov: bool
+    norm: str
+    schedule: NewtonSchulzSchedule
+    eps: float
+    adjust_lr_fn: str  # "original", "match_rms_adamw" or "none" (already resolved)
+    ns_precision: str = "native"
+    radius: str = "fixed"
+    L0: float = 1.0
+    L1: float = 0.0
+
+    @classmethod
+    def of_group(cls, group: dict, norm: str, schedule: NewtonSchulzSchedule) -> UpdateArguments:
+        """The arguments for the parameters of ``group`` on ``norm`` (any norm but
+        ``"adamw"``), with the group's resolved Newton-Schulz ``schedule``. The lr adjustment
+        (``adjust_lr_fn``) applies to spectral updates only; other norms use lr as is."""
+        adjust = group["adjust_lr_fn"] or "original"
+        return cls(
+            lr=float(group["lr"]),
+            weight_decay=group["weight_decay"],
+            momentum=group["momentum"],
+            nesterov=group["nesterov"],
+            norm=norm,
+            schedule=schedule,
+            eps=group["eps"],
+            adjust_lr_fn=adjust if norm == "spectral" else "none",
+            ns_precision=group["ns_precision"],
+            radius=group["radius"],
+            L0=group["L0"],
+            L1=group["L1"],
+        )
+
+    def op_keywords(self, with_duals: bool = False) -> dict:
+        """The keyword arguments of ``torch.ops.dropmuon.muon_update_`` and of
+        ``reference.muon_update_`` (the operator schema's names and types, the schedule spelled
+        out)."""
+        return dict(
+            lr=float(self.lr),
+            weight_decay=float(self.weight_decay),
+            momentum=float(self.momentum),
+            nesterov=bool(self.nesterov),
+            norm=self.norm,
+            ns_coefficients=list(self.schedule.coefficients),
+            norm_scale=self.schedule.norm_scale,
+            norm_offset=self.schedule.norm_offset,
+            eps=float(self.eps),
+            ns_precision=self.ns_precision,
+            adjust_lr_fn=self.adjust_lr_fn,
+            radius=self.radius,
+            L0=float(self.L0),
+            L1=float(self.L1),
+            with_duals=bool(with_duals),
+        )
 
 
 # --------------------------------------------------------------------------------------------
