@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from .adamw import ADAMW_STATE_KEYS
+from .partition import Layer
 from .sampling import LayerSampler
 from .smoothness import SmoothnessEstimator
 
@@ -273,3 +274,62 @@ def restored_sampler(sampler, saved: dict | None):
     if hasattr(sampler, "load_state_dict"):
         sampler.load_state_dict(saved)
     return sampler
+
+
+def saved_layers(state_dict, params: list[Tensor], param_name):
+    """``(layers, layer order)`` from a checkpoint's saved positions (one per parameter, in
+    param-group order), for an optimizer whose layers are still pending; None when the
+    checkpoint has none to give (written while pending too, or a mismatch that
+    :func:`validate` names)."""
+    extra = section_of(state_dict)
+    if extra is None or str(extra.get("layer_order", "")).startswith("pending"):
+        return None
+    if "param_layers" not in extra:
+        return None  # a 0.1 checkpoint not brought to version 3: validate() says so
+    saved = [position for positions in extra["param_layers"] for position in positions]
+    names = list(extra.get("layer_names") or [])
+    if len(saved) != len(params) or not saved:
+        return None
+    count = max(saved) + 1
+    layers = [Layer(i, names[i] if i < len(names) else f"layer {i}") for i in range(count)]
+    for p, position in zip(params, saved):
+        if 0 <= position < count:
+            layers[position].params.append((param_name(p), p))
+    return [layer for layer in layers if layer.params], extra.get("layer_order", "checkpoint")
+
+
+def state_kept_in_place(state_dict, params: list[Tensor], state, param_name) -> dict:
+    """The live state to keep for the parameters ``state_dict`` leaves out. A checkpoint
+    holds every parameter's state, but torch.distributed.checkpoint's
+    ``set_optimizer_state_dict`` leaves out that of parameters that do not require grad
+    (frozen by the user), after ``dcp.load`` has loaded it into the very tensors
+    ``get_optimizer_state_dict`` returned, the optimizer's own (``state``): those are kept. Any
+    other gap raises ValueError (that state would be lost). Version 1 checkpoints left out the
+    parameters never updated, which then start from zeros."""
+    if section_of(state_dict)["version"] < 2:
+        return {}
+    saved_ids = [key for g in state_dict["param_groups"] for key in g["params"]]
+    saved_state = state_dict["state"]
+    in_place = any(
+        value is state[p].get(name)
+        for key, p in zip(saved_ids, params)
+        if key in saved_state
+        for name, value in saved_state[key].items()
+        if isinstance(value, Tensor)
+    )
+    kept = {}
+    for key, p in zip(saved_ids, params):
+        if key in saved_state:
+            continue
+        if p.requires_grad:
+            raise ValueError(
+                f"the checkpoint has no state for {param_name(p)}: an incomplete checkpoint"
+            )
+        if not in_place:
+            raise ValueError(
+                f"the checkpoint has no state for {param_name(p)}, which does not "
+                "require grad: dcp.load into get_optimizer_state_dict's tensors before "
+                "set_optimizer_state_dict"
+            )
+        kept[p] = state[p]
+    return kept

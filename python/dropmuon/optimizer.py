@@ -378,25 +378,13 @@ class DropMuon(Optimizer):
             warn_order_unknown(len(params))
 
     def _layers_of_checkpoint(self, state_dict) -> None:
-        """Loading into an optimizer whose layers are pending: the checkpoint's layers (each
-        parameter's saved position), unless it was written while pending too."""
-        extra = checkpoint.section_of(state_dict)
-        if extra is None or extra.get("layer_order") == PENDING_ORDER:
-            return
-        if "param_layers" not in extra:
-            return  # a 0.1 checkpoint not brought to version 3: validate() says so
-        saved = [position for positions in extra["param_layers"] for position in positions]
-        params = list(self._params())
-        names = list(extra.get("layer_names") or [])
-        if len(saved) != len(params) or not saved:
-            return  # validate() names the mismatch
-        count = max(saved) + 1
-        layers = [Layer(i, names[i] if i < len(names) else f"layer {i}") for i in range(count)]
-        for p, position in zip(params, saved):
-            if 0 <= position < count:
-                layers[position].params.append((self.param_name(p), p))
-        self._use_layers([layer for layer in layers if layer.params])
-        self._layer_order = extra.get("layer_order", "checkpoint")
+        """Loading into an optimizer whose layers are pending: the checkpoint's layers, unless
+        it was written while pending too."""
+        found = checkpoint.saved_layers(state_dict, list(self._params()), self.param_name)
+        if found is not None:
+            layers, order = found
+            self._use_layers(layers)
+            self._layer_order = order
 
     def _pending_snapshot(self) -> dict:
         """What _use_layers changes, to undo it when a checkpoint is refused."""
@@ -861,7 +849,9 @@ class DropMuon(Optimizer):
             )
             norms = self._norms_at(saved_positions)
             checkpoint.check_norms(state_dict, self.param_groups, norms, self.param_name)
-            kept = self._state_loaded_in_place(state_dict)
+            kept = checkpoint.state_kept_in_place(
+                state_dict, list(self._params()), self.state, self.param_name
+            )
             sampler = checkpoint.restored_sampler(self.sampler, extra["sampler"])
         except (ValueError, TypeError, KeyError):
             if before is not None:  # a refused checkpoint changes nothing
@@ -906,44 +896,6 @@ class DropMuon(Optimizer):
         finally:
             for layer, position in current.items():
                 layer.position = position
-
-    def _state_loaded_in_place(self, state_dict) -> dict:
-        """The live state to keep for the parameters ``state_dict`` leaves out. A checkpoint
-        holds every parameter's state, but torch.distributed.checkpoint's
-        ``set_optimizer_state_dict`` leaves out that of parameters that do not require grad
-        (frozen by the user), after ``dcp.load`` has loaded it into the very tensors
-        ``get_optimizer_state_dict`` returned, this optimizer's own: those are kept. Any other
-        gap raises ValueError (that state would be lost). Version 1 checkpoints left out the
-        parameters never updated, which then start from zeros."""
-        if checkpoint.section_of(state_dict)["version"] < 2:
-            return {}
-        saved_ids = [key for g in state_dict["param_groups"] for key in g["params"]]
-        params = list(self._params())
-        saved_state = state_dict["state"]
-        in_place = any(
-            value is self.state[p].get(name)
-            for key, p in zip(saved_ids, params)
-            if key in saved_state
-            for name, value in saved_state[key].items()
-            if isinstance(value, Tensor)
-        )
-        kept = {}
-        for key, p in zip(saved_ids, params):
-            if key in saved_state:
-                continue
-            if p.requires_grad:
-                raise ValueError(
-                    f"the checkpoint has no state for {self.param_name(p)}: an incomplete "
-                    "checkpoint"
-                )
-            if not in_place:
-                raise ValueError(
-                    f"the checkpoint has no state for {self.param_name(p)}, which does not "
-                    "require grad: dcp.load into get_optimizer_state_dict's tensors before "
-                    "set_optimizer_state_dict"
-                )
-            kept[p] = self.state[p]
-        return kept
 
     # -- copies and pickles -----------------------------------------------------------------------
 

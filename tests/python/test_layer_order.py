@@ -407,6 +407,30 @@ def test_groups_are_read_as_hyperparameters_until_they_say_layer():
     assert keyed.layer_names() == ["layer 0", "layer 1"] and keyed.layer_order == "param groups"
 
 
+def test_a_checkpoint_gives_a_pending_optimizer_its_layers_and_resumes_exactly():
+    """A parameter-list optimizer resumed from a checkpoint before its first forward takes the
+    checkpoint's layers and continues the very trajectory; a refused checkpoint leaves it
+    pending."""
+    x = torch.randn(4, 12)
+    model = FunctionalChild()
+    opt = dropmuon.DropMuon(model.parameters(), lr=0.01, seed=3)
+    for _ in range(3):
+        one_step(model, opt, x, image_loss)
+    saved, twin = copy.deepcopy(opt.state_dict()), copy.deepcopy(model)
+    resumed = dropmuon.DropMuon(twin.parameters(), lr=0.01, seed=3)
+    wrong = copy.deepcopy(saved)
+    wrong["param_groups"][0]["dropmuon"]["param_shapes"][0][0] = [99]
+    with pytest.raises(ValueError):
+        resumed.load_state_dict(wrong)
+    assert resumed.layer_order.startswith("pending") and resumed.num_layers == 1
+    resumed.load_state_dict(saved)
+    assert resumed.layer_names() == opt.layer_names() and resumed.layer_order == "first forward"
+    for _ in range(4):
+        one_step(model, opt, x, image_loss)
+        one_step(twin, resumed, x, image_loss)
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), twin.parameters()))
+
+
 @pytest.mark.parametrize(
     "key, message",
     [
