@@ -113,6 +113,8 @@ OPTIMIZER_ONLY = (
     "sampling", "tau", "seed", "total_steps", "shift_strength", "fallback", "norms",
     "nonfinite", "estimate_smoothness", "smoothness_beta", "cuda_kernels", "fsdp_update",
 )  # fmt: skip
+# Every key a near miss is checked against.
+KNOWN_KEYS = (*GROUP_KEYS, *GROUP_NAMES, *OPTIMIZER_ONLY)
 
 
 def check_group_keys(group: dict, g_index: int) -> None:
@@ -125,12 +127,11 @@ def check_group_keys(group: dict, g_index: int) -> None:
             "by role (vectors, embeddings and the head go to fallback='adamw' by default); to "
             "put this group on AdamW say so with 'norm': 'adamw'"
         )
-    known = (*GROUP_KEYS, *GROUP_NAMES, *OPTIMIZER_ONLY)
     for key in group:
         if key in GROUP_KEYS or key in SCHEDULER_KEYS or not isinstance(key, str):
             continue
-        close = difflib.get_close_matches(key, known, n=1, cutoff=0.8)
-        meant = key if key in known else (close[0] if close else None)
+        close = difflib.get_close_matches(key, KNOWN_KEYS, n=1, cutoff=0.8)
+        meant = key if key in KNOWN_KEYS else (close[0] if close else None)
         if meant is None:
             continue  # kept, as torch.optim keeps any key
         where = f"param group {g_index} has the key {key!r}, which DropMuon does not read"

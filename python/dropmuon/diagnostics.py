@@ -73,8 +73,9 @@ def truncation_cause(leaves: list[Tensor], names: dict[int, str], managed, input
     params = [t for t in leaves if id(t) in names]
     other = [names[id(t)] for t in params if id(t) not in managed]
     ours = [names[id(t)] for t in params if id(t) in managed]
-    fed = [t for t in leaves if any(t is x for x in inputs)]
-    made = [t for t in leaves if id(t) not in names and not any(t is x for x in inputs)]
+    input_ids = {id(x) for x in inputs}
+    fed = [t for t in leaves if id(t) in input_ids]
+    made = [t for t in leaves if id(t) not in names and id(t) not in input_ids]
 
     def listed(items):
         return ", ".join(items[:5]) + (f" and {len(items) - 5} more" if len(items) > 5 else "")

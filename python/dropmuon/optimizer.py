@@ -294,13 +294,13 @@ class DropMuon(Optimizer):
             sampling=sampling, seed=seed, tau=tau, total_steps=total_steps,
             shift_strength=shift_strength,
         )  # fmt: skip
-        if self._layers_pending and isinstance(sampling, (str, list, tuple, Tensor)):
-            if not isinstance(sampling, str) or sampling == "custom":
-                raise ValueError(
-                    "custom cutoff probabilities need the layers at construction, but these "
-                    "parameters' layers are found at the first forward (by the modules that "
-                    "own them): pass the model itself, or param groups with 'layer' keys"
-                )
+        custom = isinstance(sampling, (list, tuple, Tensor)) or sampling == "custom"
+        if self._layers_pending and custom:
+            raise ValueError(
+                "custom cutoff probabilities need the layers at construction, but these "
+                "parameters' layers are found at the first forward (by the modules that "
+                "own them): pass the model itself, or param groups with 'layer' keys"
+            )
         self.sampler = self._make_sampler()
         cost_optimal = getattr(self.sampler, "kind", None) == "cost_optimal"
         if estimate_smoothness is False and cost_optimal:
@@ -362,10 +362,6 @@ class DropMuon(Optimizer):
             options["tau"] = min(options["tau"], self.num_layers)
         return make_sampler(options.pop("sampling"), self.num_layers, **options)
 
-    def _first_forward_while_pending(self, root: nn.Module) -> None:
-        """Called by the forward hooks at the first forward while the layers are pending."""
-        self._find_layers(root)
-
     def _layers_without_forward(self) -> None:
         """A step came before any module call found the layers (gradients set by hand, or a
         forward outside any nn.Module): one layer per parameter, in the order given."""
@@ -420,11 +416,12 @@ class DropMuon(Optimizer):
         self._mask = self._draw(self._step_count)
 
     def _find_layers(self, root: nn.Module) -> None:
-        """The first forward of an optimizer built from parameters or groups without "layer"
-        keys: its layers become the modules that own the parameters in ``root``, the model
-        being run (wrappers such as DDP and torch.compile's unwrapped), each placed by where the
-        forward first uses it, as for a model passed itself; a parameter no module owns is a
-        layer of its own. The sampler, the statistics and step 0's draw follow."""
+        """Called by the forward hooks at the first forward of an optimizer built from
+        parameters or groups without "layer" keys: its layers become the modules that own the
+        parameters in ``root``, the model being run (wrappers such as DDP and torch.compile's
+        unwrapped), each placed by where the forward first uses it, as for a model passed
+        itself; a parameter no module owns is a layer of its own. The sampler, the statistics
+        and step 0's draw follow."""
         model = _unwrapped(root)
         managed = {id(p) for p in self._params()}
         if not any(id(p) in managed for p in model.parameters()):
@@ -950,7 +947,7 @@ class DropMuon(Optimizer):
 def _unwrapped(module: nn.Module) -> nn.Module:
     """The model inside DDP's and torch.compile's wrappers."""
     for _ in range(8):
-        if isinstance(module, torch._dynamo.eval_frame.OptimizedModule):
+        if truncation.compiled(module):
             module = module._orig_mod
         elif isinstance(module, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
             module = module.module

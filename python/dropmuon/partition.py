@@ -298,16 +298,16 @@ class FirstForwardTrace:
         if not self.positions:
             return list(mask)
         placed = sorted(self.positions, key=self.positions.get)
-        never = [
-            layer.construction_index
-            for layer in self.layers
-            if layer.construction_index not in self.positions
-        ]
+        never = [layer.construction_index for layer in self.unplaced()]
         self.unused = [self.layers[index].name for index in never]
         final = [False] * len(never) + [mask[self.positions[index]] for index in placed]
         for position, index in enumerate(never + placed):
             self.layers[index].position = position
         return final
+
+    def unplaced(self) -> list[Layer]:
+        """The layers no event has placed yet, in registration order."""
+        return [layer for layer in self.layers if layer.construction_index not in self.positions]
 
     def nothing_active(self, mask: list[bool]) -> bool:
         """Whether the forward so far used layers but only ones ``mask`` leaves out while some

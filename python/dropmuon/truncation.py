@@ -218,7 +218,8 @@ def _kwargs_of(rest):
     return rest[0] if len(rest) == 2 else None
 
 
-def _compiled(module) -> bool:
+def compiled(module) -> bool:
+    """Whether ``module`` is torch.compile's wrapper of a module."""
     return isinstance(module, torch._dynamo.eval_frame.OptimizedModule)
 
 
@@ -234,7 +235,7 @@ def _enter(module, args):
         _REGISTRY.local.stance = _eager_stance()
     for watcher in watchers:
         watcher.enter(module, args, depth == 0)
-    if depth == 0 and not _compiled(module) and not any(w.sees_every_call() for w in watchers):
+    if depth == 0 and not compiled(module) and not any(w.sees_every_call() for w in watchers):
         _REGISTRY.start_light_pass(module)
     else:
         _REGISTRY.set_depth(depth + 1)
@@ -342,7 +343,7 @@ class ForwardFreeze(ForwardWatcher):
         if outermost and self.layers_pending:
             optimizer = self._optimizer()
             if optimizer is not None:
-                optimizer._first_forward_while_pending(module)
+                optimizer._find_layers(module)
         if outermost:
             self._in_grad_forward = torch.is_grad_enabled()
             # The model run and its input, to name the cause of a defeated truncation.
@@ -383,8 +384,7 @@ class ForwardFreeze(ForwardWatcher):
         if not traced or not self.wants_eager(module):  # not the traced model's pass
             return None
         if self.armed and self.trace.nothing_active(self.mask):
-            unused = [layer.name for layer in self.trace.layers if layer.construction_index
-                      not in self.trace.positions]  # fmt: skip
+            unused = [layer.name for layer in self.trace.unplaced()]
             return RuntimeError(
                 f"DropMuon: the coming step's cutoff (layer {sum(not m for m in self.mask)} of "
                 f"{len(self.mask)}) lies above every layer this first forward pass used, "

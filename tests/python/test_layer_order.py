@@ -389,6 +389,14 @@ def test_no_order_warning_where_the_order_does_not_matter(build):
         opt.step()
 
 
+@pytest.mark.parametrize("sampling", ["custom", [0.5, 0.5], (1.0,), torch.tensor([1.0])])
+def test_custom_probabilities_need_layers_known_at_construction(sampling):
+    model = FunctionalChild()
+    with pytest.raises(ValueError, match="need the layers at construction"):
+        dropmuon.DropMuon(model.parameters(), sampling=sampling)
+    dropmuon.DropMuon(model, sampling=[0.25] * 4)  # a model's layers are known: accepted
+
+
 def test_groups_are_read_as_hyperparameters_until_they_say_layer():
     model = CharGPT(40, context=16, dim=32, depth=1, heads=2)
     opt = dropmuon.DropMuon(decay_groups(model), lr=0.01)
