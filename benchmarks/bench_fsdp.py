@@ -35,8 +35,8 @@ import torch.multiprocessing as mp
 from torch import nn
 
 import dropmuon
-from dropmuon import fsdp
 from dropmuon.compare.models import PaperCNN
+from dropmuon.distributed import fsdp
 from dropmuon.dtensors import local_tensor
 
 WORLD = 2

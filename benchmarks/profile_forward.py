@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
 from dropmuon.compare.models import build_model
-from dropmuon.partition import module_layers
+from dropmuon.layers.partition import module_layers
 
 
 def set_cutoff(layers, cutoff: int) -> None:

@@ -5,9 +5,10 @@ randomly sampled cutoff up to the output, with Muon-style per-layer non-Euclidea
 stops backpropagation at that cutoff.
 """
 
+import sys
+
 import torch  # noqa: F401  (loads libtorch before the extension)
 
-from . import ops, reference
 from .defaults import MUON_COEFFICIENTS, POLAR_EXPRESS_COEFFICIENTS
 from .describe import describe
 from .diagnostics import (
@@ -16,12 +17,20 @@ from .diagnostics import (
     NoGradientWarning,
     TruncationDefeatedWarning,
 )
-from .ops import sample_layers, sampler_distribution, sharp
+from .distributed import fsdp
+from .kernels import ops, reference
+from .kernels.ops import sample_layers, sampler_distribution, sharp
+from .layers.sampling import LayerSampler
 from .optimizer import DropMuon, Muon
-from .sampling import LayerSampler
-from .update_rules import NewtonSchulzSchedule, ns_schedule
+from .step.update_rules import NewtonSchulzSchedule, ns_schedule
 
 __version__ = "0.1.0"
+
+# The module paths of dropmuon 0.1 (``import dropmuon.ops``, ``from dropmuon.fsdp import ...``)
+# name the same modules in their subpackages.
+for _module in (ops, reference, fsdp):
+    sys.modules[f"{__name__}.{_module.__name__.rpartition('.')[2]}"] = _module
+del _module
 
 __all__ = [
     "DropMuon",

@@ -20,10 +20,10 @@ import copy
 import torch
 from torch import Tensor
 
-from .adamw import ADAMW_STATE_KEYS
-from .partition import Layer
-from .sampling import LayerSampler
-from .smoothness import SmoothnessEstimator
+from .layers.partition import Layer
+from .layers.sampling import LayerSampler
+from .layers.smoothness import SmoothnessEstimator
+from .step.adamw import ADAMW_STATE_KEYS
 
 # 3: param groups as the user passed them; each parameter's layer, norm and shape in the section.
 # 2: one param group per layer, with "layer", "param_norms" and "param_shapes" in each; every

@@ -9,10 +9,10 @@ from __future__ import annotations
 # -- The sharp operators (docs/method.md section 4) --------------------------------------------
 
 # The norms the kernels implement; "adamw" is the optimizer's extra choice (no kernel: an AdamW
-# step in Python, see dropmuon.adamw).
+# step in Python, see dropmuon.step.adamw).
 KERNEL_NORMS = ("spectral", "sign", "column", "row", "frobenius")
 NORMS = (*KERNEL_NORMS, "adamw")
-# What a parameter is, for choosing its default norm (dropmuon.partition.param_role).
+# What a parameter is, for choosing its default norm (dropmuon.layers.partition.param_role).
 ROLES = ("matrix", "head", "embedding", "vector")
 DEFAULT_ROLE_NORMS = {"matrix": "spectral", "head": "spectral", "embedding": "spectral"}
 # The norm of vectors (0-D and 1-D parameters) unless `norms` says otherwise.

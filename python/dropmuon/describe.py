@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from collections import defaultdict
 
-from .sampling import LayerSampler
-from .update_rules import matrix_shape
+from .layers.sampling import LayerSampler
+from .step.update_rules import matrix_shape
 
 
 def describe(optimizer) -> str:

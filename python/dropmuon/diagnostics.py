@@ -14,8 +14,8 @@ cause, each with a category of its own (all subclasses of :class:`DropMuonWarnin
 
 The checks cost a few comparisons per step: the no-gradient check reads which parameters the
 step found gradients for, and the truncation check looks at the inputs' ``requires_grad`` when
-the cutoff layer's module returns (from :mod:`dropmuon.truncation`'s hooks), and at whether any
-forward pass went through those hooks since the last step.
+the cutoff layer's module returns (from :mod:`dropmuon.layers.truncation`'s hooks), and at whether
+any forward pass went through those hooks since the last step.
 """
 
 from __future__ import annotations

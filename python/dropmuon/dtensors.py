@@ -1,4 +1,4 @@
-"""DTensor helpers shared by the step math and the FSDP2 support (:mod:`dropmuon.fsdp`).
+"""DTensor helpers shared by the step math and the FSDP2 support (:mod:`dropmuon.distributed.fsdp`).
 
 A parameter that ``torch.distributed.fsdp.fully_shard`` made is a DTensor whose local tensor
 holds this rank's rows; elementwise work (momentum, AdamW, the parameter step) runs on those

@@ -6,12 +6,13 @@ sampled cutoff up to the output. At the end of every step the next step's layers
 while each forward pass runs, the other layers' parameters do not require grad, so the backward
 stops at the cutoff by itself (no input- or weight-gradient work, and no saved activations,
 below it). Between forward passes every ``requires_grad`` flag is the user's own
-(:mod:`dropmuon.truncation`). Frozen layers keep their parameters and optimizer state untouched.
+(:mod:`dropmuon.layers.truncation`). Frozen layers keep their parameters and optimizer state
+untouched.
 
-Where the pieces live: the layers (:mod:`dropmuon.partition`), the draw
-(:mod:`dropmuon.sampling`), the freezing (:mod:`dropmuon.truncation`), the step math
-(:mod:`dropmuon.functional`, :mod:`dropmuon.adamw`), the estimates for ``cost_optimal``
-(:mod:`dropmuon.smoothness`), the checkpoint section (:mod:`dropmuon.checkpoint`), the checks
+Where the pieces live: the layers (:mod:`dropmuon.layers.partition`), the draw
+(:mod:`dropmuon.layers.sampling`), the freezing (:mod:`dropmuon.layers.truncation`), the step math
+(:mod:`dropmuon.step.update`, :mod:`dropmuon.step.adamw`), the estimates for ``cost_optimal``
+(:mod:`dropmuon.layers.smoothness`), the checkpoint section (:mod:`dropmuon.checkpoint`), the checks
 (:mod:`dropmuon.checks`), the names and defaults (:mod:`dropmuon.defaults`).
 
 DropMuon with other machinery:
@@ -19,7 +20,7 @@ DropMuon with other machinery:
 - Data parallel: every rank draws the same layers without communicating; DDP needs
   ``find_unused_parameters=True`` and no ``static_graph``. :func:`dropmuon.distributed.
   wrap_ddp` sets that up and can all-reduce only the active layers; checkpoints do not
-  depend on the world size (:mod:`dropmuon.distributed`).
+  depend on the world size (:mod:`dropmuon.distributed.ddp`).
 - ``torch.compile(model)`` (before or after building the optimizer): each set of active
   layers is one graph, since autograd's graph depends on which parameters require grad.
   Cutoff samplings give at most ``num_layers`` graphs, ``tau_nice`` up to
@@ -29,7 +30,7 @@ DropMuon with other machinery:
   hooks run in, so it trains without truncation and DropMuon warns. :meth:`step` runs eagerly.
 - FSDP2 (``fully_shard``): build the optimizer on the sharded model; parameters and
   optimizer state stay sharded, each active matrix is orthogonalized on one rank, frozen
-  layers cost no communication (:mod:`dropmuon.fsdp`).
+  layers cost no communication (:mod:`dropmuon.distributed.fsdp`).
 - Mixed precision: autocast needs nothing; bfloat16 parameters keep bfloat16 momentum in
   its own storage, and gradients are only read. ``torch.amp.GradScaler.step`` skips
   :meth:`step` when it finds Inf/NaN, and then nothing of DropMuon moves: the step
@@ -46,7 +47,7 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from . import checkpoint, fsdp, functional, ops, truncation
+from . import checkpoint
 from .checks import (
     adamw_lr_ratio,
     check_grad,
@@ -68,7 +69,10 @@ from .defaults import (
     ROLES,
 )
 from .diagnostics import Diagnostics, warn_order_unknown, warn_unused_layers
-from .partition import (
+from .distributed import fsdp
+from .kernels import ops
+from .layers import truncation
+from .layers.partition import (
     FirstForwardTrace,
     Layer,
     Partition,
@@ -81,9 +85,10 @@ from .partition import (
     param_names,
     resolve_norm,
 )
-from .sampling import LayerSampler, draw, make_sampler, resized_sampler
-from .smoothness import SmoothnessEstimator
-from .truncation import ForwardFreeze
+from .layers.sampling import LayerSampler, draw, make_sampler, resized_sampler
+from .layers.smoothness import SmoothnessEstimator
+from .layers.truncation import ForwardFreeze
+from .step import update
 
 _D = GROUP_DEFAULTS
 
@@ -93,7 +98,7 @@ class DropMuon(Optimizer):
     layers from a random cutoff up to the output, with backprop truncated at the cutoff.
 
     Use it like any ``torch.optim`` optimizer, passing the model itself so that it can find the
-    layers (see :mod:`dropmuon.partition`)::
+    layers (see :mod:`dropmuon.layers.partition`)::
 
         opt = dropmuon.DropMuon(model, lr=0.02, sampling="uniform")
         for x, y in loader:
@@ -152,7 +157,7 @@ class DropMuon(Optimizer):
             ``probabilities``), ``"tau_nice"`` (with ``tau``), ``"epoch_shift"`` (with
             ``total_steps`` or :meth:`set_progress`), ``"cost_optimal"`` (from online
             smoothness estimates), a list of cutoff probabilities (same as ``"custom"``), or a
-            sampler object (see :mod:`dropmuon.sampling`).
+            sampler object (see :mod:`dropmuon.layers.sampling`).
         tau: layers per step for ``"tau_nice"``.
         seed: key of the counter-based layer sampler; the same seed gives the same layers at
             the same step on every process and after a resume (default 0).
@@ -182,11 +187,11 @@ class DropMuon(Optimizer):
         cuda_kernels: CUDA parameters use dropmuon's CUDA kernels (True) or the pure-PyTorch
             reference, torch's own CUDA products (False). Default None: the environment's
             ``DROPMUON_CUDA_KERNELS`` (``1``/``0``), else the reference until the kernels have
-            passed on real hardware (:func:`dropmuon.ops.cuda_kernels_enabled`).
+            passed on real hardware (:func:`dropmuon.kernels.ops.cuda_kernels_enabled`).
         fsdp_update: with FSDP2-sharded parameters, how the whole-matrix updates are formed:
             ``"owner"`` (default; each active matrix orthogonalized on one rank, two
             all-to-alls) or ``"all_gather"`` (every rank gathers and computes every update; the
-            baseline). Ignored without sharded parameters. See :mod:`dropmuon.fsdp`.
+            baseline). Ignored without sharded parameters. See :mod:`dropmuon.distributed.fsdp`.
     """
 
     def __init__(
@@ -319,7 +324,7 @@ class DropMuon(Optimizer):
                 "sampling='cost_optimal' and estimate_smoothness are not supported with "
                 "FSDP2-sharded parameters: the estimates need whole gradients every step"
             )
-        functional.initialize_state(self._params_and_norms(), self.state)
+        update.initialize_state(self._params_and_norms(), self.state)
 
         # Step 0's layers are drawn. With a module, the first forward orders the layers and
         # freezes each as it is reached (the registration order may differ from the real one).
@@ -337,7 +342,7 @@ class DropMuon(Optimizer):
     # -- parameters, layers, norms ----------------------------------------------------------------
 
     def _watch_forwards(self) -> None:
-        """This optimizer's side of the forward hooks (see :mod:`dropmuon.truncation`), armed
+        """This optimizer's side of the forward hooks (see :mod:`dropmuon.layers.truncation`), armed
         with the coming step's freeze."""
         self._forward = ForwardFreeze(self, self._diagnostics)
         self._forward.managed = {id(p) for p in self._params()}
@@ -412,7 +417,7 @@ class DropMuon(Optimizer):
             check_param(p, self.param_name(p), self.norm_of(p))
             if (before[id(p)] == "adamw") != (self._norms[id(p)] == "adamw"):
                 self.state[p] = {}
-        functional.initialize_state(self._params_and_norms(), self.state)
+        update.initialize_state(self._params_and_norms(), self.state)
         self._mask = self._draw(self._step_count)
 
     def _find_layers(self, root: nn.Module) -> None:
@@ -495,7 +500,7 @@ class DropMuon(Optimizer):
         if self._layers_pending:  # the new parameters wait with the others for the first forward
             self._partition = Partition.of(self._pending_layers())
             self._norms = self._assign_norms()
-            functional.initialize_state(self._params_and_norms(), self.state)
+            update.initialize_state(self._params_and_norms(), self.state)
             return
         before = [layer.position for layer in self._partition.layers]
         self._partition, new_layers = self._partition.extended(group, names, self._model)
@@ -508,7 +513,7 @@ class DropMuon(Optimizer):
         self._reorder_statistics(before)
         self.sampler = resized_sampler(self.sampler, self.num_layers)
         self._norms = self._assign_norms()
-        functional.initialize_state(self._params_and_norms(), self.state)
+        update.initialize_state(self._params_and_norms(), self.state)
         self._forward.trace = self._trace
         truncation.watch(self._forward)  # Muon stops watching once ordered: a new trace needs it
         self._mask = self._draw(self._step_count)
@@ -595,7 +600,7 @@ class DropMuon(Optimizer):
         self._reorder_statistics(before)
         self._forward.checked_cutoffs.clear()  # keyed by position
         self._norms = self._assign_norms()  # the head is the last layer
-        functional.initialize_state(self._params_and_norms(), self.state)
+        update.initialize_state(self._params_and_norms(), self.state)
         self._set_forward_freeze()
 
     def _traced_forward_ended(self) -> None:
@@ -654,7 +659,7 @@ class DropMuon(Optimizer):
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """As torch.optim's; also ends a forward pass that was interrupted (KeyboardInterrupt)
-        before it returned, lifting its freeze (see :func:`dropmuon.truncation.
+        before it returned, lifting its freeze (see :func:`dropmuon.layers.truncation.
         end_interrupted_pass`)."""
         truncation.end_interrupted_pass()
         super().zero_grad(set_to_none)
@@ -746,12 +751,12 @@ class DropMuon(Optimizer):
         )
         by_layer = self._without_nonfinite(by_layer)
         before = self._smoothness.before_step(by_layer, self.state) if self._estimate else None
-        buckets = functional.buckets(chain(*by_layer.values()), schedules)
+        buckets = update.buckets(chain(*by_layer.values()), schedules)
         if self._sharded is not None:
             self._sharded.update_(buckets, self.state, self._cuda_kernels)
         else:
             for bucket in buckets:
-                functional.update_bucket_(bucket, self.state, self._cuda_kernels)
+                update.update_bucket_(bucket, self.state, self._cuda_kernels)
         for layer in by_layer:
             self.update_counts[layer] += 1
         if before is not None:
@@ -805,7 +810,7 @@ class DropMuon(Optimizer):
         parameter has its state from construction on (zeros, as its first update would make
         it), so every checkpoint holds the same keys and torch.distributed.checkpoint never
         needs to step a fresh optimizer to create them. With FSDP2 the state tensors are
-        DTensors: save through torch.distributed.checkpoint (:mod:`dropmuon.fsdp`)."""
+        DTensors: save through torch.distributed.checkpoint (:mod:`dropmuon.distributed.fsdp`)."""
         truncation.end_interrupted_pass()
         state = super().state_dict()
         per_group = [group["params"] for group in self.param_groups]
@@ -876,7 +881,7 @@ class DropMuon(Optimizer):
             self._layer_order = "checkpoint"
         self._norms = self._assign_norms()
         self._forward.checked_cutoffs.clear()
-        functional.initialize_state(self._params_and_norms(), self.state)  # older checkpoints
+        update.initialize_state(self._params_and_norms(), self.state)  # older checkpoints
         self.sampler = sampler
         self.update_counts = list(extra["update_counts"])
         self.skipped_nonfinite = list(extra["skipped_nonfinite"])

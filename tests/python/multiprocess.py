@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from dropmuon.fsdp import release_device_meshes
+from dropmuon.distributed.fsdp import release_device_meshes
 
 WORLD = 2
 DEADLINE_S = 180

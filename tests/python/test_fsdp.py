@@ -18,7 +18,7 @@ from multiprocess import WORLD, collect, run_scenarios
 from torch import nn
 
 import dropmuon
-from dropmuon import fsdp
+from dropmuon.distributed import fsdp
 
 STEPS = 6
 RESUME_AT = 3

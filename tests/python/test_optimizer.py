@@ -10,7 +10,8 @@ from torch import nn
 from training import train_steps
 
 import dropmuon
-from dropmuon import ops, reference, update_rules
+from dropmuon import ops, reference
+from dropmuon.step import update_rules
 
 
 def mlp(bias=False, seed=0):
@@ -621,3 +622,18 @@ def test_huge_finite_gradients_are_not_taken_for_nonfinite():
         assert torch.isfinite(p).all()
         assert not torch.equal(p, old)
     assert opt.skipped_nonfinite == [0] * len(opt.skipped_nonfinite)
+
+
+def test_module_paths_of_0_1_name_the_moved_modules():
+    """The subpackages moved ops, reference and fsdp; their 0.1 paths still import them."""
+    import importlib
+
+    from dropmuon.distributed import fsdp
+    from dropmuon.kernels import ops, reference
+
+    for old, module in (("ops", ops), ("reference", reference), ("fsdp", fsdp)):
+        assert importlib.import_module(f"dropmuon.{old}") is module
+        assert getattr(dropmuon, old) is module
+    from dropmuon.fsdp import release_device_meshes
+
+    assert release_device_meshes is fsdp.release_device_meshes

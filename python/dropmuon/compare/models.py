@@ -6,7 +6,7 @@ The paper (docs/method.md section 6) gives only the channel counts of its CNN (6
 rest is our choice, stated here: 3x3 convolutions with padding 1, each followed by ReLU and 2x2
 max-pooling, then one linear head on the flattened features.
 
-The transformers are built for DropMuon's partition (:mod:`dropmuon.partition`: a layer is a
+The transformers are built for DropMuon's partition (:mod:`dropmuon.layers.partition`: a layer is a
 module that directly holds parameters, ordered by the first forward pass): every matrix and
 every norm is a module of its own (the attention's qkv and output projection are two
 ``nn.Linear``, never ``nn.MultiheadAttention``, whose ``in_proj_weight`` would hide them in one

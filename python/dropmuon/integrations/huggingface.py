@@ -37,8 +37,8 @@ from __future__ import annotations
 
 from transformers import TrainerCallback
 
+from ..layers.sampling import LayerSampler
 from ..optimizer import DropMuon
-from ..sampling import LayerSampler
 
 
 def find_dropmuon(optimizer) -> DropMuon | None:

@@ -61,10 +61,10 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from . import ops
-from .dtensors import is_dtensor, local_tensor
-from .functional import Bucket, momentum_buffer, update_bucket_
-from .update_rules import UpdateArguments, direction, matrix_shape, step_size
+from ..dtensors import is_dtensor, local_tensor
+from ..kernels import ops
+from ..step.update import Bucket, momentum_buffer, update_bucket_
+from ..step.update_rules import UpdateArguments, direction, matrix_shape, step_size
 
 UPDATE_MODES = ("owner", "all_gather")
 SUPPORTED = (

@@ -15,9 +15,9 @@ import math
 import torch
 from torch import Tensor
 
-from . import ops
-from .defaults import SMOOTHNESS_POWER_ITERATIONS
-from .update_rules import as_matrix
+from ..defaults import SMOOTHNESS_POWER_ITERATIONS
+from ..kernels import ops
+from ..step.update_rules import as_matrix
 
 # ActiveByLayer: position -> [(group, norm, param)], the step's active parameters with gradients.
 

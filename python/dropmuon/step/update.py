@@ -3,7 +3,7 @@
 - :func:`buckets`: the active parameters gathered into fused calls (same shape, dtype, device
   and arguments share one call).
 - :func:`update_bucket_`: one bucket's update: :func:`sharp_update_` (one fused call, with
-  the momentum buffers it needs) or AdamW (:mod:`dropmuon.adamw`).
+  the momentum buffers it needs) or AdamW (:mod:`dropmuon.step.adamw`).
 """
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from . import ops
+from ..dtensors import local_tensor
+from ..kernels import ops
 from .adamw import adamw_initial_state, adamw_step_
-from .dtensors import local_tensor
 from .update_rules import NewtonSchulzSchedule, UpdateArguments
 
 
@@ -81,8 +81,9 @@ def sharp_update_(
 ) -> None:
     """One fused update of same-shape parameters in place from their ``.grad``, with their
     momentum buffers in ``state`` (the optimizer's per-parameter state); ``cuda_kernels``: see
-    :func:`dropmuon.ops.use_kernel`. DTensor parameters are updated on their local shards
-    (right for elementwise norms only: :mod:`dropmuon.fsdp` sends the others elsewhere)."""
+    :func:`dropmuon.kernels.ops.use_kernel`. DTensor parameters are updated on their local shards
+    (right for elementwise norms only: :mod:`dropmuon.distributed.fsdp` sends the others
+    elsewhere)."""
     grads = [local_tensor(p.grad) for p in params]
     bufs = [local_tensor(momentum_buffer(state[p], p)) for p in params]
     targets = [local_tensor(p) for p in params]

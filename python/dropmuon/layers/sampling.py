@@ -17,8 +17,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from . import ops
-from .defaults import DEFAULT_SAMPLING, DEFAULT_SHIFT_STRENGTH, PROBABILITY_TOLERANCE, SAMPLINGS
+from ..defaults import DEFAULT_SAMPLING, DEFAULT_SHIFT_STRENGTH, PROBABILITY_TOLERANCE, SAMPLINGS
+from ..kernels import ops
 
 
 class LayerSampler:

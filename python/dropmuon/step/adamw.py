@@ -9,7 +9,7 @@ import math
 import torch
 from torch import Tensor
 
-from .dtensors import local_tensor
+from ..dtensors import local_tensor
 
 ADAMW_STATE_KEYS = ("step", "exp_avg", "exp_avg_sq")
 

@@ -1,6 +1,6 @@
 """Typed wrappers over the ``torch.ops.dropmuon.*`` operators, with their fake (meta)
-implementations for ``torch.compile``, and the fallback to :mod:`dropmuon.reference` when the
-compiled extension is missing or has no kernel for a tensor's device (warned once per reason).
+implementations for ``torch.compile``, and the fallback to :mod:`dropmuon.kernels.reference` when
+the compiled extension is missing or has no kernel for a tensor's device (warned once per reason).
 """
 
 from __future__ import annotations
@@ -12,13 +12,13 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from ..defaults import DEFAULT_SHIFT_STRENGTH, GROUP_DEFAULTS
+from ..defaults import MUON_COEFFICIENTS as MUON_COEFFICIENTS  # re-exported
+from ..step.update_rules import UpdateArguments, ns_schedule
 from . import reference
-from .defaults import DEFAULT_SHIFT_STRENGTH, GROUP_DEFAULTS
-from .defaults import MUON_COEFFICIENTS as MUON_COEFFICIENTS  # re-exported
-from .update_rules import UpdateArguments, ns_schedule
 
 try:
-    from . import _C  # noqa: F401  (registers torch.ops.dropmuon.*)
+    from .. import _C  # noqa: F401  (registers torch.ops.dropmuon.*)
 
     EXTENSION_ERROR: Exception | None = None
 except ImportError as error:  # not built: the references stand in

@@ -1,9 +1,9 @@
 """Data-parallel training with DropMuon.
 
 Every rank draws the same layers at the same step without communicating: the sampler is a pure
-function of ``(seed, step)`` (:mod:`dropmuon.sampling`). Replicas therefore stay equal as long as
-they start equal, share the seed and the step counter, and see the same averaged gradients. Two
-ways to average them:
+function of ``(seed, step)`` (:mod:`dropmuon.layers.sampling`). Replicas therefore stay equal as
+long as they start equal, share the seed and the step counter, and see the same averaged gradients.
+Two ways to average them:
 
 **torch DDP**, through :func:`wrap_ddp` (``torch.nn.parallel.DistributedDataParallel`` with the
 settings DropMuon needs)::
@@ -52,13 +52,16 @@ checkpoint.
 import weakref
 import zlib
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from .optimizer import DropMuon
-from .sampling import LayerSampler
+from ..layers.sampling import LayerSampler
+
+if TYPE_CHECKING:  # the optimizer imports this package (FSDP2); DDP reads real annotations
+    from ..optimizer import DropMuon
 
 __all__ = [
     "CommStats",
@@ -92,7 +95,7 @@ class CommStats:
 
 def wrap_ddp(
     module: nn.Module,
-    optimizer: DropMuon,
+    optimizer: "DropMuon",
     *,
     active_only: bool = True,
     stats: CommStats | None = None,
@@ -230,7 +233,7 @@ def broadcast_parameters(module: nn.Module, src: int = 0, process_group=None) ->
 
 @torch.no_grad()
 def all_reduce_gradients(
-    optimizer: DropMuon, process_group=None, stats: CommStats | None = None
+    optimizer: "DropMuon", process_group=None, stats: CommStats | None = None
 ) -> None:
     """Averages over the ranks the gradients of the layers the coming step updates; call it
     after the backward pass (after the last micro-batch with gradient accumulation), before
@@ -277,7 +280,7 @@ def all_reduce_gradients(
 # ----------------------------------------------------------------------------------------------
 
 
-def check_replicas(optimizer: DropMuon, process_group=None) -> None:
+def check_replicas(optimizer: "DropMuon", process_group=None) -> None:
     """Raises RuntimeError on every rank unless all ranks agree on the optimizer's step, layer
     count, sampler (kind and seed) and the layers of the coming step: what drawing the same
     layers without communication relies on. One small all-gather; call it after building or

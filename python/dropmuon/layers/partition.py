@@ -26,8 +26,8 @@ from dataclasses import dataclass, field
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
-from .defaults import DEFAULT_ROLE_NORMS, FALLBACKS, NORMS, ROLES
-from .dtensors import is_dtensor
+from ..defaults import DEFAULT_ROLE_NORMS, FALLBACKS, NORMS, ROLES
+from ..dtensors import is_dtensor
 
 
 @dataclass(eq=False)

@@ -2,8 +2,8 @@
 matrix, the Newton-Schulz schedule a group's options resolve to, the arguments of one fused
 update (:class:`UpdateArguments`, built once per group and norm and passed unchanged down to
 the operator call), the momentum direction and the step size. The fused kernels (csrc/core)
-implement the same rules in C; the reference (:mod:`dropmuon.reference`), the FSDP2 owner path
-(:mod:`dropmuon.fsdp`) and the describe and smoothness code call these.
+implement the same rules in C; the reference (:mod:`dropmuon.kernels.reference`), the FSDP2 owner
+path (:mod:`dropmuon.distributed.fsdp`) and the describe and smoothness code call these.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
-from .defaults import (
+from ..defaults import (
     GROUP_DEFAULTS,
     MUON_COEFFICIENTS,
     POLAR_EXPRESS_COEFFICIENTS,
@@ -113,7 +113,7 @@ def _flatten(triples) -> tuple[float, ...]:
 class UpdateArguments:
     """Everything one fused update of same-shape parameters needs besides the tensors (dm_update
     in dropmuon.h; docs/method.md section 1): made once per param group and norm by
-    :meth:`of_group`, passed unchanged from the optimizer through :mod:`dropmuon.ops` (which
+    :meth:`of_group`, passed unchanged from the optimizer through :mod:`dropmuon.kernels.ops` (which
     spells it out for the operator once, :meth:`op_keywords`) and to the FSDP2 owner path.
     Frozen and hashable: parameters whose arguments are equal share a call."""
 
