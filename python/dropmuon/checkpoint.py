@@ -16,6 +16,8 @@ strings, lists and dicts, so a checkpoint loads with ``torch.load(..., weights_o
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -24,6 +26,9 @@ from .layers.partition import Layer
 from .layers.sampling import LayerSampler
 from .layers.smoothness import SmoothnessEstimator
 from .step.adamw import ADAMW_STATE_KEYS
+
+if TYPE_CHECKING:  # the book writes and reads the section
+    from .layers.book import LayerBook
 
 # 3: param groups as the user passed them; each parameter's layer, norm and shape in the section.
 # 2: one param group per layer, with "layer", "param_norms" and "param_shapes" in each; every
@@ -158,20 +163,12 @@ def upgraded(state_dict, num_groups: int):
     return upgraded
 
 
-def validate(
-    state_dict,
-    *,
-    param_groups: list[dict],
-    layer_of: dict,
-    num_layers: int,
-    param_name,
-    positions_final: bool,
-) -> dict:
+def validate(state_dict, layers: LayerBook, positions_final: bool) -> dict:
     """Raises ValueError unless ``state_dict`` (in version 3's form, see :func:`upgraded`) was
-    written by a DropMuon optimizer over the same model, partition and shapes as
-    ``param_groups`` (``layer_of[id(p)]``: each parameter's layer; ``param_name(p)`` names a
-    parameter in messages; ``positions_final``: the layers' positions are settled, so they must
-    match too). Returns the checkpoint's position of each layer (layer -> position)."""
+    written by a DropMuon optimizer over the same model, partition and shapes as ``layers``
+    (``positions_final``: the layers' positions are settled, so they must match too). Returns
+    the checkpoint's position of each layer (layer -> position)."""
+    param_groups, num_layers, param_name = layers.groups, layers.num_layers, layers.name
     extra = section_of(state_dict)
     if extra is None:
         raise ValueError("not a DropMuon checkpoint: it has no 'dropmuon' section")
@@ -216,7 +213,7 @@ def validate(
                     f"parameter {param_name(p)} has shape {tuple(p.shape)} here "
                     f"and {tuple(shape)} in the checkpoint: a different model"
                 )
-            layer = layer_of[id(p)]
+            layer = layers.partition.layer_of[id(p)]
             if positions.setdefault(layer, position) != position:
                 raise ValueError(
                     f"parameter {param_name(p)} is in layer {position} in the checkpoint, "
@@ -237,10 +234,11 @@ def validate(
     return positions
 
 
-def check_norms(state_dict, param_groups: list[dict], norms: dict[int, str], param_name) -> None:
+def check_norms(state_dict, norms: dict[int, str], layers: LayerBook) -> None:
     """Raises ValueError unless the checkpoint's norm of every parameter is ``norms[id(p)]``."""
     saved = section_of(state_dict)["param_norms"]
-    for g_index, (group, saved_norms) in enumerate(zip(param_groups, saved)):
+    param_name = layers.name
+    for g_index, (group, saved_norms) in enumerate(zip(layers.groups, saved)):
         for p, norm in zip(group["params"], saved_norms):
             if norm != norms[id(p)]:
                 raise ValueError(
@@ -261,6 +259,35 @@ def _check_param_state(entry: dict, p: Tensor, name: str) -> None:
             )
 
 
+@dataclass
+class Checked:
+    """A checkpoint validated against an optimizer's layers, ready to load: its section, each
+    layer's saved position, the live state kept for what it leaves out, the restored sampler,
+    and whether its layer order ends the first-forward trace."""
+
+    section: dict
+    positions: dict
+    kept: dict
+    sampler: object
+    adopt_order: bool
+
+
+def checked(state_dict, layers: LayerBook, state) -> Checked:
+    """Validates ``state_dict`` (version 3's form) against ``layers`` and the optimizer's
+    ``state``; raises ValueError (or TypeError, KeyError) and changes nothing on a mismatch."""
+    extra = section_of(state_dict)
+    positions_final = layers.trace is None
+    positions = validate(state_dict, layers, positions_final)
+    check_norms(state_dict, layers.norms_at(positions), layers)
+    kept = state_kept_in_place(state_dict, state, layers)
+    sampler = restored_sampler(layers.sampler, extra["sampler"])
+    # With the trace still to come, a checkpoint whose order is final ends it; one written
+    # before any forward (accelerate's round trip, say) leaves it to run.
+    order = str(extra.get("layer_order", ""))
+    adopt = not positions_final and not order.startswith("registration")
+    return Checked(extra, positions, kept, sampler, adopt)
+
+
 def restored_sampler(sampler, saved: dict | None):
     """The sampler with the checkpoint's state. A built-in sampler is restored on a copy, so
     that a mismatch (ValueError) changes nothing; a user sampler's ``load_state_dict`` does its
@@ -276,12 +303,13 @@ def restored_sampler(sampler, saved: dict | None):
     return sampler
 
 
-def saved_layers(state_dict, params: list[Tensor], param_name):
+def saved_layers(state_dict, layers: LayerBook):
     """``(layers, layer order)`` from a checkpoint's saved positions (one per parameter, in
     param-group order), for an optimizer whose layers are still pending; None when the
     checkpoint has none to give (written while pending too, or a mismatch that
     :func:`validate` names)."""
     extra = section_of(state_dict)
+    params = list(layers.params())
     if extra is None or str(extra.get("layer_order", "")).startswith("pending"):
         return None
     if "param_layers" not in extra:
@@ -291,14 +319,14 @@ def saved_layers(state_dict, params: list[Tensor], param_name):
     if len(saved) != len(params) or not saved:
         return None
     count = max(saved) + 1
-    layers = [Layer(i, names[i] if i < len(names) else f"layer {i}") for i in range(count)]
+    found = [Layer(i, names[i] if i < len(names) else f"layer {i}") for i in range(count)]
     for p, position in zip(params, saved):
         if 0 <= position < count:
-            layers[position].params.append((param_name(p), p))
-    return [layer for layer in layers if layer.params], extra.get("layer_order", "checkpoint")
+            found[position].params.append((layers.name(p), p))
+    return [layer for layer in found if layer.params], extra.get("layer_order", "checkpoint")
 
 
-def state_kept_in_place(state_dict, params: list[Tensor], state, param_name) -> dict:
+def state_kept_in_place(state_dict, state, layers: LayerBook) -> dict:
     """The live state to keep for the parameters ``state_dict`` leaves out. A checkpoint
     holds every parameter's state, but torch.distributed.checkpoint's
     ``set_optimizer_state_dict`` leaves out that of parameters that do not require grad
@@ -308,6 +336,7 @@ def state_kept_in_place(state_dict, params: list[Tensor], state, param_name) -> 
     parameters never updated, which then start from zeros."""
     if section_of(state_dict)["version"] < 2:
         return {}
+    params, param_name = list(layers.params()), layers.name
     saved_ids = [key for g in state_dict["param_groups"] for key in g["params"]]
     saved_state = state_dict["state"]
     in_place = any(

@@ -211,11 +211,12 @@ def check_grad(p: Tensor, name: str) -> None:
         )
 
 
-def nonfinite_layers(by_layer: dict[int, list], param_name, any_rank=None) -> dict[int, str]:
+def nonfinite_layers(by_layer: dict[int, list], layers, sharded=None) -> dict[int, str]:
     """The layers whose gradients hold a NaN or Inf, each with the name of its first such
-    parameter (``by_layer``: position -> [(group, norm, param)]); one device sync for all.
-    DTensor gradients are read on their local shards; ``any_rank`` (FSDP2) turns this rank's
-    flags into the flags of all ranks, so that every rank decides the same."""
+    parameter (``by_layer``: position -> [(group, norm, param)]; ``layers``: the optimizer's
+    :class:`~dropmuon.layers.book.LayerBook`); one device sync for all. DTensor gradients are
+    read on their local shards; with FSDP2 (``sharded``, the optimizer's sharded update) this
+    rank's flags become the flags of all ranks, so that every rank decides the same."""
     entries = [(layer, p) for layer, items in by_layer.items() for _, _, p in items]
     if not entries:
         return {}
@@ -227,10 +228,34 @@ def nonfinite_layers(by_layer: dict[int, list], param_name, any_rank=None) -> di
         not math.isfinite(total) and not bool(torch.isfinite(g).all())
         for g, total in zip(grads, sums)
     ]
-    if any_rank is not None:
-        flags = any_rank(flags)
+    if sharded is not None:
+        flags = sharded.any_rank(flags)
     bad: dict[int, str] = {}
     for (layer, p), flag in zip(entries, flags):
         if flag:
-            bad.setdefault(layer, param_name(p))
+            bad.setdefault(layer, layers.name(p))
     return bad
+
+
+def screen_nonfinite(by_layer: dict[int, list], layers, sharded, mode: str) -> dict[int, list]:
+    """Raises on a NaN/Inf gradient before anything is modified (``mode="raise"``), or leaves
+    its layer out of the step and counts it in ``layers.skipped_nonfinite`` (``"skip"``)."""
+    bad_layers = nonfinite_layers(by_layer, layers, sharded)
+    for layer, name in bad_layers.items():
+        if mode == "raise":
+            raise RuntimeError(
+                f"DropMuon: non-finite gradient in parameter '{name}' (layer {layer}, "
+                f"{layers.layer_names()[layer]}); nothing was updated. Pass nonfinite='skip' "
+                "to skip such layers instead."
+            )
+        layers.skipped_nonfinite[layer] += 1
+    return {layer: items for layer, items in by_layer.items() if layer not in bad_layers}
+
+
+def check_estimate_option(estimate_smoothness: bool | None, sampler) -> bool:
+    """Whether to keep smoothness estimates: ``estimate_smoothness``, by default on exactly for
+    ``cost_optimal`` sampling (which refuses to go without)."""
+    cost_optimal = getattr(sampler, "kind", None) == "cost_optimal"
+    if estimate_smoothness is False and cost_optimal:
+        raise ValueError("sampling='cost_optimal' needs estimate_smoothness")
+    return cost_optimal if estimate_smoothness is None else bool(estimate_smoothness)

@@ -54,7 +54,8 @@ tensors in place, so :meth:`DropMuon.load_state_dict` keeps them (see there).
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
@@ -65,6 +66,9 @@ from ..dtensors import is_dtensor, local_tensor
 from ..kernels import ops
 from ..step.update import Bucket, momentum_buffer, update_bucket_
 from ..step.update_rules import UpdateArguments, direction, matrix_shape, step_size
+
+if TYPE_CHECKING:  # the optimizer's layers: their parameters and names
+    from ..layers.book import LayerBook
 
 UPDATE_MODES = ("owner", "all_gather")
 SUPPORTED = (
@@ -88,7 +92,8 @@ class ShardedUpdate:
     """The sharded half of a DropMuon step (module docstring): checks at construction, the
     agreed NaN/Inf verdict, and the update of the active buckets."""
 
-    def __init__(self, params: Sequence[Tensor], param_name: Callable, mode: str) -> None:
+    def __init__(self, layers: LayerBook, mode: str) -> None:
+        params, param_name = list(layers.params()), layers.name
         sharded = [p for p in params if is_dtensor(p)]
         mesh = sharded[0].device_mesh
         for p in params:
@@ -258,13 +263,19 @@ def _check_placement(p: Tensor, name: str, mesh, first_name: str) -> None:
         )
 
 
-def sharded_update(params: Sequence[Tensor], param_name: Callable, mode: str):
-    """A :class:`ShardedUpdate` when the parameters are DTensors (checked), else None."""
+def sharded_update(layers: LayerBook, mode: str, estimate_smoothness: bool):
+    """A :class:`ShardedUpdate` when the optimizer's parameters (``layers``: its
+    :class:`~dropmuon.layers.book.LayerBook`) are DTensors (checked), else None."""
     if mode not in UPDATE_MODES:
         raise ValueError(f"fsdp_update must be one of {UPDATE_MODES}, got {mode!r}")
-    if not any(is_dtensor(p) for p in params):
+    if not any(is_dtensor(p) for p in layers.params()):
         return None
-    return ShardedUpdate(params, param_name, mode)
+    if estimate_smoothness:
+        raise ValueError(
+            "sampling='cost_optimal' and estimate_smoothness are not supported with "
+            "FSDP2-sharded parameters: the estimates need whole gradients every step"
+        )
+    return ShardedUpdate(layers, mode)
 
 
 def update_cost(bucket: Bucket, p: Tensor) -> float:

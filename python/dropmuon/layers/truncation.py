@@ -41,7 +41,7 @@ from torch import Tensor
 from torch.nn.modules import module as _module
 from torch.optim import optimizer as _optimizer
 
-from .partition import ParamUse
+from .trace import ParamUse
 
 
 class ForwardWatcher:
@@ -294,7 +294,7 @@ def _optimizer_step(optimizer, args, kwargs):
 class ForwardFreeze(ForwardWatcher):
     """One optimizer's side of the hooks: the coming step's freeze for each forward pass in grad
     mode, the first forward's trace (layers frozen as it reaches them), and the cutoff layer's
-    input check. The optimizer sets what the coming step leaves out with :meth:`set_step`."""
+    input check. The optimizer sets what the coming step leaves out with :meth:`prepare`."""
 
     def __init__(self, optimizer, diagnostics) -> None:
         self._optimizer = weakref.ref(optimizer)  # no cycle: a dropped optimizer stops freezing
@@ -329,11 +329,25 @@ class ForwardFreeze(ForwardWatcher):
         model = self.trace.model if self.trace is not None else None
         return model is not None and any(m is model for m in module.modules())
 
-    def set_step(self, mask, frozen, cutoff_module=None, cutoff_label=(0, "")) -> None:
-        """The coming step: its mask by position, its inactive parameters (those of layers with
-        a known position), and the cutoff layer's module (for the input check)."""
-        self.mask, self.frozen = list(mask), list(frozen)
-        self.cutoff_module, self.cutoff_label = cutoff_module, cutoff_label
+    def prepare(self, layers) -> None:
+        """The coming step's freeze, from the optimizer's :class:`~dropmuon.layers.book.
+        LayerBook`: its mask by position, its inactive parameters, and the cutoff layer's
+        module (for the input check). While the first forward is traced, the layers are frozen
+        as it reaches them instead; Muon's ordered layers need no hooks at all."""
+        if self.trace is not None and layers.trace is None:
+            self.checked_cutoffs.clear()  # keyed by position, which the trace has just set
+        self.trace, self.layers_pending = layers.trace, layers.pending
+        self.mask, self.frozen = list(layers.mask), []
+        self.cutoff_module, self.cutoff_label = None, (0, "")
+        if self.trace is not None:
+            return
+        if layers.updates_every_layer():
+            unwatch(self)
+            return
+        self.frozen = layers.inactive_params()
+        cutoff = layers.cutoff_layer()
+        if layers.cutoff > 0:  # nothing is frozen at cutoff 0
+            self.cutoff_module, self.cutoff_label = cutoff.module, (layers.cutoff, cutoff.name)
 
     def other_optimizer_stepped(self, params) -> None:
         if self.armed and any(id(p) in self.managed for p in params):
