@@ -9,8 +9,8 @@ echo "== ruff, clang-format"
 python3 -m ruff check python tests/python tests/cpp benchmarks examples
 python3 -m ruff format --check python tests benchmarks examples >/dev/null
 clang-format --dry-run --Werror csrc/*/*.c csrc/*/*.h csrc/*/*.cpp csrc/*/*.cu csrc/*/*.cuh \
-    csrc/include/dropmuon/*.h tests/c/*.cpp tests/c/*.h tests/cpp/*.cpp tests/fuzz/*.c \
-    examples/cpp/*.cpp
+    csrc/include/dropmuon/*.h csrc/include/dropmuon/aten/*.h tests/c/*.cpp tests/c/*.h \
+    tests/cpp/*.cpp tests/fuzz/*.c examples/cpp/*.cpp
 
 echo "== C core + GoogleTest (Release)"
 cmake -S . -B build/c -DCMAKE_BUILD_TYPE=Release >/dev/null

@@ -128,6 +128,41 @@ static inline dm_status dmi_check_sizes(int64_t batch, int64_t rows, int64_t col
     return DM_OK;
 }
 
+/* The argument checks that dm_sharp and dm_cuda_sharp share (their workspace checks differ and
+ * come between these two). Pointers: leading dimensions of at least cols, the pointer arrays of
+ * a nonempty batch, and each matrix's pointers unless the matrices are empty. */
+static inline dm_status dmi_check_sharp_pointers(int64_t batch, int64_t rows, int64_t cols,
+                                                 const void *const *inputs, int64_t in_ld,
+                                                 void *const *outputs, int64_t out_ld) {
+    if (in_ld < cols || out_ld < cols) return DM_ERR_SHAPE;
+    if (batch > 0 && (!inputs || !outputs)) return DM_ERR_INVALID_ARG;
+    if (rows > 0 && cols > 0)
+        for (int64_t b = 0; b < batch; ++b)
+            if (!inputs[b] || !outputs[b]) return DM_ERR_INVALID_ARG;
+    return DM_OK;
+}
+
+/* Strides: the last element of a matrix, (rows - 1) * ld + cols - 1, fits int64_t. */
+static inline dm_status dmi_check_sharp_strides(int64_t batch, int64_t rows, int64_t cols,
+                                                int64_t in_ld, int64_t out_ld) {
+    if (batch > 0 && rows > 0 && cols > 0 &&
+        (rows - 1 > (INT64_MAX - cols) / in_ld || rows - 1 > (INT64_MAX - cols) / out_ld))
+        return DM_ERR_SHAPE;
+    return DM_OK;
+}
+
+/* The pointer checks that dm_update and dm_cuda_update share: the arrays of a nonempty batch,
+ * and each matrix's pointers unless the matrices are empty. */
+static inline dm_status dmi_check_update_pointers(int64_t batch, int64_t rows, int64_t cols,
+                                                  void *const *params, const void *const *grads,
+                                                  void *const *momentum_buffers) {
+    if (batch > 0 && (!params || !grads || !momentum_buffers)) return DM_ERR_INVALID_ARG;
+    if (rows > 0 && cols > 0)
+        for (int64_t b = 0; b < batch; ++b)
+            if (!params[b] || !grads[b] || !momentum_buffers[b]) return DM_ERR_INVALID_ARG;
+    return DM_OK;
+}
+
 /* ---- threads, in parallel.c ------------------------------------------------------------------ */
 
 /* Elements below which a pass stays on one thread (torch's at::internal::GRAIN_SIZE). */

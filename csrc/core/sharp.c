@@ -362,15 +362,10 @@ dm_status dm_sharp(const dm_sharp_config *config, dm_dtype dtype, int64_t batch,
                    const dm_gemm_provider *gemm) {
     size_t needed;
     DMI_RETURN_IF_ERROR(dm_sharp_workspace_size(config, dtype, batch, rows, cols, &needed));
-    if (in_ld < cols || out_ld < cols) return DM_ERR_SHAPE;
-    if (batch > 0 && (!inputs || !outputs)) return DM_ERR_INVALID_ARG;
-    if (rows > 0 && cols > 0)
-        for (int64_t b = 0; b < batch; ++b)
-            if (!inputs[b] || !outputs[b]) return DM_ERR_INVALID_ARG;
+    DMI_RETURN_IF_ERROR(
+        dmi_check_sharp_pointers(batch, rows, cols, inputs, in_ld, outputs, out_ld));
     if (needed > 0 && (!workspace || workspace_bytes < needed)) return DM_ERR_WORKSPACE;
-    if (batch > 0 && rows > 0 && cols > 0 &&
-        (rows - 1 > (INT64_MAX - cols) / in_ld || rows - 1 > (INT64_MAX - cols) / out_ld))
-        return DM_ERR_SHAPE;
+    DMI_RETURN_IF_ERROR(dmi_check_sharp_strides(batch, rows, cols, in_ld, out_ld));
 
     if (batch == 0) return DM_OK; /* nothing to do; the workspace may be NULL */
     if (rows == 0 || cols == 0) {

@@ -164,10 +164,8 @@ dm_status dm_update(const dm_update_config *config, dm_dtype dtype, int64_t batc
                     size_t workspace_bytes, const dm_gemm_provider *gemm) {
     size_t needed;
     DMI_RETURN_IF_ERROR(dm_update_workspace_size(config, dtype, batch, rows, cols, &needed));
-    if (batch > 0 && (!params || !grads || !momentum_buffers)) return DM_ERR_INVALID_ARG;
-    if (rows > 0 && cols > 0)
-        for (int64_t b = 0; b < batch; ++b)
-            if (!params[b] || !grads[b] || !momentum_buffers[b]) return DM_ERR_INVALID_ARG;
+    DMI_RETURN_IF_ERROR(
+        dmi_check_update_pointers(batch, rows, cols, params, grads, momentum_buffers));
     if (needed > 0 && (!workspace || workspace_bytes < needed)) return DM_ERR_WORKSPACE;
     if (batch == 0) return DM_OK; /* nothing to do; the workspace may be NULL */
     if (rows == 0 || cols == 0) {

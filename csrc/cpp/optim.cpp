@@ -1,7 +1,7 @@
 // optim.cpp - dropmuon::DropMuon and dropmuon::Muon for LibTorch's C++ frontend (optim.h). The
 // step is the Python optimizer's (python/dropmuon/optimizer.py): the same buckets of same-shape
-// parameters into one dm_update call each, through the shim's own argument helpers
-// (csrc/torch/update_args.h) and CPU provider, and the same sampler (dm_sample_layers).
+// parameters into one dm_update call each, through the shim's own argument helpers and CPU
+// update (dropmuon/aten/operators.h, cpu_provider.h), and the same sampler (dm_sample_layers).
 #include "dropmuon/optim.h"
 
 #include <algorithm>
@@ -10,8 +10,8 @@
 #include <set>
 #include <utility>
 
-#include "../torch/cpu_provider.h"
-#include "../torch/update_args.h"
+#include "dropmuon/aten/cpu_provider.h"
+#include "dropmuon/aten/operators.h"
 #include "options_checks.h"
 
 namespace dropmuon {
@@ -147,15 +147,7 @@ void sharp_update(
         bucket.norm == "spectral" ? o.adjust_lr_fn() : "none", "fixed", 1.0, 0.0);
     check_update_lists(work, grads, buffers, "DropMuon.step", at::kCPU);
     const UpdateArgs args = gather_update_args(work, grads, buffers);
-    size_t bytes = 0;
-    DMI_TORCH_CHECK_STATUS(
-        dm_update_workspace_size(&config, args.dtype, args.batch, args.rows, args.cols, &bytes),
-        "dm_update_workspace_size");
-    DMI_TORCH_CHECK_STATUS(dm_update(&config, args.dtype, args.batch, args.rows, args.cols,
-                                     args.params.data(), args.grads.data(),
-                                     args.momentum_buffers.data(), nullptr, cpu_workspace(bytes),
-                                     bytes, cpu_provider()),
-                           "dm_update");
+    DMI_TORCH_CHECK_STATUS(cpu_update(config, args, nullptr), "dm_update");
     for (size_t i = 0; i < work.size(); ++i)
         if (!work[i].is_same(bucket.params[i])) bucket.params[i].copy_(work[i]);
 }

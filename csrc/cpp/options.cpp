@@ -6,7 +6,7 @@
 #include <algorithm>
 #include <cmath>
 
-#include "../torch/common.h"
+#include "dropmuon/aten/arguments.h"
 #include "options_checks.h"
 
 namespace dropmuon {

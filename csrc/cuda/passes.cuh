@@ -10,6 +10,8 @@
 #ifndef DROPMUON_CUDA_PASSES_CUH
 #define DROPMUON_CUDA_PASSES_CUH
 
+#include <type_traits>
+
 #include "common.cuh"
 
 template <typename S> struct dmi_cuda_input_source {
@@ -18,6 +20,16 @@ template <typename S> struct dmi_cuda_input_source {
     struct context {};
     const S *in[DM_CUDA_TENSORS_PER_LAUNCH];
     int64_t ld;
+
+    /* The source of one chunk of a call's inputs. */
+    static dmi_cuda_input_source chunk(const dmi_cuda_pass &pass, const void *const *inputs,
+                                       int64_t ld) {
+        dmi_cuda_input_source src;
+        memset(&src, 0, sizeof src);
+        for (int b = 0; b < pass.count; ++b) src.in[b] = (const S *)inputs[pass.first + b];
+        src.ld = ld;
+        return src;
+    }
 
     __device__ context begin(const dmi_cuda_header *) const { return context{}; }
     __device__ compute load(const context &, int b, int64_t i, int64_t j) const {
@@ -35,6 +47,20 @@ template <typename S> struct dmi_cuda_direction_source {
     const S *buf[DM_CUDA_TENSORS_PER_LAUNCH];
     int64_t cols; /* contiguous matrices */
     int nesterov;
+
+    /* The source of one chunk of a call's gradients and momentum buffers. */
+    static dmi_cuda_direction_source chunk(const dmi_cuda_pass &pass, const void *const *grads,
+                                           void *const *momentum_buffers, int nesterov) {
+        dmi_cuda_direction_source src;
+        memset(&src, 0, sizeof src);
+        for (int b = 0; b < pass.count; ++b) {
+            src.grad[b] = (const S *)grads[pass.first + b];
+            src.buf[b] = (const S *)momentum_buffers[pass.first + b];
+        }
+        src.cols = pass.cols;
+        src.nesterov = nesterov;
+        return src;
+    }
 
     __device__ context begin(const dmi_cuda_header *header) const {
         const double mu = header->hyper.momentum;
@@ -263,6 +289,77 @@ __device__ __forceinline__ auto dmi_cuda_panel_value(const IT (*tile)[DMI_CUDA_T
     return dmi_cuda_value(pass.transposed ? tile[j - c0][i - r0] : x[i * pass.cols + j]);
 }
 
+/* ---- output: the passes that write user memory (sharp.cu's store, update.cu's final) ---------
+ * Both write sharp(M) of one kind per launch: KIND is the norm, as a template argument. */
+enum { DMI_KIND_SPECTRAL = 0, DMI_KIND_SIGN, DMI_KIND_COLUMN, DMI_KIND_ROW, DMI_KIND_FROBENIUS };
+
+/* Where a block of an output pass stands: matrix gb's 32x32 tile at (r0, c0), and for SPECTRAL
+ * that matrix's final iterate x (with the tile of a transposed panel staged in `tile`). */
+template <typename IT> struct dmi_cuda_out_tile {
+    bool write; /* false: nothing may be written (the block returns) */
+    bool lead;  /* thread (0, 0) of the matrix's first tile: copies the dual */
+    int64_t gb, r0, c0;
+    const IT *x;
+    const IT (*tile)[DMI_CUDA_TILE + 1];
+
+    /* body(i, j) for each of this thread's elements of the tile that lie inside the matrix. */
+    template <class Body>
+    __device__ __forceinline__ void for_each(const dmi_cuda_pass &pass, Body body) const {
+#pragma unroll
+        for (int k = 0; k < DMI_CUDA_TILE_STEPS; ++k) {
+            const int64_t i = r0 + threadIdx.y + DMI_CUDA_TILE_ROWS * k, j = c0 + threadIdx.x;
+            if (i < pass.rows && j < pass.cols) body(i, j);
+        }
+    }
+
+    /* sharp(M)(i, j) in compute type CT: the final iterate's element (SPECTRAL), or M's element
+     * m() (called only then) as sign(m), or m times the row's, column's or matrix's inverse
+     * divisor in double, as sharp.c's DEFINE_APPLY. */
+    template <int KIND, typename CT, class M>
+    __device__ __forceinline__ CT sharp(const dmi_cuda_pass &pass, const double *scale, int64_t i,
+                                        int64_t j, M m) const {
+        if constexpr (KIND == DMI_KIND_SPECTRAL) {
+            return (CT)dmi_cuda_panel_value(tile, x, pass, i, j, r0, c0);
+        } else if constexpr (KIND == DMI_KIND_SIGN) {
+            const CT v = m();
+            return (CT)((v > (CT)0) - (v < (CT)0));
+        } else {
+            const double s = KIND == DMI_KIND_ROW      ? scale[gb * pass.rows + i]
+                             : KIND == DMI_KIND_COLUMN ? scale[gb * pass.cols + j]
+                                                       : scale[gb];
+            return (CT)__dmul_rn((double)m(), s);
+        }
+    }
+};
+
+/* The start of an output pass: write is false when an earlier pass raised a flag (the call's
+ * first thread reports it into *status) or the caller's *status is nonzero on entry. All threads
+ * of the block must call it: it may stage the tile of a transposed panel. */
+template <typename IT, int KIND>
+__device__ __forceinline__ dmi_cuda_out_tile<IT>
+dmi_cuda_out_begin(IT (*tile)[DMI_CUDA_TILE + 1], const dmi_cuda_pass &pass,
+                   const dmi_cuda_header *header, const IT *panel, int32_t *status) {
+    dmi_cuda_out_tile<IT> t;
+    const int b = blockIdx.y;
+    t.write = false;
+    t.lead = threadIdx.x == 0 && threadIdx.y == 0 && blockIdx.x == 0;
+    t.tile = tile;
+    const unsigned flags = header->flags;
+    if (flags != 0u) {
+        if (status && t.lead && b == 0) atomicCAS(status, 0, dmi_cuda_flag_status(flags));
+        return t;
+    }
+    if (status && *status != 0) return t;
+    t.write = true;
+    t.gb = pass.first + b;
+    t.r0 = (blockIdx.x / pass.tiles_c) * DMI_CUDA_TILE;
+    t.c0 = (blockIdx.x % pass.tiles_c) * DMI_CUDA_TILE;
+    t.x = KIND == DMI_KIND_SPECTRAL ? panel + t.gb * pass.rows * pass.cols : panel;
+    if (KIND == DMI_KIND_SPECTRAL && pass.transposed)
+        dmi_cuda_load_transposed_tile(tile, t.x, pass, t.r0, t.c0);
+    return t;
+}
+
 /* ---- duals: <M, O> per tile (SPECTRAL), summed per matrix by dmi_cuda_launch_sum_parts --------
  */
 template <class Src, typename IT>
@@ -296,6 +393,16 @@ static inline dim3 dmi_cuda_tile_grid(const dmi_cuda_pass &pass) {
 }
 static inline dim3 dmi_cuda_tile_block() { return dim3(DMI_CUDA_TILE, DMI_CUDA_TILE_ROWS, 1); }
 
+/* launch(pass) for every chunk of a call, in order, each launch checked. */
+template <class Launch> dm_status dmi_cuda_for_chunks(const dmi_cuda_layout &L, Launch launch) {
+    const int64_t chunks = dmi_cuda_chunks(L.batch);
+    for (int64_t c = 0; c < chunks; ++c) {
+        launch(dmi_cuda_chunk(&L, c));
+        DMI_CUDA_LAUNCHED();
+    }
+    return DM_OK;
+}
+
 /* Launches reduce then finish over every chunk; make_source(chunk) builds the chunk's source. */
 template <class Src, class MakeSource>
 dm_status dmi_cuda_run_norms(const dmi_cuda_layout &L, const dmi_cuda_norm_params &np,
@@ -304,9 +411,7 @@ dm_status dmi_cuda_run_norms(const dmi_cuda_layout &L, const dmi_cuda_norm_param
     dmi_cuda_partial *partials = (dmi_cuda_partial *)(ws + L.partials);
     double *scale = (double *)(ws + L.scale);
     double *duals = (double *)(ws + (L.group == DMI_CUDA_GROUP_MATRIX ? L.duals : L.group_duals));
-    const int64_t chunks = dmi_cuda_chunks(L.batch);
-    for (int64_t c = 0; c < chunks; ++c) {
-        const dmi_cuda_pass pass = dmi_cuda_chunk(&L, c);
+    DMI_RETURN_IF_ERROR(dmi_cuda_for_chunks(L, [&](const dmi_cuda_pass &pass) {
         const Src src = make_source(pass);
         switch (L.group) {
         case DMI_CUDA_GROUP_ROW:
@@ -325,10 +430,8 @@ dm_status dmi_cuda_run_norms(const dmi_cuda_layout &L, const dmi_cuda_norm_param
                                                                                  np.mode, partials);
             break;
         }
-        DMI_CUDA_LAUNCHED();
-    }
-    for (int64_t c = 0; c < chunks; ++c) {
-        const dmi_cuda_pass pass = dmi_cuda_chunk(&L, c);
+    }));
+    DMI_RETURN_IF_ERROR(dmi_cuda_for_chunks(L, [&](const dmi_cuda_pass &pass) {
         const Src src = make_source(pass);
         const unsigned blocks = (unsigned)dmi_cuda_ceil_div(pass.count * L.groups, DMI_CUDA_WARPS);
         switch (L.group) {
@@ -347,8 +450,7 @@ dm_status dmi_cuda_run_norms(const dmi_cuda_layout &L, const dmi_cuda_norm_param
                                                         partials, scale, duals);
             break;
         }
-        DMI_CUDA_LAUNCHED();
-    }
+    }));
     /* ROW/COLUMN: the matrices' duals are the sums of their groups' shares. */
     if (L.group != DMI_CUDA_GROUP_MATRIX)
         DMI_RETURN_IF_ERROR(dmi_cuda_launch_sum_parts((const double *)(ws + L.group_duals),
@@ -367,27 +469,22 @@ dm_status dmi_cuda_run_spectral(const dm_sharp_config *config, const dmi_cuda_la
     const dmi_cuda_header *header = (const dmi_cuda_header *)(ws + L.header);
     const double *scale = (const double *)(ws + L.scale);
     IT *x0 = (IT *)(ws + L.scratch);
-    const int64_t chunks = dmi_cuda_chunks(L.batch);
-    for (int64_t c = 0; c < chunks; ++c) {
-        const dmi_cuda_pass pass = dmi_cuda_chunk(&L, c);
+    DMI_RETURN_IF_ERROR(dmi_cuda_for_chunks(L, [&](const dmi_cuda_pass &pass) {
         dmi_cuda_scale_kernel<Src, IT>
             <<<dmi_cuda_tile_grid(pass), dmi_cuda_tile_block(), 0, stream>>>(
                 make_source(pass), pass, header, L.iteration == DM_BFLOAT16, scale, x0);
-        DMI_CUDA_LAUNCHED();
-    }
+    }));
     void *final_iterate = NULL;
     DMI_RETURN_IF_ERROR(dmi_cuda_ns_iterate(config, L.iteration, L.batch, L.p, L.q, ws + L.scratch,
                                             &final_iterate, gemm, tuning, stream));
     *result = (const IT *)final_iterate;
     if (!want_duals) return DM_OK;
     double *parts = (double *)(ws + L.dual_parts);
-    for (int64_t c = 0; c < chunks; ++c) {
-        const dmi_cuda_pass pass = dmi_cuda_chunk(&L, c);
+    DMI_RETURN_IF_ERROR(dmi_cuda_for_chunks(L, [&](const dmi_cuda_pass &pass) {
         dmi_cuda_dual_kernel<Src, IT>
             <<<dmi_cuda_tile_grid(pass), dmi_cuda_tile_block(), 0, stream>>>(
                 make_source(pass), pass, header, *result, parts);
-        DMI_CUDA_LAUNCHED();
-    }
+    }));
     return dmi_cuda_launch_sum_parts(parts, L.tiles, L.batch, (double *)(ws + L.duals), stream);
 }
 
@@ -396,6 +493,81 @@ static inline dm_status dmi_cuda_check_grid(const dmi_cuda_layout &L) {
     return L.tiles > (int64_t)INT32_MAX || L.batch * L.groups / DMI_CUDA_WARPS > (int64_t)INT32_MAX
                ? DM_ERR_SHAPE
                : DM_OK;
+}
+
+/* SPECTRAL: the spectral passes in the iteration dtype, then write(kind, iterate); the other
+ * norms: write(kind, (const S *)NULL). `kind` is a dmi_cuda_kind<KIND> and write launches the
+ * output pass of that kind (sharp.cu's store, update.cu's final). */
+template <int KIND> using dmi_cuda_kind = std::integral_constant<int, KIND>;
+
+template <typename S, class Src, class MakeSource, class Write>
+dm_status dmi_cuda_run_sharp(const dm_sharp_config *config, const dmi_cuda_layout &L,
+                             unsigned char *ws, MakeSource make_source, int want_duals,
+                             const dm_gemm_provider *gemm, const dm_cuda_tuning *tuning,
+                             cudaStream_t stream, Write write) {
+    auto spectral = [&](auto iterate) { /* iterate: a null pointer of the iteration type */
+                                        DMI_RETURN_IF_ERROR(dmi_cuda_run_spectral<Src>(
+                                            config, L, ws, make_source, want_duals, gemm, tuning,
+                                            &iterate, stream));
+                                        return write(dmi_cuda_kind<DMI_KIND_SPECTRAL>{}, iterate);
+    };
+    const S *none = NULL;
+    switch (config->norm) {
+    case DM_NORM_SPECTRAL:
+        /* native iterates: the compute type (float, or double for float64 data) */
+        return L.iteration == DM_BFLOAT16
+                   ? spectral((const __nv_bfloat16 *)NULL)
+                   : spectral((const typename dmi_cuda_storage<S>::compute *)NULL);
+    case DM_NORM_SIGN: return write(dmi_cuda_kind<DMI_KIND_SIGN>{}, none);
+    case DM_NORM_COLUMN: return write(dmi_cuda_kind<DMI_KIND_COLUMN>{}, none);
+    case DM_NORM_ROW: return write(dmi_cuda_kind<DMI_KIND_ROW>{}, none);
+    case DM_NORM_FROBENIUS: return write(dmi_cuda_kind<DMI_KIND_FROBENIUS>{}, none);
+    }
+    return DM_ERR_INVALID_ARG;
+}
+
+/* DM_ERR_WORKSPACE unless the workspace holds `needed` bytes from a DMI_CUDA_ALIGN boundary. */
+static inline dm_status dmi_cuda_check_workspace(size_t needed, const void *workspace,
+                                                 size_t workspace_bytes) {
+    return needed > 0 && (!workspace || workspace_bytes < needed ||
+                          (uintptr_t)workspace % DMI_CUDA_ALIGN != 0)
+               ? DM_ERR_WORKSPACE
+               : DM_OK;
+}
+
+template <typename S> struct dmi_cuda_type {
+    using type = S;
+};
+
+/* What dm_cuda_sharp and dm_cuda_update do once their arguments are checked: a synchronous call
+ * (no status) refuses a capturing stream; an empty batch does nothing and empty matrices have
+ * dual 0; otherwise the call's layout, then run(dmi_cuda_type<S>, layout, workspace, tuning) for
+ * the storage type S of dtype, and a synchronous call waits for the device's verdict. */
+template <class Run>
+dm_status dmi_cuda_call(const dm_sharp_config *config, dm_dtype dtype, int64_t batch, int64_t rows,
+                        int64_t cols, double *duals, void *workspace, int32_t *status,
+                        const dm_cuda_tuning *tuning, cudaStream_t stream, Run run) {
+    const dm_cuda_tuning defaults = {DM_CUDA_BATCHED_MAX_P, DM_CUDA_SYMMETRIC_MIN_P};
+    if (!status) DMI_RETURN_IF_ERROR(dmi_cuda_require_not_capturing(stream));
+    if (batch == 0) return DM_OK;
+    if (rows == 0 || cols == 0) {
+        if (duals) DMI_CUDA_TRY(cudaMemsetAsync(duals, 0, (size_t)batch * sizeof(double), stream));
+        return DM_OK;
+    }
+
+    dmi_cuda_layout L;
+    DMI_RETURN_IF_ERROR(dmi_cuda_plan(config, dtype, batch, rows, cols, &L));
+    DMI_RETURN_IF_ERROR(dmi_cuda_check_grid(L));
+    unsigned char *ws = (unsigned char *)workspace;
+    const dm_cuda_tuning *t = tuning ? tuning : &defaults;
+    dm_status st = DM_ERR_DTYPE;
+    switch (dtype) {
+    case DM_FLOAT32: st = run(dmi_cuda_type<float>{}, L, ws, t); break;
+    case DM_FLOAT64: st = run(dmi_cuda_type<double>{}, L, ws, t); break;
+    case DM_BFLOAT16: st = run(dmi_cuda_type<__nv_bfloat16>{}, L, ws, t); break;
+    }
+    if (st != DM_OK || status) return st;
+    return dmi_cuda_wait_for_status((const dmi_cuda_header *)(ws + L.header), stream);
 }
 
 #endif /* DROPMUON_CUDA_PASSES_CUH */

@@ -1,5 +1,6 @@
-// cpu_provider.cpp - the C core's matrix products and threads over ATen (cpu_provider.h).
-#include "cpu_provider.h"
+// cpu_provider.cpp - the C core's matrix products and threads over ATen
+// (dropmuon/aten/cpu_provider.h).
+#include "dropmuon/aten/cpu_provider.h"
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -69,6 +70,16 @@ void *cpu_workspace(size_t bytes) {
     if (!buffer.defined() || static_cast<size_t>(buffer.numel()) < bytes)
         buffer = at::empty({static_cast<int64_t>(bytes)}, at::TensorOptions().dtype(at::kByte));
     return buffer.mutable_data_ptr();
+}
+
+dm_status cpu_update(const dm_update_config &config, const UpdateArgs &args, double *duals) {
+    size_t bytes = 0;
+    DMI_TORCH_CHECK_STATUS(
+        dm_update_workspace_size(&config, args.dtype, args.batch, args.rows, args.cols, &bytes),
+        "dm_update_workspace_size");
+    return dm_update(&config, args.dtype, args.batch, args.rows, args.cols, args.params.data(),
+                     args.grads.data(), args.momentum_buffers.data(), duals, cpu_workspace(bytes),
+                     bytes, cpu_provider());
 }
 
 } // namespace dropmuon

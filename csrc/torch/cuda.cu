@@ -1,6 +1,7 @@
-// cuda.cu - CUDA implementations of the dropmuon operators: the checks of cpu.cpp, then the C
-// API's CUDA entry points (csrc/cuda) on the current stream, with ATen's cuBLAS products as the
-// matrix-product provider. Compiled by nvcc only in the CUDA build (setup.py).
+// cuda.cu - the CUDA part of the dropmuon operators (dropmuon/aten/operators.h does the checks
+// and configs): the C API's CUDA entry points (csrc/cuda) on the current stream, with ATen's
+// cuBLAS products as the matrix-product provider. Compiled by nvcc only in the CUDA build
+// (setup.py).
 //
 // Errors: sharp and muon_update_ raise like the CPU kernels, which means waiting for the device
 // to learn about NaN/Inf. Inside a CUDA-graph capture they cannot wait: sharp then fills its
@@ -19,7 +20,7 @@
 #include <string>
 #include <vector>
 
-#include "update_args.h"
+#include "dropmuon/aten/operators.h"
 
 namespace dropmuon {
 namespace {
@@ -111,55 +112,6 @@ at::Tensor workspace(size_t bytes, const at::Device &device) {
 
 void *data_or_null(const at::Tensor &t) { return t.numel() > 0 ? t.mutable_data_ptr() : nullptr; }
 
-std::tuple<at::Tensor, at::Tensor> sharp_cuda(const at::Tensor &input, const std::string &norm,
-                                              at::ArrayRef<double> ns_coefficients,
-                                              double norm_scale, double norm_offset, double eps,
-                                              const std::string &ns_precision, bool with_duals) {
-    TORCH_CHECK(input.dim() == 3, "dropmuon.sharp: input must be [batch, rows, cols], got shape ",
-                input.sizes());
-    TORCH_CHECK(input.is_cuda(), "dropmuon.sharp: input is on ", input.device(),
-                ", this is the CUDA kernel");
-    const dm_dtype dtype = to_dm_dtype(input, "input");
-    const std::vector<double> coefficients = ns_coefficients.vec();
-    const dm_sharp_config config =
-        make_sharp_config(norm, coefficients, norm_scale, norm_offset, eps, ns_precision);
-
-    const c10::cuda::CUDAGuard guard(input.device());
-    const at::Tensor in = input.contiguous();
-    const int64_t batch = in.size(0), rows = in.size(1), cols = in.size(2);
-    at::Tensor out = at::empty_like(in);
-    at::Tensor duals = at::empty({with_duals ? batch : 0}, in.options().dtype(at::kDouble));
-    size_t bytes = 0;
-    DMI_TORCH_CHECK_STATUS(dm_cuda_sharp_workspace_size(&config, dtype, batch, rows, cols, &bytes),
-                           "dm_cuda_sharp_workspace_size");
-    const at::Tensor ws = workspace(bytes, in.device());
-
-    const size_t elem = in.element_size(), stride = static_cast<size_t>(rows * cols) * elem;
-    std::vector<const void *> inputs(batch);
-    std::vector<void *> outputs(batch);
-    for (int64_t i = 0; i < batch; ++i) {
-        inputs[i] = static_cast<const char *>(in.const_data_ptr()) + i * stride;
-        outputs[i] = static_cast<char *>(out.mutable_data_ptr()) + i * stride;
-    }
-    // Inside a capture nothing may wait: a NaN/Inf input then leaves these NaN fills in place.
-    at::Tensor status;
-    if (capturing()) {
-        status = at::zeros({1}, in.options().dtype(at::kInt));
-        out.fill_(std::numeric_limits<double>::quiet_NaN());
-        duals.fill_(std::numeric_limits<double>::quiet_NaN());
-    }
-    GemmContext context{in.device().index(), {}};
-    const dm_gemm_provider gemm = {&aten_cuda_gemm, &context, nullptr};
-    const dm_cuda_tuning tuning = tuning_from_environment();
-    const dm_status st = dm_cuda_sharp(
-        &config, dtype, batch, rows, cols, inputs.data(), cols, outputs.data(), cols,
-        with_duals ? static_cast<double *>(data_or_null(duals)) : nullptr, data_or_null(ws), bytes,
-        &gemm, status.defined() ? status.mutable_data_ptr<int32_t>() : nullptr, &tuning,
-        c10::cuda::getCurrentCUDAStream().stream());
-    check_status(st, "dm_cuda_sharp", context);
-    return {out, duals};
-}
-
 // Runs dm_cuda_update on checked lists; hyperparameters/status: device pointers or nullptr.
 at::Tensor run_update(const dm_update_config &config, at::TensorList params, at::TensorList grads,
                       at::TensorList momentum_buffers, const double *hyperparameters,
@@ -186,58 +138,73 @@ at::Tensor run_update(const dm_update_config &config, at::TensorList params, at:
     return duals;
 }
 
-at::Tensor muon_update_cuda(at::TensorList params, at::TensorList grads,
-                            at::TensorList momentum_buffers, double lr, double weight_decay,
-                            double momentum, bool nesterov, const std::string &norm,
-                            at::ArrayRef<double> ns_coefficients, double norm_scale,
-                            double norm_offset, double eps, const std::string &ns_precision,
-                            const std::string &adjust_lr_fn, const std::string &radius, double L0,
-                            double L1, bool with_duals) {
-    if (!check_update_lists(params, grads, momentum_buffers, "dropmuon.muon_update_", at::kCUDA))
-        return at::empty({0}, at::TensorOptions().dtype(at::kDouble));
-    TORCH_CHECK(!capturing(),
-                "dropmuon.muon_update_ waits for the device to report NaN/Inf, so it cannot be "
-                "captured in a CUDA graph; use torch.ops.dropmuon._muon_update_capturable_ "
-                "(hyperparameters and status as device tensors)");
-    const std::vector<double> coefficients = ns_coefficients.vec();
-    const dm_update_config config =
-        make_update_config(coefficients, lr, weight_decay, momentum, nesterov, norm, norm_scale,
-                           norm_offset, eps, ns_precision, adjust_lr_fn, radius, L0, L1);
-    return run_update(config, params, grads, momentum_buffers, nullptr, nullptr, with_duals);
-}
+struct Cuda {
+    static constexpr at::DeviceType type = at::kCUDA;
 
-at::Tensor muon_update_capturable_cuda(
-    at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
-    const at::Tensor &hyperparameters, const at::Tensor &status, bool nesterov,
-    const std::string &norm, at::ArrayRef<double> ns_coefficients, double norm_scale,
-    double norm_offset, double eps, const std::string &ns_precision,
-    const std::string &adjust_lr_fn, const std::string &radius, bool with_duals) {
-    const char *op = "dropmuon._muon_update_capturable_";
-    TORCH_CHECK(hyperparameters.is_cuda() && status.is_cuda(), op,
-                ": hyperparameters and status must be CUDA tensors, got ", hyperparameters.device(),
-                " and ", status.device());
-    check_capturable_tensors(hyperparameters, status, op, true);
-    if (!check_update_lists(params, grads, momentum_buffers, op, at::kCUDA))
-        return at::empty({0}, hyperparameters.options());
-    const at::Tensor &first = params[0];
-    TORCH_CHECK(hyperparameters.device() == first.device() && status.device() == first.device(), op,
-                ": hyperparameters (", hyperparameters.device(), ") and status (", status.device(),
-                ") must be on params[0]'s device ", first.device());
-    const std::vector<double> coefficients = ns_coefficients.vec();
-    const dm_update_config config =
-        make_capturable_update_config(coefficients, nesterov, norm, norm_scale, norm_offset, eps,
-                                      ns_precision, adjust_lr_fn, radius);
-    return run_update(config, params, grads, momentum_buffers,
-                      hyperparameters.const_data_ptr<double>(), status.mutable_data_ptr<int32_t>(),
-                      with_duals);
-}
+    static std::tuple<at::Tensor, at::Tensor> sharp(const dm_sharp_config &config,
+                                                    const at::Tensor &input, bool with_duals) {
+        const c10::cuda::CUDAGuard guard(input.device());
+        SharpArgs args = gather_sharp_args(input, with_duals);
+        size_t bytes = 0;
+        DMI_TORCH_CHECK_STATUS(dm_cuda_sharp_workspace_size(&config, args.dtype, args.batch,
+                                                            args.rows, args.cols, &bytes),
+                               "dm_cuda_sharp_workspace_size");
+        const at::Tensor ws = workspace(bytes, args.in.device());
+        // Inside a capture nothing may wait: a NaN/Inf input then leaves these NaN fills in place.
+        at::Tensor status;
+        if (capturing()) {
+            status = at::zeros({1}, args.in.options().dtype(at::kInt));
+            args.out.fill_(std::numeric_limits<double>::quiet_NaN());
+            args.duals.fill_(std::numeric_limits<double>::quiet_NaN());
+        }
+        GemmContext context{args.in.device().index(), {}};
+        const dm_gemm_provider gemm = {&aten_cuda_gemm, &context, nullptr};
+        const dm_cuda_tuning tuning = tuning_from_environment();
+        const dm_status st =
+            dm_cuda_sharp(&config, args.dtype, args.batch, args.rows, args.cols, args.inputs.data(),
+                          args.cols, args.outputs.data(), args.cols,
+                          with_duals ? static_cast<double *>(data_or_null(args.duals)) : nullptr,
+                          data_or_null(ws), bytes, &gemm,
+                          status.defined() ? status.mutable_data_ptr<int32_t>() : nullptr, &tuning,
+                          c10::cuda::getCurrentCUDAStream().stream());
+        check_status(st, "dm_cuda_sharp", context);
+        return {args.out, args.duals};
+    }
+
+    static void check_not_capturing() {
+        TORCH_CHECK(!capturing(),
+                    "dropmuon.muon_update_ waits for the device to report NaN/Inf, so it cannot be "
+                    "captured in a CUDA graph; use torch.ops.dropmuon._muon_update_capturable_ "
+                    "(hyperparameters and status as device tensors)");
+    }
+
+    static at::Tensor update(const dm_update_config &config, at::TensorList params,
+                             at::TensorList grads, at::TensorList momentum_buffers,
+                             bool with_duals) {
+        return run_update(config, params, grads, momentum_buffers, nullptr, nullptr, with_duals);
+    }
+
+    static void check_capturable_inputs(const at::Tensor &hyperparameters, const at::Tensor &status,
+                                        const char *op) {
+        TORCH_CHECK(hyperparameters.is_cuda() && status.is_cuda(), op,
+                    ": hyperparameters and status must be CUDA tensors, got ",
+                    hyperparameters.device(), " and ", status.device());
+        check_capturable_tensors(hyperparameters, status, op, true);
+    }
+
+    // The kernels read the values on the device and report into status: nothing waits.
+    static at::Tensor update_capturable(const dm_update_config &config, at::TensorList params,
+                                        at::TensorList grads, at::TensorList momentum_buffers,
+                                        const at::Tensor &hyperparameters, const at::Tensor &status,
+                                        bool with_duals) {
+        return run_update(config, params, grads, momentum_buffers,
+                          hyperparameters.const_data_ptr<double>(),
+                          status.mutable_data_ptr<int32_t>(), with_duals);
+    }
+};
 
 } // namespace
 
-TORCH_LIBRARY_IMPL(dropmuon, CUDA, m) {
-    m.impl("sharp", &sharp_cuda);
-    m.impl("muon_update_", &muon_update_cuda);
-    m.impl("_muon_update_capturable_", &muon_update_capturable_cuda);
-}
+TORCH_LIBRARY_IMPL(dropmuon, CUDA, m) { register_operators<Cuda>(m); }
 
 } // namespace dropmuon

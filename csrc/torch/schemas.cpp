@@ -3,7 +3,7 @@
 #include <Python.h>
 #include <torch/library.h>
 
-#include "common.h"
+#include "dropmuon/aten/arguments.h"
 
 extern "C" {
 // An empty module, so that `import dropmuon._C` loads this library and registers the ops.

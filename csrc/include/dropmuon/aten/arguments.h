@@ -1,11 +1,15 @@
-// common.h - what every device file of the ATen shim shares: name -> enum parsing, tensor
-// checks with messages that name the tensor, and status -> TORCH_CHECK.
+// dropmuon/aten/arguments.h - operator arguments into the C API's, shared by the ATen shim
+// (csrc/torch) and the C++ frontend (csrc/cpp): name -> enum parsing, tensor checks with
+// messages that name the tensor, the configs, and status -> TORCH_CHECK.
 #pragma once
 
 #include <ATen/ATen.h>
 #include <c10/util/ArrayRef.h>
 
+#include <cstddef>
+#include <initializer_list>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "dropmuon/dropmuon.h"
@@ -18,39 +22,45 @@ namespace dropmuon {
         TORCH_CHECK(st_ == DM_OK, name " failed: ", dm_status_string(st_));                        \
     } while (0)
 
+// The enum value that `name` stands for: names lists the names of the values 0, 1, 2, ... in
+// order (dropmuon.h numbers every enum so). An unknown name raises, listing them ("expected a or
+// b", "expected one of a, b, c"); `what` is the argument's name.
+template <typename Enum>
+Enum parse_name(const std::string &name, const char *what,
+                std::initializer_list<const char *> names) {
+    int value = 0;
+    for (const char *known : names) {
+        if (name == known) return static_cast<Enum>(value);
+        ++value;
+    }
+    std::string expected = names.size() == 2 ? "" : "one of ";
+    const char *separator = "";
+    for (const char *known : names) {
+        expected = expected + separator + known;
+        separator = names.size() == 2 ? " or " : ", ";
+    }
+    TORCH_CHECK(false, "dropmuon: unknown ", what, " '", name, "'; expected ", expected);
+}
+
 inline dm_norm parse_norm(const std::string &name) {
-    if (name == "spectral") return DM_NORM_SPECTRAL;
-    if (name == "sign") return DM_NORM_SIGN;
-    if (name == "column") return DM_NORM_COLUMN;
-    if (name == "row") return DM_NORM_ROW;
-    if (name == "frobenius") return DM_NORM_FROBENIUS;
-    TORCH_CHECK(false, "dropmuon: unknown norm '", name,
-                "'; expected one of spectral, sign, column, row, frobenius");
+    return parse_name<dm_norm>(name, "norm", {"spectral", "sign", "column", "row", "frobenius"});
 }
 
 inline dm_lr_adjust parse_lr_adjust(const std::string &name) {
-    if (name == "none") return DM_LR_ADJUST_NONE;
-    if (name == "original") return DM_LR_ADJUST_ORIGINAL;
-    if (name == "match_rms_adamw") return DM_LR_ADJUST_MATCH_RMS_ADAMW;
-    TORCH_CHECK(false, "dropmuon: unknown adjust_lr_fn '", name,
-                "'; expected one of none, original, match_rms_adamw");
+    return parse_name<dm_lr_adjust>(name, "adjust_lr_fn", {"none", "original", "match_rms_adamw"});
 }
 
 inline dm_radius parse_radius(const std::string &name) {
-    if (name == "fixed") return DM_RADIUS_FIXED;
-    if (name == "adaptive") return DM_RADIUS_ADAPTIVE;
-    TORCH_CHECK(false, "dropmuon: unknown radius '", name, "'; expected fixed or adaptive");
+    return parse_name<dm_radius>(name, "radius", {"fixed", "adaptive"});
 }
 
 inline dm_sampling parse_sampling(const std::string &name) {
-    if (name == "full") return DM_SAMPLING_FULL;
-    if (name == "uniform") return DM_SAMPLING_UNIFORM;
-    if (name == "custom") return DM_SAMPLING_CUSTOM;
-    if (name == "tau_nice") return DM_SAMPLING_TAU_NICE;
-    if (name == "epoch_shift") return DM_SAMPLING_EPOCH_SHIFT;
-    if (name == "cost_optimal") return DM_SAMPLING_COST_OPTIMAL;
-    TORCH_CHECK(false, "dropmuon: unknown sampling '", name,
-                "'; expected one of full, uniform, custom, tau_nice, epoch_shift, cost_optimal");
+    return parse_name<dm_sampling>(
+        name, "sampling", {"full", "uniform", "custom", "tau_nice", "epoch_shift", "cost_optimal"});
+}
+
+inline dm_ns_precision parse_ns_precision(const std::string &name) {
+    return parse_name<dm_ns_precision>(name, "ns_precision", {"native", "bfloat16"});
 }
 
 inline dm_dtype to_dm_dtype(const at::Tensor &t, const char *what) {
@@ -71,12 +81,6 @@ inline std::pair<int64_t, int64_t> matrix_shape(const at::Tensor &t) {
     if (t.dim() == 0) return {1, 1};
     const int64_t rows = t.size(0);
     return {rows, rows == 0 ? 0 : t.numel() / rows};
-}
-
-inline dm_ns_precision parse_ns_precision(const std::string &name) {
-    if (name == "native") return DM_NS_NATIVE;
-    if (name == "bfloat16") return DM_NS_BFLOAT16;
-    TORCH_CHECK(false, "dropmuon: unknown ns_precision '", name, "'; expected native or bfloat16");
 }
 
 // Builds the sharp config; coefficients must outlive the config (it points into them).
