@@ -1,7 +1,7 @@
 """The one place for the names every option accepts and for their defaults.
 
-The optimizer, the sampler, the references and the comparison harness all read these; the C
-core and the shim parse the same names (csrc/torch/common.h) into the enums of dropmuon.h.
+The optimizer, the sampler, the references and the comparison harness all read these; the shim
+parses the same names (csrc/include/dropmuon/aten/arguments.h) into the enums of dropmuon.h.
 """
 
 from __future__ import annotations

@@ -28,7 +28,7 @@ from ..defaults import (
 def matrix_shape(shape) -> tuple[int, int]:
     """The (rows, cols) matrix every kernel sees a tensor of this shape as: (size(0),
     numel / size(0)), as conv kernels (out, in*kh*kw); 0-D is 1 x 1, zero-size tensors included
-    (csrc/torch/common.h's matrix_shape is the shim's twin)."""
+    (dropmuon/aten/arguments.h's matrix_shape is the shim's twin)."""
     if len(shape) == 0:
         return 1, 1
     rows = shape[0]
