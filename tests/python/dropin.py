@@ -57,3 +57,15 @@ def step(model, opt, loss_fn, s):
     loss.backward()
     opt.step()
     return loss.item()
+
+
+def assert_twins_agree(original, twin, loss_fn, steps):
+    """Steps two (model, optimizer) pairs on the same batches: each step they must draw the same
+    layers, and at the end their parameters must be equal."""
+    (model, opt), (model2, opt2) = original, twin
+    for s in steps:
+        assert opt2.active_layers == opt.active_layers
+        step(model, opt, loss_fn, s)
+        step(model2, opt2, loss_fn, s)
+    for a, b in zip(model.parameters(), model2.parameters()):
+        assert torch.equal(a, b)

@@ -63,14 +63,6 @@ from ..layers.sampling import LayerSampler
 if TYPE_CHECKING:  # the optimizer imports this package (FSDP2); DDP reads real annotations
     from ..optimizer import DropMuon
 
-__all__ = [
-    "CommStats",
-    "all_reduce_gradients",
-    "broadcast_parameters",
-    "check_replicas",
-    "wrap_ddp",
-]
-
 
 @dataclass
 class CommStats:
