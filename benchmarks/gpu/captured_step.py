@@ -13,7 +13,7 @@ import torch
 
 from dropmuon import ops
 from dropmuon.step import update as functional
-from dropmuon.step.update_rules import UpdateArguments
+from dropmuon.update_rules import UpdateArguments
 
 # The keywords of muon_update_ that the capturable op reads from its float64 [5] tensor.
 DEVICE_HYPERPARAMETERS = ("lr", "weight_decay", "momentum", "L0", "L1")

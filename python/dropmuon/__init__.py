@@ -22,7 +22,7 @@ from .kernels import ops, reference
 from .kernels.ops import sample_layers, sampler_distribution, sharp
 from .layers.sampling import LayerSampler
 from .optimizer import DropMuon, Muon
-from .step.update_rules import NewtonSchulzSchedule, ns_schedule
+from .update_rules import NewtonSchulzSchedule, ns_schedule
 
 __version__ = "0.1.0"
 

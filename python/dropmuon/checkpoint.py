@@ -24,7 +24,6 @@ from torch import Tensor
 
 from .layers.partition import Layer
 from .layers.sampling import LayerSampler
-from .layers.smoothness import SmoothnessEstimator
 from .step.adamw import ADAMW_STATE_KEYS
 
 if TYPE_CHECKING:  # the book writes and reads the section
@@ -70,38 +69,29 @@ def _or_none(values) -> list[float | None]:
     return [None if v < 0 else v for v in values]
 
 
-def section(
-    *,
-    step: int,
-    layer_names: list[str],
-    sampler,
-    update_counts: list[int],
-    skipped_nonfinite: list[int],
-    estimator: SmoothnessEstimator,
-    layer_order: str,
-    param_layers: list[list[int]],
-    param_norms: list[list[str]],
-    param_shapes: list[list[list[int]]],
-) -> dict:
-    """The ``"dropmuon"`` section (estimates not made yet are saved as -1). ``layer_order``
-    (what ordered the layers) tells a checkpoint written before the first forward pass, whose
-    order is not final; checkpoints without it (older ones) count as final. ``param_*``: each
-    parameter's layer position, norm and shape, one list per param group."""
+def section(layers: LayerBook, step: int) -> dict:
+    """The ``"dropmuon"`` section of an optimizer at ``step`` with ``layers`` (estimates not
+    made yet are saved as -1). ``layer_order`` (what ordered the layers) tells a checkpoint
+    written before the first forward pass, whose order is not final; checkpoints without it
+    (older ones) count as final. ``param_*``: each parameter's layer position, norm and shape,
+    one list per param group."""
+    per_group = [group["params"] for group in layers.groups]
+    sampler, estimator = layers.sampler, layers.smoothness
     return dict(
         version=STATE_VERSION,
         step=step,
-        num_layers=len(layer_names),
-        layer_names=layer_names,
+        num_layers=layers.num_layers,
+        layer_names=layers.layer_names(),
         sampler=sampler.state_dict() if hasattr(sampler, "state_dict") else None,
-        update_counts=list(update_counts),
-        skipped_nonfinite=list(skipped_nonfinite),
+        update_counts=list(layers.update_counts),
+        skipped_nonfinite=list(layers.skipped_nonfinite),
         smoothness=_or_minus_one(estimator.smoothness),
         last_step_norm=_or_minus_one(estimator.last_step_norm),
-        layer_order=layer_order,
+        layer_order=layers.order,
         world_size=world_size(),
-        param_layers=param_layers,
-        param_norms=param_norms,
-        param_shapes=param_shapes,
+        param_layers=[[layers.position(p) for p in params] for params in per_group],
+        param_norms=[[layers.norm(p) for p in params] for params in per_group],
+        param_shapes=[[list(p.shape) for p in params] for params in per_group],
     )
 
 
@@ -115,12 +105,6 @@ def section_of(state_dict) -> dict | None:
         if "dropmuon" in groups[0]:
             return groups[0]["dropmuon"]
     return state_dict.get("dropmuon")
-
-
-def restore_estimates(estimator: SmoothnessEstimator, extra: dict) -> None:
-    """The section's estimates back into ``estimator``."""
-    estimator.smoothness = _or_none(extra["smoothness"])
-    estimator.last_step_norm = _or_none(extra["last_step_norm"])
 
 
 def upgraded(state_dict, num_groups: int):
@@ -270,6 +254,8 @@ class Checked:
     kept: dict
     sampler: object
     adopt_order: bool
+    smoothness: list[float | None]  # the estimates, None where not made yet
+    last_step_norm: list[float | None]
 
 
 def checked(state_dict, layers: LayerBook, state) -> Checked:
@@ -285,7 +271,8 @@ def checked(state_dict, layers: LayerBook, state) -> Checked:
     # before any forward (accelerate's round trip, say) leaves it to run.
     order = str(extra.get("layer_order", ""))
     adopt = not positions_final and not order.startswith("registration")
-    return Checked(extra, positions, kept, sampler, adopt)
+    estimates = _or_none(extra["smoothness"]), _or_none(extra["last_step_norm"])
+    return Checked(extra, positions, kept, sampler, adopt, *estimates)
 
 
 def restored_sampler(sampler, saved: dict | None):
@@ -304,10 +291,10 @@ def restored_sampler(sampler, saved: dict | None):
 
 
 def saved_layers(state_dict, layers: LayerBook):
-    """``(layers, layer order)`` from a checkpoint's saved positions (one per parameter, in
-    param-group order), for an optimizer whose layers are still pending; None when the
-    checkpoint has none to give (written while pending too, or a mismatch that
-    :func:`validate` names)."""
+    """``(layers, layer order)`` for ``layers``' parameters from a checkpoint's saved positions
+    (one per parameter, in param-group order), for an optimizer whose layers are still
+    pending; None when the checkpoint has none to give (written while pending too, or a
+    mismatch that :func:`validate` names)."""
     extra = section_of(state_dict)
     params = list(layers.params())
     if extra is None or str(extra.get("layer_order", "")).startswith("pending"):

@@ -15,7 +15,7 @@ from torch import Tensor
 
 from .defaults import ADJUST_LR_FNS, GROUP_DEFAULTS, NONFINITE_MODES, NORMS, NS_PRECISIONS, RADII
 from .dtensors import local_tensor
-from .step.update_rules import NewtonSchulzSchedule, ns_schedule
+from .update_rules import NewtonSchulzSchedule, ns_schedule
 
 # The dtypes of the C kernels (spectral, sign, column, row, frobenius); AdamW takes any float.
 SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.bfloat16)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections import defaultdict
 
 from .layers.sampling import LayerSampler
-from .step.update_rules import matrix_shape
+from .update_rules import matrix_shape
 
 
 def describe(optimizer) -> str:

@@ -86,7 +86,7 @@ from .layers.partition import check_layer_keys, check_norms, module_groups
 from .layers.sampling import LayerSampler
 from .layers.truncation import ForwardFreeze
 from .step.update import buckets, initialize_state, update_bucket_
-from .step.update_rules import ns_schedule
+from .update_rules import ns_schedule
 
 _D = GROUP_DEFAULTS
 
@@ -430,7 +430,7 @@ class DropMuon(Optimizer):
         (:mod:`dropmuon.distributed.fsdp`)."""
         truncation.end_interrupted_pass()
         state = super().state_dict()
-        state["param_groups"][0]["dropmuon"] = self._layers.section(self._step_count)
+        state["param_groups"][0]["dropmuon"] = checkpoint.section(self._layers, self._step_count)
         return state
 
     def load_state_dict(self, state_dict) -> None:
@@ -444,8 +444,9 @@ class DropMuon(Optimizer):
         if layers.pending:  # the checkpoint's layers are taken first: undone if it is refused
             before = layers.snapshot(), {p: self.state[p] for p in layers.params()}
         try:
-            if layers.pending:
-                self._layers_changed(layers.use_checkpoint_layers(state_dict, self._step_count))
+            saved = checkpoint.saved_layers(state_dict, layers) if layers.pending else None
+            if saved is not None:
+                self._layers_changed(layers.use_saved_layers(*saved, self._step_count))
             checked = checkpoint.checked(state_dict, layers, self.state)
         except (ValueError, TypeError, KeyError):
             if "before" in locals():  # a refused checkpoint changes nothing

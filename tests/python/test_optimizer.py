@@ -10,8 +10,7 @@ from torch import nn
 from training import train_steps
 
 import dropmuon
-from dropmuon import ops, reference
-from dropmuon.step import update_rules
+from dropmuon import ops, reference, update_rules
 
 
 def mlp(bias=False, seed=0):

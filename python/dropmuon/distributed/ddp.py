@@ -52,16 +52,12 @@ checkpoint.
 import weakref
 import zlib
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
 from ..layers.sampling import LayerSampler
-
-if TYPE_CHECKING:  # the optimizer imports this package (FSDP2); DDP reads real annotations
-    from ..optimizer import DropMuon
 
 
 @dataclass
@@ -87,7 +83,7 @@ class CommStats:
 
 def wrap_ddp(
     module: nn.Module,
-    optimizer: "DropMuon",
+    optimizer: torch.optim.Optimizer,
     *,
     active_only: bool = True,
     stats: CommStats | None = None,
@@ -225,7 +221,7 @@ def broadcast_parameters(module: nn.Module, src: int = 0, process_group=None) ->
 
 @torch.no_grad()
 def all_reduce_gradients(
-    optimizer: "DropMuon", process_group=None, stats: CommStats | None = None
+    optimizer: torch.optim.Optimizer, process_group=None, stats: CommStats | None = None
 ) -> None:
     """Averages over the ranks the gradients of the layers the coming step updates; call it
     after the backward pass (after the last micro-batch with gradient accumulation), before
@@ -272,7 +268,7 @@ def all_reduce_gradients(
 # ----------------------------------------------------------------------------------------------
 
 
-def check_replicas(optimizer: "DropMuon", process_group=None) -> None:
+def check_replicas(optimizer: torch.optim.Optimizer, process_group=None) -> None:
     """Raises RuntimeError on every rank unless all ranks agree on the optimizer's step, layer
     count, sampler (kind and seed) and the layers of the coming step: what drawing the same
     layers without communication relies on. One small all-gather; call it after building or

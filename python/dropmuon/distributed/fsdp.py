@@ -65,7 +65,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from ..dtensors import is_dtensor, local_tensor
 from ..kernels import ops
 from ..step.update import Bucket, momentum_buffer, update_bucket_
-from ..step.update_rules import UpdateArguments, direction, matrix_shape, step_size
+from ..update_rules import UpdateArguments, direction, matrix_shape, step_size
 
 if TYPE_CHECKING:  # the optimizer's layers: their parameters and names
     from ..layers.book import LayerBook

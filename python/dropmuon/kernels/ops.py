@@ -14,7 +14,7 @@ from torch import Tensor
 
 from ..defaults import DEFAULT_SHIFT_STRENGTH, GROUP_DEFAULTS
 from ..defaults import MUON_COEFFICIENTS as MUON_COEFFICIENTS  # re-exported
-from ..step.update_rules import UpdateArguments, ns_schedule
+from ..update_rules import UpdateArguments, ns_schedule
 from . import reference
 
 try:

@@ -3,7 +3,7 @@
 They define what the C/CUDA kernels compute (tests compare the two), and they run when the
 extension is not built or has no kernel for a device (``dropmuon.ops`` warns once). They favour
 being obviously right over being fast. The rules every path shares (a tensor's matrix shape,
-the step size, the momentum direction) live in :mod:`dropmuon.step.update_rules`; nothing in the
+the step size, the momentum direction) live in :mod:`dropmuon.update_rules`; nothing in the
 package imports its helpers from here.
 """
 
@@ -21,7 +21,7 @@ from ..defaults import (
     PROBABILITY_TOLERANCE,
     RADII,
 )
-from ..step.update_rules import as_matrix, direction, step_size
+from ..update_rules import as_matrix, direction, step_size
 
 # --------------------------------------------------------------------------------------------
 # Sharp operators

@@ -11,7 +11,7 @@ Its lifecycle, by how the optimizer was built:
 - from parameters or groups without ``"layer"`` keys: one provisional layer (*pending*) until
   the first forward finds the model (:meth:`LayerBook.find_layers`), which is then traced; or
   one layer per parameter if a step comes first (:meth:`LayerBook.layers_without_forward`), or
-  the layers of a checkpoint loaded first (:meth:`LayerBook.use_checkpoint_layers`);
+  the layers of a checkpoint loaded first (:meth:`LayerBook.use_saved_layers`);
 - from groups with ``"layer"`` keys: the keys' layers, final at once.
 
 Methods that change the norms return the parameters whose state must start again (their norm
@@ -25,7 +25,6 @@ from dataclasses import dataclass
 
 from torch import Tensor, nn
 
-from .. import checkpoint
 from ..checks import (
     check_grad,
     check_group,
@@ -297,13 +296,9 @@ class LayerBook:
             warn_order_unknown(len(params))
         return restart
 
-    def use_checkpoint_layers(self, state_dict, step: int) -> list[Tensor]:
-        """Loading into pending layers: the checkpoint's layers, unless it was written while
-        pending too."""
-        found = checkpoint.saved_layers(state_dict, self)
-        if found is None:
-            return []
-        layers, order = found
+    def use_saved_layers(self, layers: list[Layer], order: str, step: int) -> list[Tensor]:
+        """Loading into pending layers: the layers a checkpoint saved (see
+        :func:`dropmuon.checkpoint.saved_layers`); as :meth:`use_layers`."""
         restart = self.use_layers(layers, None, step)
         self.order = order
         return restart
@@ -427,22 +422,6 @@ class LayerBook:
 
     # -- checkpoints ------------------------------------------------------------------------------
 
-    def section(self, step: int) -> dict:
-        """The checkpoint's ``dropmuon`` section (:func:`dropmuon.checkpoint.section`)."""
-        per_group = [group["params"] for group in self.groups]
-        return checkpoint.section(
-            step=step,
-            layer_names=self.layer_names(),
-            sampler=self.sampler,
-            update_counts=self.update_counts,
-            skipped_nonfinite=self.skipped_nonfinite,
-            estimator=self.smoothness,
-            layer_order=self.order,
-            param_layers=[[self.position(p) for p in params] for params in per_group],
-            param_norms=[[self.norm(p) for p in params] for params in per_group],
-            param_shapes=[[list(p.shape) for p in params] for params in per_group],
-        )
-
     def snapshot(self) -> dict:
         """What :meth:`use_layers` changes, to undo it when a checkpoint is refused."""
         return dict(self.__dict__)
@@ -461,8 +440,9 @@ class LayerBook:
             for layer, position in current.items():
                 layer.position = position
 
-    def load(self, checked: checkpoint.Checked) -> None:
-        """A validated checkpoint's layers and statistics: its positions (equal to ours once
+    def load(self, checked) -> None:
+        """A validated checkpoint's layers and statistics (``checked``: a
+        :class:`dropmuon.checkpoint.Checked`): its positions (equal to ours once
         ours are final) place the statistics, and a checkpoint whose order is final ends the
         trace."""
         if self.model is None:  # torch adopted the checkpoint's param_names
@@ -477,7 +457,8 @@ class LayerBook:
         self.sampler = checked.sampler
         self.update_counts = list(checked.section["update_counts"])
         self.skipped_nonfinite = list(checked.section["skipped_nonfinite"])
-        checkpoint.restore_estimates(self.smoothness, checked.section)
+        self.smoothness.smoothness = list(checked.smoothness)
+        self.smoothness.last_step_norm = list(checked.last_step_norm)
 
     # -- copies -----------------------------------------------------------------------------------
 

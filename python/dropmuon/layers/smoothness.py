@@ -17,7 +17,7 @@ from torch import Tensor
 
 from ..defaults import SMOOTHNESS_POWER_ITERATIONS
 from ..kernels import ops
-from ..step.update_rules import as_matrix
+from ..update_rules import as_matrix
 
 # ActiveByLayer: position -> [(group, norm, param)], the step's active parameters with gradients.
 

@@ -1,2 +1,3 @@
-"""The update of the active parameters: the rules every path shares (:mod:`.update_rules`), the
-fused calls (:mod:`.update`) and AdamW for the fallback parameters (:mod:`.adamw`)."""
+"""The update of the active parameters: the fused calls (:mod:`.update`: bucketing and the sharp
+update) and AdamW for the fallback parameters (:mod:`.adamw`); both follow the rules of
+:mod:`dropmuon.update_rules`."""

@@ -16,8 +16,8 @@ from torch import Tensor
 
 from ..dtensors import local_tensor
 from ..kernels import ops
+from ..update_rules import NewtonSchulzSchedule, UpdateArguments
 from .adamw import adamw_initial_state, adamw_step_
-from .update_rules import NewtonSchulzSchedule, UpdateArguments
 
 
 @dataclass

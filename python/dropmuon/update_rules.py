@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
-from ..defaults import (
+from .defaults import (
     GROUP_DEFAULTS,
     MUON_COEFFICIENTS,
     POLAR_EXPRESS_COEFFICIENTS,
