@@ -95,6 +95,10 @@ setup(
     install_requires=["torch>=2.9"],  # the library needs torch alone
     # The comparison harness (pip install dropmuon[compare]): plots, progress bars, and numpy,
     # which no module imports but unpickling the cifar10 batches (numpy arrays) does.
-    extras_require={"compare": ["matplotlib", "tqdm", "numpy"]},
+    extras_require={
+        "compare": ["matplotlib", "tqdm", "numpy"],
+        # dropmuon.compare.baselines: pinned releases that accept torch 2.13.0 as installed.
+        "baselines": ["muon-optimizer==0.1.0", "pytorch-optimizer==4.1.0"],
+    },
     entry_points={"console_scripts": ["dropmuon-compare=dropmuon.compare.cli:main"]},
 )

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from .. import __version__
+from .baselines import BASELINES
 from .data import DATASETS, DatasetError, load_dataset
 from .experiment import Experiment
 from .models import IMAGE_MODELS, MODELS, TEXT_MODELS
@@ -122,7 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="+",
         type=OptimizerSpec.parse,
         default=[OptimizerSpec.parse(n) for n in ("dropmuon", "muon", "torch-muon")],
-        help="dropmuon[:<sampling>] (tau_nice: dropmuon:tau_nice:tau=<k>), muon, torch-muon, adamw",
+        help="dropmuon[:<sampling>] (tau_nice: dropmuon:tau_nice:tau=<k>), muon, torch-muon, "
+        "adamw; baselines from other packages (pip install 'dropmuon[baselines]'): "
+        + ", ".join(f"{b.name} ({b.summary})" for b in BASELINES.values()),
     )
     add("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4], help="seeds of the final runs")
     add(

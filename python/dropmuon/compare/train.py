@@ -7,7 +7,9 @@ Optimizers (``--optimizers``):
                            weight is re-registered as a 2-D (out, in*kh*kw) parameter through
                            ``torch.nn.utils.parametrize`` (reshaped back to 4-D in forward); plus
                            torch.optim.AdamW on the rest (biases),
-  ``adamw``                torch.optim.AdamW on everything.
+  ``adamw``                torch.optim.AdamW on everything,
+  ``kj-muon``, ``po-muon``, ``po-adamuon``, ``po-normuon``: the Muon implementations people
+                           already run, from optional packages (:mod:`dropmuon.compare.baselines`).
 DropMuon and Muon use ``fallback="adamw"`` with the same AdamW settings as ``torch-muon``, so
 that the Muon-family runs differ only in which layers they update.
 
@@ -25,14 +27,14 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torch.nn.utils import parametrize
 
 from .. import DropMuon, Muon
 from ..defaults import DEFAULT_SAMPLING, SAMPLINGS
+from .baselines import BASELINES, build_baseline, flatten_conv_kernels
 from .data import batches
 from .models import build_language_model, build_model
 
-OPTIMIZER_KINDS = ("dropmuon", "muon", "torch-muon", "adamw")
+OPTIMIZER_KINDS = ("dropmuon", "muon", "torch-muon", "adamw", *BASELINES)
 
 
 @dataclass(frozen=True)
@@ -87,20 +89,6 @@ class OptimizerSpec:
 # ----------------------------------------------------------------------------------------------
 
 
-class FlattenedKernel(nn.Module):
-    """Parametrization holding a conv kernel as a 2-D (out, in*kh*kw) parameter."""
-
-    def __init__(self, shape: torch.Size) -> None:
-        super().__init__()
-        self.shape = tuple(shape)
-
-    def forward(self, matrix):
-        return matrix.reshape(self.shape)
-
-    def right_inverse(self, kernel):
-        return kernel.reshape(kernel.shape[0], -1)
-
-
 class Combined:
     """Steps several optimizers as one (torch.optim.Muon for matrices + AdamW for the rest)."""
 
@@ -135,12 +123,10 @@ def build_optimizer(spec: OptimizerSpec, model: nn.Module, args, seed: int, tota
         if spec.tau is not None:
             extra["tau"] = spec.tau
         return DropMuon(model, sampling=spec.sampling, seed=seed, **options, **extra)
+    if spec.kind in BASELINES:
+        return build_baseline(spec.kind, model, args, lr)
     if spec.kind == "torch-muon":
-        for module in model.modules():
-            if isinstance(module, nn.Conv2d):
-                parametrize.register_parametrization(
-                    module, "weight", FlattenedKernel(module.weight.shape)
-                )
+        flatten_conv_kernels(model)
         matrices = [p for p in model.parameters() if p.dim() == 2]
         rest = [p for p in model.parameters() if p.dim() != 2]
         muon = torch.optim.Muon(matrices, **common)
