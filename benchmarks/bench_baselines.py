@@ -29,14 +29,15 @@ MODELS = {  # name: (model, input shape)
 }
 
 
-def steps_of(names: list[str], make, shape) -> list:
-    """One prepared ``step()`` per optimizer: fixed gradients set, then the optimizer's step."""
-    args = argparse.Namespace(
-        momentum=0.95, weight_decay=0.0, adamw_lr=1e-3, ns_precision="bfloat16"
-    )
+def steps_of(contenders: list[tuple[str, str]], make, shape) -> list:
+    """One prepared ``step()`` per ``(optimizer, ns_precision)``: fixed gradients set, then the
+    optimizer's step (bench_step.py times ours this way too)."""
     x, y = torch.randn(shape), torch.randint(0, 10, (shape[0],))
     steps = []
-    for name in names:
+    for name, precision in contenders:
+        args = argparse.Namespace(
+            momentum=0.95, weight_decay=0.0, adamw_lr=1e-3, ns_precision=precision
+        )
         torch.manual_seed(0)
         model = make()
         opt = build_optimizer(OptimizerSpec.parse(name), model, args, 0, 100, lr=0.05)
@@ -71,7 +72,7 @@ def main() -> None:
     ]
     columns = []
     for make, shape in MODELS.values():
-        steps = steps_of(names, make, shape)
+        steps = steps_of([(name, "bfloat16") for name in names], make, shape)
         times = [[] for _ in steps]
         for _ in range(4 * args.repeats):
             for step, spent in zip(steps, times):

@@ -23,11 +23,11 @@ import statistics
 import time
 
 import torch
+from bench_baselines import steps_of  # benchmarks/ is the script's folder
 from torch import nn
 
 import dropmuon
 from dropmuon.compare.models import PaperCNN
-from dropmuon.compare.train import OptimizerSpec, build_optimizer
 from dropmuon.diagnostics import Diagnostics
 
 
@@ -241,28 +241,8 @@ def bench_optimizer_steps(repeats: int) -> list[str]:
         ("muon", "native", "dropmuon.Muon (every layer), fp32 iterates"),
         ("torch-muon", "bfloat16", "torch.optim.Muon + AdamW (bf16 iterates)"),
     ]
-    x, y = torch.randn(256, 1, 28, 28), torch.randint(0, 10, (256,))
-    steps = []
-    for name, precision, _ in contenders:
-        args = argparse.Namespace(
-            momentum=0.95,
-            weight_decay=0.0,
-            adamw_lr=1e-3,
-            ns_precision=precision,
-        )
-        torch.manual_seed(0)
-        model = PaperCNN()
-        opt = build_optimizer(OptimizerSpec.parse(name), model, args, 0, 100, lr=0.05)
-        nn.functional.cross_entropy(model(x), y).backward()
-        grads = [p.grad.clone() for p in model.parameters()]
-
-        def step(model=model, opt=opt, grads=grads):
-            for p, g in zip(model.parameters(), grads):
-                p.grad = g
-            opt.step()
-
-        step()  # warm-up (and AdamW's state)
-        steps.append(step)
+    batch = (256, 1, 28, 28)
+    steps = steps_of([(name, precision) for name, precision, _ in contenders], PaperCNN, batch)
     times = [[] for _ in steps]
     for _ in range(repeats * 4):
         for step, spent in zip(steps, times):

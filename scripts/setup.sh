@@ -24,7 +24,13 @@ python3 -c "import torch" 2>/dev/null || {
     echo "== pip install torch==2.13.0"
     python3 -m pip install -q torch==2.13.0
 }
+torch_before=$(python3 -c "import torch; print(torch.__version__)")
 python3 -m pip install -q -r requirements-dev.txt
+torch_after=$(python3 -c "import torch; print(torch.__version__)")
+if [ "$torch_before" != "$torch_after" ]; then # a requirement must never replace torch
+    echo "requirements-dev.txt replaced torch $torch_before with $torch_after" >&2
+    exit 1
+fi
 # Against the installed torch, not a fresh one in an isolated build environment.
 echo "== building the torch extension (pip install -e . --no-build-isolation)"
 python3 -m pip install -q -e . --no-build-isolation

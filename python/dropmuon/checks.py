@@ -13,7 +13,15 @@ import math
 import torch
 from torch import Tensor
 
-from .defaults import ADJUST_LR_FNS, GROUP_DEFAULTS, NONFINITE_MODES, NORMS, NS_PRECISIONS, RADII
+from .defaults import (
+    ADJUST_LR_FNS,
+    GROUP_DEFAULTS,
+    LAYERINGS,
+    NONFINITE_MODES,
+    NORMS,
+    NS_PRECISIONS,
+    RADII,
+)
 from .dtensors import local_tensor
 from .update_rules import NewtonSchulzSchedule, ns_schedule
 
@@ -74,8 +82,12 @@ def check_hyperparameters(
         raise ValueError(f"Invalid epsilon value: {adamw_eps}")
 
 
-def check_optimizer_options(nonfinite, smoothness_beta, adamw_lr, lr, cuda_kernels) -> None:
+def check_optimizer_options(
+    nonfinite, smoothness_beta, adamw_lr, lr, cuda_kernels, layers="modules"
+) -> None:
     """The options of DropMuon that are not per group."""
+    if layers not in LAYERINGS:
+        raise ValueError(f"layers must be one of {LAYERINGS}, got {layers!r}")
     if cuda_kernels not in (None, True, False):
         raise ValueError(f"cuda_kernels must be None, True or False, got {cuda_kernels!r}")
     if nonfinite not in NONFINITE_MODES:
@@ -112,6 +124,7 @@ GROUP_NAMES = {"adamw_betas": "betas", "adamw_lr": "adamw_lr_ratio"}
 OPTIMIZER_ONLY = (
     "sampling", "tau", "seed", "total_steps", "shift_strength", "fallback", "norms",
     "nonfinite", "estimate_smoothness", "smoothness_beta", "cuda_kernels", "fsdp_update",
+    "layers",
 )  # fmt: skip
 # Every key a near miss is checked against.
 KNOWN_KEYS = (*GROUP_KEYS, *GROUP_NAMES, *OPTIMIZER_ONLY)
@@ -120,7 +133,7 @@ KNOWN_KEYS = (*GROUP_KEYS, *GROUP_NAMES, *OPTIMIZER_ONLY)
 def check_group_keys(group: dict, g_index: int) -> None:
     """torch.optim keeps any key a param group brings (a scheduler's, the user's own label),
     and so does DropMuon; a key that is a near miss of one DropMuon reads ("momentun",
-    "layers") is an error, since the option it meant would silently keep its default."""
+    "layer_") is an error, since the option it meant would silently keep its default."""
     if group.get("use_muon") is False:  # Keller Jordan's MuonWithAuxAdam groups
         raise ValueError(
             f"param group {g_index} has use_muon=False: DropMuon gives each parameter its update "
@@ -136,9 +149,11 @@ def check_group_keys(group: dict, g_index: int) -> None:
             continue  # kept, as torch.optim keeps any key
         where = f"param group {g_index} has the key {key!r}, which DropMuon does not read"
         if meant in OPTIMIZER_ONLY:
+            group_key = difflib.get_close_matches(key, GROUP_KEYS, n=1, cutoff=0.8)
             raise ValueError(
                 f"{where}: {meant!r} is an option of the whole optimizer "
                 f"(DropMuon(..., {meant}=...)), not of a param group"
+                + (f"; did you mean {group_key[0]!r}?" if group_key else "")
             )
         if meant in GROUP_NAMES:
             raise ValueError(

@@ -17,6 +17,8 @@ ROLES = ("matrix", "head", "embedding", "vector")
 DEFAULT_ROLE_NORMS = {"matrix": "spectral", "head": "spectral", "embedding": "spectral"}
 # The norm of vectors (0-D and 1-D parameters) unless `norms` says otherwise.
 FALLBACKS = ("sign", "adamw")
+# What a layer is, for a model: each module holding parameters, or depth units (blocks).
+LAYERINGS = ("modules", "blocks")
 # AdamW: what "Muon for matrices" users put the rest on; sign updates (0.1's default) move every
 # bias and norm gain by the full lr at every step, and a word-level language model then barely
 # learns (benchmarks/RESULTS.md, "Defaults").

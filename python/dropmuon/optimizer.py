@@ -174,6 +174,9 @@ class DropMuon(Optimizer):
             ``"owner"`` (default; each active matrix orthogonalized on one rank, two
             all-to-alls) or ``"all_gather"`` (every rank gathers and computes every update; the
             baseline). Ignored without sharded parameters. See :mod:`dropmuon.distributed.fsdp`.
+        layers: what a layer of a model is: ``"modules"`` (default; each module holding
+            parameters) or ``"blocks"`` (depth units: each block of its repeated-block
+            containers, plus what comes before and after them; README "Layers").
     """
 
     def __init__(
@@ -206,6 +209,7 @@ class DropMuon(Optimizer):
         smoothness_beta: float = DEFAULT_SMOOTHNESS_BETA,
         cuda_kernels: bool | None = None,
         fsdp_update: str = "owner",
+        layers: str = "modules",
     ) -> None:
         check_hyperparameters(
             lr, weight_decay, momentum, eps, adjust_lr_fn, ns_precision, radius, L0, L1,
@@ -213,7 +217,7 @@ class DropMuon(Optimizer):
         )  # fmt: skip
         ns_schedule(ns_coefficients, ns_steps)  # validates
         truncation.end_interrupted_pass()  # the flags the model is read with are the user's
-        check_optimizer_options(nonfinite, smoothness_beta, adamw_lr, lr, cuda_kernels)
+        check_optimizer_options(nonfinite, smoothness_beta, adamw_lr, lr, cuda_kernels, layers)
         role_norms = check_norms(norms, fallback)
         defaults = dict(
             GROUP_DEFAULTS, lr=lr, weight_decay=weight_decay, momentum=momentum,
@@ -236,7 +240,7 @@ class DropMuon(Optimizer):
         self._layers = LayerBook(
             self.param_groups, model, role_norms=role_norms, fallback=fallback,
             sampler_options=options, smoothness_beta=smoothness_beta, cuda_kernels=cuda_kernels,
-            diagnostics=self._diagnostics,
+            diagnostics=self._diagnostics, layering=layers,
         )  # fmt: skip
         self._estimate = check_estimate_option(estimate_smoothness, self.sampler)
         self._nonfinite, self._cuda_kernels, self._step_count = nonfinite, cuda_kernels, 0

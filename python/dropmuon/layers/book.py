@@ -41,7 +41,7 @@ from .partition import (
     assign_norms,
     check_layer_keys,
     group_layers,
-    module_layers,
+    model_layers,
     param_names,
     resolve_norm,
 )
@@ -98,8 +98,10 @@ class LayerBook:
         smoothness_beta: float,
         cuda_kernels: bool | None,
         diagnostics: Diagnostics,
+        layering: str = "modules",
     ) -> None:
         self.groups = groups
+        self.layering = layering  # what a layer of a model is (partition.model_layers)
         self.role_norms, self.fallback = role_norms, fallback
         self.sampler_options = sampler_options
         self.cuda_kernels = cuda_kernels
@@ -117,7 +119,7 @@ class LayerBook:
             )
         if model is not None:
             managed = {id(p) for p in self.params()}
-            layers = module_layers(model, managed)
+            layers = model_layers(model, managed, layering)
         elif self.pending:
             layers = self._pending_layers()
         else:
@@ -266,7 +268,7 @@ class LayerBook:
         managed = {id(p) for p in self.params()}
         if not any(id(p) in managed for p in model.parameters()):
             return None
-        owned_layers = module_layers(model, managed)
+        owned_layers = model_layers(model, managed, self.layering)
         owned = {id(p) for layer in owned_layers for _, p in layer.params}
         names = {id(p): n for layer in owned_layers for n, p in layer.params}
         given = param_names(self.groups)
@@ -327,7 +329,7 @@ class LayerBook:
         for layer in self.partition.layers:
             if layer.module is None:
                 continue
-            registered = {id(q) for q in layer.module.parameters(recurse=False)}
+            registered = {id(q) for q in layer.module.parameters()}
             for name, p in layer.params:
                 if id(p) not in registered:
                     raise RuntimeError(
@@ -391,7 +393,9 @@ class LayerBook:
             self.norms = self.assign_norms()
             return
         before = [layer.position for layer in self.partition.layers]
-        self.partition, new_layers = self.partition.extended(group, names, self.model)
+        self.partition, new_layers = self.partition.extended(
+            group, names, self.model, self.layering
+        )
         before += range(len(before), self.num_layers)  # new layers: appended, then moved
         if self.model is not None:
             # The new modules' places are unknown: the next forward orders every layer again.
@@ -472,6 +476,7 @@ class LayerBook:
             Layer(
                 layer.construction_index, layer.name, list(layer.params),
                 layer.module if keep_modules else None, layer.position, layer.key,
+                list(layer.embeddings),
             )
             for layer in self.partition.layers
         ]  # fmt: skip

@@ -38,6 +38,9 @@ class Layer:
     module: nn.Module | None = None
     position: int = -1
     key: int | None = None  # the "layer" value of its param groups, if they had one
+    # Embedding weights among the params of a layer of several modules (a depth unit), whose
+    # ``module`` cannot say which are (see :func:`param_role`).
+    embeddings: list[Tensor] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.position < 0:
@@ -66,24 +69,25 @@ class Partition:
                 layer.name = names[id(layer.params[0][1])]
             layer.params = [(names[id(p)], p) for _, p in layer.params]
 
-    def extended(self, group: dict, names: dict[int, str], model: nn.Module | None):
+    def extended(self, group: dict, names: dict[int, str], model: nn.Module | None, layering: str):
         """This partition with a new param group's parameters; returns it and the new layers.
-        A module-built partition gives each parameter its module's layer (a module that was no
-        layer becomes one); with ``"layer"`` keys a group joins its key's layer or makes one,
-        placed by key; otherwise the group is one new layer on top."""
+        A module-built partition gives each parameter its layer in the model (by ``layering``:
+        a module that was no layer becomes one); with ``"layer"`` keys a group joins its key's
+        layer or makes one, placed by key; otherwise the group is one new layer on top."""
         layers = list(self.layers)
         new: list[Layer] = []
         if model is not None:
             managed = set(self.layer_of) | {id(p) for p in group["params"]}
-            by_module = {id(layer.module): layer for layer in layers}
-            for found in module_layers(model, managed):
-                layer = by_module.get(id(found.module))
+            for found in model_layers(model, managed, layering):
+                layer = next(
+                    (self.layer_of[id(p)] for _, p in found.params if id(p) in self.layer_of), None
+                )  # the layer that already holds some of its parameters
                 if layer is None:
                     found.construction_index = found.position = len(layers)
                     layers.append(found)
                     new.append(found)
                 else:
-                    layer.params = found.params
+                    layer.params, layer.embeddings = found.params, found.embeddings
             placed = {id(p) for layer in layers for _, p in layer.params}
             for p in group["params"]:  # not the model's (an optimizer built from a list): alone
                 if id(p) not in placed:
@@ -117,11 +121,11 @@ def module_groups(model: nn.Module) -> list[dict]:
     return [{"params": named}]
 
 
-def module_layers(model: nn.Module, managed: set[int] | None = None) -> list[Layer]:
-    """The layers of a module in registration order (see the module docstring); with
-    ``managed`` (parameter ids), only those parameters count."""
+def _held_params(model: nn.Module, managed: set[int] | None):
+    """``(module name, module, [(param name, param)])`` for each module in registration order
+    that directly holds managed parameters (with ``managed`` None: those requiring grad), each
+    parameter under the first module that holds it."""
     owned: set[int] = set()
-    layers: list[Layer] = []
     for module_name, module in model.named_modules(remove_duplicate=False):
         params = []
         for param_name, param in module.named_parameters(recurse=False):
@@ -130,9 +134,80 @@ def module_layers(model: nn.Module, managed: set[int] | None = None) -> list[Lay
                 owned.add(id(param))
                 params.append((f"{module_name}.{param_name}" if module_name else param_name, param))
         if params:
-            layers.append(Layer(len(layers), module_name or type(model).__name__, params, module))
+            yield module_name, module, params
+
+
+def module_layers(model: nn.Module, managed: set[int] | None = None) -> list[Layer]:
+    """The layers of a module in registration order (see the module docstring); with
+    ``managed`` (parameter ids), only those parameters count."""
+    layers: list[Layer] = []
+    for module_name, module, params in _held_params(model, managed):
+        layers.append(Layer(len(layers), module_name or type(model).__name__, params, module))
     if not layers:
         raise ValueError(f"{type(model).__name__} has no trainable parameters")
+    return layers
+
+
+def model_layers(model: nn.Module, managed: set[int] | None, layering: str) -> list[Layer]:
+    """The layers of ``model`` by ``layering``: ``"modules"`` (:func:`module_layers`) or
+    ``"blocks"`` (:func:`block_layers`)."""
+    return block_layers(model, managed) if layering == "blocks" else module_layers(model, managed)
+
+
+def block_containers(model: nn.Module) -> list[tuple[str, list[tuple[str, nn.Module]]]]:
+    """The repeated-block containers of ``model``, outermost first in registration order, each
+    with its blocks: an nn.ModuleList or nn.Sequential two or more of whose children holding
+    parameters are of one class (transformer blocks, ResNet stages' blocks); its blocks are
+    its children holding parameters. A container inside another's block is not one."""
+    found: list[tuple[str, list[tuple[str, nn.Module]]]] = []
+    for name, module in model.named_modules():
+        if not isinstance(module, (nn.ModuleList, nn.Sequential)):
+            continue
+        if any(name.startswith(f"{block}.") for _, blocks in found for block, _ in blocks):
+            continue
+        children = [
+            (f"{name}.{child_name}" if name else child_name, child)
+            for child_name, child in module.named_children()
+            if any(True for _ in child.parameters())
+        ]
+        classes = [type(child) for _, child in children]
+        if any(classes.count(c) >= 2 for c in set(classes)):
+            found.append((name, children))
+    return found
+
+
+def block_layers(model: nn.Module, managed: set[int] | None = None) -> list[Layer]:
+    """Depth units as layers: each block of the model's repeated-block containers
+    (:func:`block_containers`) is one, with every parameter under it; the parameters outside
+    them form one unit per stretch of registration order between blocks (what sits before the
+    first block, such as embeddings or a stem conv, and what sits after the last one, such as
+    the final norm and the head). Without such containers, the layers of
+    :func:`module_layers`."""
+    blocks = [block for _, found in block_containers(model) for block in found]
+    if not blocks:
+        return module_layers(model, managed)
+    units: list[dict] = []  # in registration order: {"block": (name, module) or None, ...}
+    for module_name, module, params in _held_params(model, managed):
+        current_block = next(
+            ((name, block) for name, block in blocks
+             if module_name == name or module_name.startswith(f"{name}.")),
+            None,
+        )  # fmt: skip
+        if not units or units[-1]["block"] != current_block:
+            units.append(dict(block=current_block, params=[], modules=[], embeddings=[]))
+        unit = units[-1]
+        unit["params"] += params
+        unit["modules"].append((module_name or type(model).__name__, module))
+        if isinstance(module, (nn.Embedding, nn.EmbeddingBag)):
+            unit["embeddings"] += [p for _, p in params]
+    layers = []
+    for index, unit in enumerate(units):
+        if unit["block"] is not None:
+            name, module = unit["block"]
+        else:
+            name = "+".join(n for n, _ in unit["modules"])
+            module = unit["modules"][0][1] if len(unit["modules"]) == 1 else None
+        layers.append(Layer(index, name, unit["params"], module, embeddings=unit["embeddings"]))
     return layers
 
 
@@ -179,7 +254,9 @@ def param_role(layer: Layer, param: Tensor, is_last_layer: bool) -> str:
     ``matrix`` (any other parameter with 2+ dimensions) or ``vector`` (0-D and 1-D)."""
     if param.dim() < 2:
         return "vector"
-    if isinstance(layer.module, (nn.Embedding, nn.EmbeddingBag)):
+    if isinstance(layer.module, (nn.Embedding, nn.EmbeddingBag)) or any(
+        param is e for e in layer.embeddings
+    ):
         return "embedding"
     return "head" if is_last_layer else "matrix"
 

@@ -36,11 +36,18 @@ class FirstForwardTrace:
         self.layers = layers
         self.model = model
         self.by_param = {id(p): layer for layer in layers for _, p in layer.params}
+        # FSDP2 layers: placed by the call of a module that holds one of their parameters (a
+        # depth unit's modules all place it).
         self.by_module = {
             id(layer.module): layer
             for layer in layers
             if layer.module is not None and any(is_dtensor(p) for _, p in layer.params)
         }
+        for module in model.modules() if model is not None else ():
+            for p in module.parameters(recurse=False):
+                layer = self.by_param.get(id(p))
+                if layer is not None and is_dtensor(p):
+                    self.by_module.setdefault(id(module), layer)
         # construction index -> position in the forward
         self.positions: dict[int, int] = dict(positions or {})
         self.unused: list[str] = []  # the layers no event placed (set by finish)
