@@ -39,6 +39,29 @@ def make_model():
     )
 
 
+class BlockNet(nn.Module):
+    """A stem, two repeated blocks in an nn.ModuleList and a head: four depth units."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Linear(12, 32)
+        self.blocks = nn.ModuleList(
+            nn.Sequential(nn.Linear(32, 32), nn.Tanh(), nn.Linear(32, 32)) for _ in range(2)
+        )
+        self.head = nn.Linear(32, 5)
+
+    def forward(self, x):
+        x = torch.tanh(self.stem(x))
+        for block in self.blocks:
+            x = x + torch.tanh(block(x))
+        return self.head(x)
+
+
+def make_block_model():
+    torch.manual_seed(0)
+    return BlockNet()
+
+
 def global_batch(step):
     g = torch.Generator().manual_seed(500 + step)
     return torch.randn(8 * WORLD, 12, generator=g), torch.randint(0, 5, (8 * WORLD,), generator=g)
@@ -105,6 +128,16 @@ def _scenarios(rank, workdir):
     cutoffs = train(ddp, model, opt, STEPS, batch=batch)
     out["tau_nice"] = dict(params=snapshot(model), cutoffs=cutoffs, bytes=stats.bytes)
 
+    # Depth units (layers="blocks") under the active-only hook, small buckets.
+    model = make_block_model()
+    opt = dropmuon.DropMuon(model, layers="blocks", **OPTIONS)
+    stats = dmd.CommStats()
+    ddp = dmd.wrap_ddp(model, opt, stats=stats, bucket_cap_mb=0.002)
+    cutoffs = train(ddp, model, opt, STEPS, batch=batch)
+    out["blocks"] = dict(
+        params=snapshot(model), cutoffs=cutoffs, bytes=stats.bytes, names=opt.layer_names()
+    )
+
     # A parameter-group optimizer: nothing is frozen between forward passes, so DDP registers
     # every parameter (0.1 froze layers at construction, which wrap_ddp had to undo).
     model = make_model()
@@ -164,9 +197,9 @@ def _worker(rank, port, workdir):
 # ----------------------------------------------------------------------------------------------
 
 
-def single_process(steps, start=0, state=None, **options):
+def single_process(steps, start=0, state=None, make=make_model, **options):
     """The reference: one process on the concatenated batch."""
-    model = make_model()
+    model = make()
     opt = dropmuon.DropMuon(model, **{**OPTIONS, **options})
     if state is not None:
         model.load_state_dict(state[0])
@@ -190,7 +223,7 @@ def assert_params_close(a, b, tolerance=1e-5):
         torch.testing.assert_close(x, y, rtol=tolerance, atol=tolerance)
 
 
-SCENARIOS = ["ddp", "active", "tau_nice", "param_list", "helper", "from_single"]
+SCENARIOS = ["ddp", "active", "tau_nice", "blocks", "param_list", "helper", "from_single"]
 
 
 @pytest.mark.parametrize("name", SCENARIOS)
@@ -333,3 +366,17 @@ def main():
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def test_depth_units_under_ddp_equal_one_process_and_send_only_active_units(runs):
+    ranks, _ = runs
+    model, opt, cutoffs = single_process(STEPS, make=make_block_model, layers="blocks")
+    units = [model.stem, *model.blocks, model.head]
+    sizes = [sum(p.numel() * 4 for p in unit.parameters()) for unit in units]
+    assert opt.layer_names() == ["stem", "blocks.0", "blocks.1", "head"]
+    assert len(set(cutoffs)) > 1
+    for rank in ranks:
+        blocks = rank["blocks"]
+        assert blocks["names"] == opt.layer_names() and blocks["cutoffs"] == cutoffs
+        assert_params_close(blocks["params"], snapshot(model))
+        assert blocks["bytes"] == sum(sum(sizes[c:]) for c in cutoffs)

@@ -68,6 +68,40 @@ def loss_of(model, batch):
 # ----------------------------------------------------------------------------------------------
 
 
+class BlockNet(nn.Module):
+    """A stem, two repeated blocks (13 hidden rows: an uneven split) and a head: four depth
+    units with layers="blocks"."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Linear(64, 16)
+        self.blocks = nn.ModuleList(
+            nn.Sequential(nn.Linear(16, 13), nn.Tanh(), nn.Linear(13, 16)) for _ in range(2)
+        )
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x):
+        x = torch.tanh(self.stem(x.flatten(1)))
+        for block in self.blocks:
+            x = x + torch.tanh(block(x))
+        return self.head(x)
+
+
+def make_block_model():
+    torch.manual_seed(0)
+    return BlockNet()
+
+
+def sharded_block_model(mesh):
+    from torch.distributed.fsdp import fully_shard
+
+    model = make_block_model()
+    for module in (model.stem, *model.blocks, model.head):
+        fully_shard(module, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
 def sharded_model(mesh):
     from torch.distributed.fsdp import fully_shard
 
@@ -199,6 +233,13 @@ def _scenarios(rank, workdir):
             params=gathered(model), watch=watch, state_bytes=state_bytes, placements=placements
         )
 
+    # Depth units (layers="blocks"), each block sharded as a unit.
+    model = sharded_block_model(mesh)
+    opt = dropmuon.DropMuon(model, **OPTIONS, layers="blocks", fallback="adamw")
+    watch = {}
+    train_sharded(model, opt, rank, STEPS, watch=watch)
+    out["blocks"] = dict(params=gathered(model), watch=watch, names=opt.layer_names())
+
     # DCP resume: save at RESUME_AT, go on; a fresh model and optimizer load and go on.
     for name, by_groups in (("resume", False), ("resume_param_groups", True)):
         path = os.path.join(workdir, f"dcp_{name}")
@@ -296,9 +337,9 @@ def runs():
 # ----------------------------------------------------------------------------------------------
 
 
-def single_process(steps, **options):
+def single_process(steps, make=make_model, **options):
     """The reference: one process, the unsharded model, the concatenated batch."""
-    model = make_model()
+    model = make()
     opt = dropmuon.DropMuon(model, **OPTIONS, **options)
     cutoffs = []
     for s in range(steps):
@@ -455,3 +496,26 @@ def test_the_fsdp2_example_resumes_bit_for_bit():
     )
     assert run.returncode == 0, run.stderr[:3000] + "\n...\n" + run.stderr[-3000:]
     assert "resumed run equals the uninterrupted one bit for bit: True" in run.stdout
+
+
+def test_depth_units_under_fsdp2_equal_one_process(runs):
+    """layers="blocks" on a model whose blocks are sharded one by one: the units are found and
+    ordered at the first forward (placed by the calls of their sharded modules), and the run
+    equals one process on the concatenated batch; units below the cutoff do not change."""
+    reference, cutoffs = single_process(
+        STEPS, make=make_block_model, layers="blocks", fallback="adamw"
+    )
+    assert len(set(cutoffs)) > 1
+    units = ["stem", "blocks.0", "blocks.1", "head"]
+    for rank in runs:
+        blocks = rank["blocks"]
+        assert blocks["names"] == units
+        assert [s["cutoff"] for s in blocks["watch"]["steps"]] == cutoffs
+        for n, p in reference.items():
+            torch.testing.assert_close(
+                blocks["params"][n], p.detach(), rtol=TOLERANCE, atol=TOLERANCE
+            )
+        for step in blocks["watch"]["steps"]:
+            for n, changed in step["changed"].items():
+                unit = next(i for i, u in enumerate(units) if n.startswith(u + "."))
+                assert changed == (unit >= step["cutoff"]), (n, step["cutoff"])
