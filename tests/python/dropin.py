@@ -69,3 +69,23 @@ def assert_twins_agree(original, twin, loss_fn, steps):
         step(model2, opt2, loss_fn, s)
     for a, b in zip(model.parameters(), model2.parameters()):
         assert torch.equal(a, b)
+
+
+class BlockNet(nn.Module):
+    """A stem, two repeated blocks in an nn.ModuleList and a head: four depth units with
+    ``layers="blocks"`` (the DDP and FSDP2 tests)."""
+
+    def __init__(self, inputs: int, width: int, hidden: int, classes: int):
+        super().__init__()
+        self.stem = nn.Linear(inputs, width)
+        self.blocks = nn.ModuleList(
+            nn.Sequential(nn.Linear(width, hidden), nn.Tanh(), nn.Linear(hidden, width))
+            for _ in range(2)
+        )
+        self.head = nn.Linear(width, classes)
+
+    def forward(self, x):
+        x = torch.tanh(self.stem(x.flatten(1)))
+        for block in self.blocks:
+            x = x + torch.tanh(block(x))
+        return self.head(x)

@@ -15,6 +15,7 @@ import tempfile
 import pytest
 import torch
 import torch.distributed as dist
+from dropin import BlockNet
 from multiprocess import WORLD, collect, run_scenarios, spawn
 from torch import nn
 
@@ -39,27 +40,9 @@ def make_model():
     )
 
 
-class BlockNet(nn.Module):
-    """A stem, two repeated blocks in an nn.ModuleList and a head: four depth units."""
-
-    def __init__(self):
-        super().__init__()
-        self.stem = nn.Linear(12, 32)
-        self.blocks = nn.ModuleList(
-            nn.Sequential(nn.Linear(32, 32), nn.Tanh(), nn.Linear(32, 32)) for _ in range(2)
-        )
-        self.head = nn.Linear(32, 5)
-
-    def forward(self, x):
-        x = torch.tanh(self.stem(x))
-        for block in self.blocks:
-            x = x + torch.tanh(block(x))
-        return self.head(x)
-
-
 def make_block_model():
     torch.manual_seed(0)
-    return BlockNet()
+    return BlockNet(12, 32, 32, 5)
 
 
 def global_batch(step):

@@ -14,6 +14,7 @@ import tempfile
 
 import pytest
 import torch
+from dropin import BlockNet
 from multiprocess import WORLD, collect, run_scenarios
 from torch import nn
 
@@ -68,28 +69,9 @@ def loss_of(model, batch):
 # ----------------------------------------------------------------------------------------------
 
 
-class BlockNet(nn.Module):
-    """A stem, two repeated blocks (13 hidden rows: an uneven split) and a head: four depth
-    units with layers="blocks"."""
-
-    def __init__(self):
-        super().__init__()
-        self.stem = nn.Linear(64, 16)
-        self.blocks = nn.ModuleList(
-            nn.Sequential(nn.Linear(16, 13), nn.Tanh(), nn.Linear(13, 16)) for _ in range(2)
-        )
-        self.head = nn.Linear(16, 3)
-
-    def forward(self, x):
-        x = torch.tanh(self.stem(x.flatten(1)))
-        for block in self.blocks:
-            x = x + torch.tanh(block(x))
-        return self.head(x)
-
-
 def make_block_model():
     torch.manual_seed(0)
-    return BlockNet()
+    return BlockNet(64, 16, 13, 3)  # 13 hidden rows in FSDP2: an uneven split
 
 
 def sharded_block_model(mesh):
