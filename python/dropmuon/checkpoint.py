@@ -26,7 +26,7 @@ from .layers.partition import Layer
 from .layers.sampling import LayerSampler
 from .step.adamw import ADAMW_STATE_KEYS
 
-if TYPE_CHECKING:  # the book writes and reads the section
+if TYPE_CHECKING:  # the section is written from, and checked against, the optimizer's layers
     from .layers.book import LayerBook
 
 # 3: param groups as the user passed them; each parameter's layer, norm and shape in the section.

@@ -7,6 +7,16 @@ from torch import nn
 from dropmuon.compare.models import WordTransformer
 
 
+class FixedCutoff:
+    """A user sampler: always the same cutoff."""
+
+    def __init__(self, cutoff: int) -> None:
+        self.cutoff = cutoff
+
+    def sample(self, step, num_layers):
+        return [i >= self.cutoff for i in range(num_layers)]
+
+
 def cnn(seed=0):
     torch.manual_seed(seed)
     return nn.Sequential(

@@ -36,7 +36,6 @@ def test_a_two_step_run_of_each_baseline(tmp_path, name):
     # Fingerprinted like the others: the same initial weights and batches as the paired run.
     assert run["init_fingerprint"] == ours["init_fingerprint"]
     assert run["order_fingerprint"] == ours["order_fingerprint"]
-    assert run["evals"][-1]["running_loss"] == pytest.approx(run["evals"][-1]["running_loss"])
     assert torch.isfinite(torch.tensor(run["evals"][-1]["running_loss"]))
 
 

@@ -6,6 +6,7 @@ import os
 
 import pytest
 import torch
+from dropin import FixedCutoff
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -38,14 +39,6 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-class FixedCutoff:
-    def __init__(self, c):
-        self.c = c
-
-    def sample(self, step, num_layers):
-        return [i >= self.c for i in range(num_layers)]
 
 
 def image_case():

@@ -7,18 +7,11 @@ import copy
 
 import pytest
 import torch
+from dropin import FixedCutoff
 from torch import nn
 
 import dropmuon
 from dropmuon.compare.models import WordTransformer, build_language_model, build_model
-
-
-class FixedCutoff:
-    def __init__(self, cutoff: int) -> None:
-        self.cutoff = cutoff
-
-    def sample(self, step: int, num_layers: int) -> list[bool]:
-        return [i >= self.cutoff for i in range(num_layers)]
 
 
 class BasicBlock(nn.Module):

@@ -22,6 +22,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+from dropin import FixedCutoff
 from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
@@ -39,14 +40,6 @@ aten = torch.ops.aten
 MATMULS = {aten.mm.default, aten.addmm.default, aten.bmm.default, aten.baddbmm.default}
 CONVOLUTION = aten.convolution.default
 MEASURED_OPS = ("mm", "addmm", "bmm", "baddbmm", "convolution", "convolution_backward")
-
-
-class FixedCutoff:
-    def __init__(self, cutoff: int) -> None:
-        self.cutoff = cutoff
-
-    def sample(self, step, num_layers):
-        return [i >= self.cutoff for i in range(num_layers)]
 
 
 def tensors_in(values):

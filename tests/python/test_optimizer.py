@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 import torch.optim._muon as torch_muon
+from dropin import FixedCutoff
 from torch import nn
 from training import train_steps
 
@@ -41,16 +42,6 @@ def train(model, opt, steps, start=0):
 def relative_deviation(a, b, start):
     """max |a - b| relative to how far a moved from the start, worst parameter."""
     return max(((x - y).abs().max() / (x - s).abs().max()).item() for x, y, s in zip(a, b, start))
-
-
-class FixedCutoff:
-    """A user sampler: always the same cutoff."""
-
-    def __init__(self, cutoff):
-        self.cutoff = cutoff
-
-    def sample(self, step, num_layers):
-        return [i >= self.cutoff for i in range(num_layers)]
 
 
 MUON_KW = dict(lr=0.02, weight_decay=0.1, momentum=0.95, nesterov=True)

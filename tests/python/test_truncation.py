@@ -4,19 +4,12 @@ cost model predicts."""
 
 import pytest
 import torch
+from dropin import FixedCutoff
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 import dropmuon
 from dropmuon.compare.models import PaperCNN, ResNet18
-
-
-class FixedCutoff:
-    def __init__(self, cutoff):
-        self.cutoff = cutoff
-
-    def sample(self, step, num_layers):
-        return [i >= self.cutoff for i in range(num_layers)]
 
 
 def layer_forward_flops(module: nn.Module, inputs, outputs) -> int:

@@ -46,6 +46,7 @@ class Baseline:
     module: str
     summary: str
     build: Callable  # (module, hidden matrices, the rest, lr, args) -> optimizer
+    takes_matrices: bool = False  # conv kernels go to it as 2-D parameters
 
 
 class FlattenedKernel(nn.Module):
@@ -91,8 +92,6 @@ def _groups(muon: list, rest: list, muon_options: dict, adamw_options: dict) -> 
 
 
 def _keller_jordan(module, muon, rest, lr, args):
-    if any(p.dim() > 2 for p in muon):
-        raise ValueError("kj-muon takes matrices: flatten the conv kernels first")
     return module.SingleDeviceMuonWithAuxAdam(
         _groups(
             muon,
@@ -126,6 +125,7 @@ BASELINES = {
             "muon",
             "Keller Jordan's Muon (SingleDeviceMuonWithAuxAdam)",
             _keller_jordan,
+            takes_matrices=True,
         ),
         Baseline(
             "po-muon",
@@ -172,7 +172,7 @@ def build_baseline(name: str, model: nn.Module, args, lr: float):
             f"--optimizers {name} needs the package {baseline.package.split('==')[0]}: "
             f'pip install "{baseline.package}" (or pip install "dropmuon[baselines]")'
         ) from error
-    if name == "kj-muon":
+    if baseline.takes_matrices:
         flatten_conv_kernels(model)
     muon, rest = hidden_matrices(model)
     return baseline.build(module, muon, rest, lr, args)
