@@ -83,7 +83,7 @@ def check_hyperparameters(
 
 
 def check_optimizer_options(
-    nonfinite, smoothness_beta, adamw_lr, lr, cuda_kernels, layers="modules"
+    nonfinite, smoothness_beta, adamw_lr, lr, cuda_kernels, layers="modules", smoothness_every=1
 ) -> None:
     """The options of DropMuon that are not per group."""
     if layers not in LAYERINGS:
@@ -94,6 +94,10 @@ def check_optimizer_options(
         raise ValueError(f"nonfinite must be 'raise' or 'skip', got {nonfinite!r}")
     if not 0.0 <= smoothness_beta < 1.0:
         raise ValueError(f"smoothness_beta must be in [0, 1), got {smoothness_beta!r}")
+    if isinstance(smoothness_every, bool) or not isinstance(smoothness_every, int):
+        raise TypeError(f"smoothness_every must be an int, got {smoothness_every!r}")
+    if smoothness_every < 1:
+        raise ValueError(f"smoothness_every must be >= 1, got {smoothness_every}")
     if adamw_lr is not None and not 0.0 <= adamw_lr < math.inf:
         raise ValueError(f"Invalid learning rate: {adamw_lr}")
     if adamw_lr is not None and float(lr) == 0.0 and adamw_lr != 0.0:
@@ -123,8 +127,8 @@ GROUP_NAMES = {"adamw_betas": "betas", "adamw_lr": "adamw_lr_ratio"}
 # DropMuon's arguments that are the optimizer's, not a group's.
 OPTIMIZER_ONLY = (
     "sampling", "tau", "seed", "total_steps", "shift_strength", "fallback", "norms",
-    "nonfinite", "estimate_smoothness", "smoothness_beta", "cuda_kernels", "fsdp_update",
-    "layers",
+    "nonfinite", "estimate_smoothness", "smoothness_beta", "smoothness_every", "cuda_kernels",
+    "fsdp_update", "layers",
 )  # fmt: skip
 # Every key a near miss is checked against.
 KNOWN_KEYS = (*GROUP_KEYS, *GROUP_NAMES, *OPTIMIZER_ONLY)

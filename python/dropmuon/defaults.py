@@ -53,6 +53,8 @@ DEFAULT_SHIFT_STRENGTH = 4.0  # epoch_shift's tilt
 
 NONFINITE_MODES = ("raise", "skip")
 DEFAULT_SMOOTHNESS_BETA = 0.9
+# A layer's smoothness estimate is refreshed on every k-th of its active steps.
+DEFAULT_SMOOTHNESS_EVERY = 1
 # Power iterations for the spectral norm of a step in the smoothness estimator.
 SMOOTHNESS_POWER_ITERATIONS = 20
 

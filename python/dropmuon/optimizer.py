@@ -76,6 +76,7 @@ from .defaults import (
     DEFAULT_SAMPLING,
     DEFAULT_SHIFT_STRENGTH,
     DEFAULT_SMOOTHNESS_BETA,
+    DEFAULT_SMOOTHNESS_EVERY,
     GROUP_DEFAULTS,
 )
 from .diagnostics import Diagnostics
@@ -165,8 +166,12 @@ class DropMuon(Optimizer):
             weights and state stay untouched this step; counted in ``skipped_nonfinite``).
         estimate_smoothness: keep online per-layer smoothness estimates (secants between
             consecutive active steps, :mod:`dropmuon.layers.smoothness`). On by default for
-            ``"cost_optimal"``, which needs them; they cost a gradient copy and a sharp per step.
-        smoothness_beta: EMA factor of the smoothness estimates (default 0.9).
+            ``"cost_optimal"``, which needs them. Each refresh costs a copy of the layer's matrix
+            gradients, a sharp and a power iteration per matrix (``smoothness_every``).
+        smoothness_beta: EMA factor of the smoothness estimates (default 0.9), applied per
+            estimate.
+        smoothness_every: refresh a layer's estimate on every k-th of its active steps
+            (default 1: every one); the steps in between cost nothing.
         cuda_kernels: CUDA parameters use dropmuon's CUDA kernels (True) or the pure-PyTorch
             reference (False). Default None: ``DROPMUON_CUDA_KERNELS`` (``1``/``0``), else the
             reference until the kernels have passed on real hardware (:mod:`dropmuon.kernels`).
@@ -207,6 +212,7 @@ class DropMuon(Optimizer):
         nonfinite: str = "raise",
         estimate_smoothness: bool | None = None,
         smoothness_beta: float = DEFAULT_SMOOTHNESS_BETA,
+        smoothness_every: int = DEFAULT_SMOOTHNESS_EVERY,
         cuda_kernels: bool | None = None,
         fsdp_update: str = "owner",
         layers: str = "modules",
@@ -217,7 +223,9 @@ class DropMuon(Optimizer):
         )  # fmt: skip
         ns_schedule(ns_coefficients, ns_steps)  # validates
         truncation.end_interrupted_pass()  # the flags the model is read with are the user's
-        check_optimizer_options(nonfinite, smoothness_beta, adamw_lr, lr, cuda_kernels, layers)
+        check_optimizer_options(
+            nonfinite, smoothness_beta, adamw_lr, lr, cuda_kernels, layers, smoothness_every
+        )
         role_norms = check_norms(norms, fallback)
         defaults = dict(
             GROUP_DEFAULTS, lr=lr, weight_decay=weight_decay, momentum=momentum,
@@ -239,7 +247,8 @@ class DropMuon(Optimizer):
         options = SamplerOptions(sampling, seed, tau, total_steps, shift_strength)
         self._layers = LayerBook(
             self.param_groups, model, role_norms=role_norms, fallback=fallback,
-            sampler_options=options, smoothness_beta=smoothness_beta, cuda_kernels=cuda_kernels,
+            sampler_options=options, smoothness_beta=smoothness_beta,
+            smoothness_every=smoothness_every, cuda_kernels=cuda_kernels,
             diagnostics=self._diagnostics, layering=layers,
         )  # fmt: skip
         self._estimate = check_estimate_option(estimate_smoothness, self.sampler)
@@ -408,7 +417,9 @@ class DropMuon(Optimizer):
         )
         by_layer = screen_nonfinite(by_layer, layers, self._sharded, self._nonfinite)
         estimator = layers.smoothness
-        before = estimator.before_step(by_layer, self.state) if self._estimate else None
+        if self._estimate:
+            embeddings = layers.embedding_ids()
+            before = estimator.before_step(by_layer, self.state, layers.update_counts, embeddings)
         active_buckets = buckets(chain(*by_layer.values()), schedules)
         if self._sharded is not None:
             self._sharded.update_(active_buckets, self.state, self._cuda_kernels)
@@ -417,8 +428,8 @@ class DropMuon(Optimizer):
                 update_bucket_(bucket, self.state, self._cuda_kernels)
         for position in by_layer:
             layers.update_counts[position] += 1
-        if before is not None:
-            estimator.after_step(by_layer, self.state, before)
+        if self._estimate:
+            estimator.after_step(by_layer, self.state, before, embeddings)
         self._begin_step(self._step_count + 1)
         return loss
 

@@ -42,6 +42,7 @@ DEFAULT_LOSS_TARGETS = {  # per-character cross-entropy (nats) targets for langu
 RECORDED_OPTIONS = (
     "batch_size", "lr", "lr_grid", "sweep_seeds", "select_target", "adamw_lr", "momentum",
     "weight_decay", "ns_precision", "epochs", "time_budget", "max_steps", "eval_every_steps",
+    "layers", "smoothness_every",
 )  # fmt: skip
 
 
@@ -250,6 +251,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="text: train/validation/test loss targets, nats per character (default: per dataset)",
     )
     add(
+        "--layers",
+        default="modules",
+        choices=["modules", "blocks"],
+        help="DropMuon/Muon: what a layer is, each module holding parameters or depth units",
+    )
+    add(
+        "--smoothness-every",
+        type=int,
+        default=1,
+        help="DropMuon/Muon: refresh each layer's smoothness estimate every k of its steps",
+    )
+    add(
         "--log-smoothness",
         action="store_true",
         help=(
@@ -282,6 +295,8 @@ def check_args(parser, args) -> None:
         args.lr_grid = parse_lr_grid(args.lr_grid) if args.lr_grid else None
     except argparse.ArgumentTypeError as error:
         parser.error(str(error))
+    if args.smoothness_every < 1:
+        parser.error(f"--smoothness-every must be >= 1, got {args.smoothness_every}")
     text = args.dataset in TEXT_DATASETS
     if text != (args.model in TEXT_MODELS):
         parser.error(

@@ -116,6 +116,8 @@ def build_optimizer(spec: OptimizerSpec, model: nn.Module, args, seed: int, tota
             adamw_lr=args.adamw_lr,
             ns_precision=args.ns_precision,
             estimate_smoothness=True if getattr(args, "log_smoothness", False) else None,
+            smoothness_every=getattr(args, "smoothness_every", 1),
+            layers=getattr(args, "layers", "modules"),
         )
         if spec.kind == "muon":
             return Muon(model, **options)

@@ -43,10 +43,11 @@ from .partition import (
     group_layers,
     model_layers,
     param_names,
+    param_role,
     resolve_norm,
 )
 from .sampling import LayerSampler, draw, make_sampler, resized_sampler
-from .smoothness import SmoothnessEstimator
+from .smoothness import SmoothnessEstimator, measured
 from .trace import FirstForwardTrace
 from .truncation import compiled
 
@@ -96,6 +97,7 @@ class LayerBook:
         fallback: str,
         sampler_options: SamplerOptions,
         smoothness_beta: float,
+        smoothness_every: int,
         cuda_kernels: bool | None,
         diagnostics: Diagnostics,
         layering: str = "modules",
@@ -128,7 +130,9 @@ class LayerBook:
         self.model = model
         self.update_counts = [0] * self.num_layers
         self.skipped_nonfinite = [0] * self.num_layers
-        self.smoothness = SmoothnessEstimator(self.num_layers, smoothness_beta, cuda_kernels)
+        self.smoothness = SmoothnessEstimator(
+            self.num_layers, smoothness_beta, cuda_kernels, smoothness_every
+        )
         self.sampler = sampler_options.build(self.num_layers, self.pending)
         self.norms = self.assign_norms()
         for p in self.params():
@@ -214,7 +218,23 @@ class LayerBook:
         """The layers step ``step`` updates (the coming step's ``mask``)."""
         if self.pending:  # one provisional layer: the real draw comes with the layers
             return [True] * self.num_layers
-        return draw(self.sampler, step, self.num_layers, self.smoothness.smoothness)
+        estimates = self.smoothness.for_sampling(self.has_matrices())
+        return draw(self.sampler, step, self.num_layers, estimates)
+
+    def has_matrices(self) -> list[bool]:
+        """By position, whether a layer holds a matrix (the parameters the smoothness estimates
+        measure)."""
+        found = [False] * self.num_layers
+        for layer in self.partition.layers:
+            found[layer.position] = any(measured(p) for _, p in layer.params)
+        return found
+
+    def embedding_ids(self) -> set[int]:
+        """The ids of the embedding tables (the smoothness estimates measure them as lookups)."""
+        return {
+            id(p) for layer in self.partition.layers for _, p in layer.params
+            if param_role(layer, p, is_last_layer=False) == "embedding"
+        }  # fmt: skip
 
     def active_gradients(self) -> tuple[dict[int, list], dict]:
         """The active parameters with gradients, by layer position, as (group, norm, param),
@@ -249,7 +269,7 @@ class LayerBook:
         self.update_counts = [0] * self.num_layers
         self.skipped_nonfinite = [0] * self.num_layers
         self.smoothness = SmoothnessEstimator(
-            self.num_layers, self.smoothness.beta, self.cuda_kernels
+            self.num_layers, self.smoothness.beta, self.cuda_kernels, self.smoothness.every
         )
         self.sampler = self.sampler_options.build(self.num_layers, pending=False)
         before, self.norms = self.norms, self.assign_norms()

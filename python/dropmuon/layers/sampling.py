@@ -227,10 +227,9 @@ def resized_sampler(sampler, num_layers: int):
     return resized
 
 
-def draw(sampler, step: int, num_layers: int, smoothness: Sequence[float | None]) -> list[bool]:
-    """The active mask of step ``step``; ``cost_optimal`` uses ``smoothness`` once every layer
-    has an estimate (full updates until then)."""
+def draw(sampler, step: int, num_layers: int, smoothness: Sequence[float] | None) -> list[bool]:
+    """The active mask of step ``step``; ``cost_optimal`` draws from ``smoothness`` (None
+    until the estimates are ready: full updates)."""
     if isinstance(sampler, LayerSampler):
-        ready = sampler.kind == "cost_optimal" and all(v is not None for v in smoothness)
-        return sampler.sample(step, smoothness if ready else None)
+        return sampler.sample(step, smoothness if sampler.kind == "cost_optimal" else None)
     return mask_from_user_sampler(sampler, step, num_layers)
