@@ -3,7 +3,7 @@
 # the second edition's five Muon runs (benchmarks/run_study.sh part 6: one seed, lr 0.05, every
 # layer active at every step, estimates logged at each evaluation) with today's estimator, into
 # benchmarks/results/smoothness/<variant>/<setting>/:
-#   modules  per-module layers, estimate refreshed every step (the "after" of the one-scale fix;
+#   modules  per-module layers, estimates refreshed every step (the "after" of the one-scale fix;
 #            the "before" is benchmarks/results/study/smoothness/, written by the old estimator)
 #   every10  the same runs refreshing each estimate every 10th step (--smoothness-every 10)
 #   blocks   depth units (--layers blocks) on the models that have blocks
@@ -45,7 +45,7 @@ settings() { # variant, then extra arguments
         --eval-every-steps 6 "$@"
 }
 
-settings modules
+settings modules --smoothness-every 1
 settings every10 --smoothness-every 10
-settings blocks --layers blocks
+settings blocks --layers blocks --smoothness-every 1
 echo "smoothness done: $out"

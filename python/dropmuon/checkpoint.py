@@ -33,6 +33,9 @@ if TYPE_CHECKING:  # the section is written from, and checked against, the optim
 # 2: one param group per layer, with "layer", "param_norms" and "param_shapes" in each; every
 # parameter's state present (made at construction). 1: as 2, with the section at the top level
 # and no state for parameters never updated.
+# What the smoothness estimates are measured in (layers/smoothness.py); checkpoints without it
+# hold estimates on the old per-geometry scale, which are not loaded.
+SMOOTHNESS_SCALE = "rms-operator"
 STATE_VERSION = 3
 READABLE_VERSIONS = (1, 2, 3)
 # The keys dropmuon 0.1 (versions 1-2) kept in each param group.
@@ -87,6 +90,7 @@ def section(layers: LayerBook, step: int) -> dict:
         skipped_nonfinite=list(layers.skipped_nonfinite),
         smoothness=_or_minus_one(estimator.smoothness),
         last_step_norm=_or_minus_one(estimator.last_step_norm),
+        smoothness_scale=SMOOTHNESS_SCALE,
         layer_order=layers.order,
         world_size=world_size(),
         param_layers=[[layers.position(p) for p in params] for params in per_group],
@@ -272,6 +276,9 @@ def checked(state_dict, layers: LayerBook, state) -> Checked:
     order = str(extra.get("layer_order", ""))
     adopt = not positions_final and not order.startswith("registration")
     estimates = _or_none(extra["smoothness"]), _or_none(extra["last_step_norm"])
+    if extra.get("smoothness_scale") != SMOOTHNESS_SCALE:
+        # Written before the estimates were on one scale: they are made again, not mixed.
+        estimates = [None] * len(estimates[0]), [None] * len(estimates[1])
     return Checked(extra, positions, kept, sampler, adopt, *estimates)
 
 

@@ -168,10 +168,10 @@ class DropMuon(Optimizer):
             consecutive active steps, :mod:`dropmuon.layers.smoothness`). On by default for
             ``"cost_optimal"``, which needs them. Each refresh costs a copy of the layer's matrix
             gradients, a sharp and a power iteration per matrix (``smoothness_every``).
-        smoothness_beta: EMA factor of the smoothness estimates (default 0.9), applied per
-            estimate.
+        smoothness_beta: EMA factor of the smoothness estimates per active step (default
+            0.9; ``smoothness_beta ** smoothness_every`` per estimate).
         smoothness_every: refresh a layer's estimate on every k-th of its active steps
-            (default 1: every one); the steps in between cost nothing.
+            (default 10; 1: every one); the steps in between cost nothing.
         cuda_kernels: CUDA parameters use dropmuon's CUDA kernels (True) or the pure-PyTorch
             reference (False). Default None: ``DROPMUON_CUDA_KERNELS`` (``1``/``0``), else the
             reference until the kernels have passed on real hardware (:mod:`dropmuon.kernels`).
@@ -360,9 +360,15 @@ class DropMuon(Optimizer):
         lambda self: self._layers.skipped_nonfinite,
         doc='Steps that left each layer out for a NaN/Inf gradient (``nonfinite="skip"``).',
     )
+    cutoff_probabilities = property(
+        lambda self: self._layers.distribution(self._step_count),
+        doc="P(cutoff = i) for the next draw, by position (cost_optimal: from the current "
+        "estimates); None for a sampler object of the user's.",
+    )
     smoothness = property(
         lambda self: self._layers.smoothness.smoothness,
-        doc="Each layer's smoothness estimate (None until it has one; ``estimate_smoothness``).",
+        doc="Each layer's smoothness estimate (None until it has one, and for a layer without "
+        "matrices; ``estimate_smoothness``).",
     )
     layer_order = property(
         lambda self: self._layers.order,

@@ -146,7 +146,7 @@ ZERO_GRAD_CASES = {
     "frobenius": dict(norms={"matrix": "frobenius", "head": "frobenius"}),
     "adamw": dict(fallback="adamw"),
     "adaptive-L0-0": dict(radius="adaptive", L0=0.0, L1=1.0),
-    "smoothness": dict(estimate_smoothness=True),
+    "smoothness": dict(estimate_smoothness=True, smoothness_every=1),
 }
 
 
@@ -507,7 +507,7 @@ def test_hyperparameter_made_invalid_later_raises_before_anything_changes(key, v
     model = mlp()
     opt = dropmuon.DropMuon(
         model, lr=0.05, sampling="full", fallback="adamw", nonfinite="skip",
-        estimate_smoothness=True,
+        estimate_smoothness=True, smoothness_every=1,
     )  # fmt: skip
     train(model, opt, 3)
     assert all(v is not None for v in opt.smoothness)

@@ -118,7 +118,12 @@ def test_the_optimizer_passes_its_choice_to_every_kernel_call(monkeypatch, optio
     monkeypatch.setattr(ops, "sharp", recording_sharp)
     model = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3))
     opt = dropmuon.DropMuon(
-        model, lr=0.02, sampling="full", estimate_smoothness=True, cuda_kernels=option
+        model,
+        lr=0.02,
+        sampling="full",
+        estimate_smoothness=True,
+        smoothness_every=1,
+        cuda_kernels=option,
     )
     for _ in range(3):
         opt.zero_grad()

@@ -24,7 +24,10 @@ def whitened_inputs(n_in, n=512, seed=0):
 def quadratic_estimate(model, x, target_fn, steps=6, **options):
     """Trains ``model`` on the quadratic 0.5 * mean over samples and outputs of the squared
     error to ``target_fn(x)`` (the RMS loss), every layer active, and returns the estimates."""
-    options = dict(dict(lr=0.05, momentum=0.0, nesterov=False, smoothness_beta=0.0), **options)
+    options = dict(
+        dict(lr=0.05, momentum=0.0, nesterov=False, smoothness_beta=0.0, smoothness_every=1),
+        **options,
+    )
     opt = dropmuon.DropMuon(model, sampling="full", estimate_smoothness=True, **options)
     target = target_fn(x)
     for _ in range(steps):
@@ -46,7 +49,11 @@ def test_a_matrix_layer_of_the_rms_quadratic_has_smoothness_one_whatever_its_sha
     model, star = nn.Linear(n_in, n_out, bias=False), nn.Linear(n_in, n_out, bias=False)
     x = whitened_inputs(n_in)
     (estimate,) = quadratic_estimate(
-        model, x, lambda x: star(x).detach(), ns_coefficients="polar_express", ns_steps=10,
+        model,
+        x,
+        lambda x: star(x).detach(),
+        ns_coefficients="polar_express",
+        ns_steps=10,
         ns_precision="native",
     )
     assert estimate == pytest.approx(1.0, rel=0.06)
@@ -146,9 +153,13 @@ def test_norm_layers_do_not_steer_cost_optimal_on_a_pre_ln_transformer():
     estimates = opt.smoothness
     assert all(estimates[i] is None for i in norm_layers)  # vectors ride along
     assert all(v is not None and v > 0 for i, v in enumerate(estimates) if i not in norm_layers)
-    p = opt.sampler.distribution(0, opt._layers.smoothness.for_sampling(opt._layers.has_matrices()))
-    assert float(p[norm_layers].sum()) == 0.0  # a norm layer never raises the running maximum
+    p = opt.cutoff_probabilities
+    assert sum(p[i] for i in norm_layers) == 0.0  # a norm layer never raises the running maximum
     assert not set(cutoffs[1:]) & set(norm_layers)
+    # describe() shows the distribution the next draw uses and the estimates ("-": none).
+    rows = dropmuon.describe(opt).splitlines()[2:]
+    assert [float(r.split()[4]) for r in rows] == pytest.approx(p, abs=1e-3)
+    assert all(rows[i].split()[5] == "-" for i in norm_layers)
     assert len(set(cutoffs[1:])) >= 2  # a distribution, not full updates with extra cost
 
 
@@ -206,3 +217,24 @@ def test_cost_optimal_resumes_bit_for_bit_with_sparse_estimates(layers):
 def test_bad_smoothness_every_is_refused(value, error):
     with pytest.raises(error, match="smoothness_every"):
         dropmuon.DropMuon(nn.Linear(2, 2), smoothness_every=value)
+
+
+def test_estimates_of_a_checkpoint_written_on_the_old_scale_are_made_again():
+    model = pre_ln_transformer()
+    opt = dropmuon.DropMuon(model, lr=0.02, sampling="cost_optimal", smoothness_every=1)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(4):
+        lm_step(model, opt, g)
+    saved = opt.state_dict()
+    assert saved["param_groups"][0]["dropmuon"]["smoothness_scale"] == "rms-operator"
+    again = dropmuon.DropMuon(model, lr=0.02, sampling="cost_optimal", smoothness_every=1)
+    again.load_state_dict(copy.deepcopy(saved))
+    assert again.smoothness == opt.smoothness and any(v is not None for v in again.smoothness)
+
+    old = copy.deepcopy(saved)
+    del old["param_groups"][0]["dropmuon"]["smoothness_scale"]  # as written before the fix
+    older = dropmuon.DropMuon(model, lr=0.02, sampling="cost_optimal", smoothness_every=1)
+    older.load_state_dict(old)
+    assert older.smoothness == [None] * older.num_layers
+    assert older.cutoff_probabilities[0] == 1.0  # full updates until new estimates exist
+    assert older.update_counts == opt.update_counts  # the rest of the checkpoint is loaded

@@ -39,7 +39,11 @@ def save(*objects):
 
 @pytest.mark.parametrize(
     "options",
-    [dict(), dict(sampling="cost_optimal"), dict(sampling="epoch_shift", total_steps=12)],
+    [
+        dict(),
+        dict(sampling="cost_optimal", smoothness_every=2),
+        dict(sampling="epoch_shift", total_steps=12),
+    ],
     ids=["uniform", "cost_optimal", "epoch_shift"],
 )
 def test_resume_is_bit_identical(options):

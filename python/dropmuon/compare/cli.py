@@ -259,8 +259,9 @@ def build_parser() -> argparse.ArgumentParser:
     add(
         "--smoothness-every",
         type=int,
-        default=1,
-        help="DropMuon/Muon: refresh each layer's smoothness estimate every k of its steps",
+        default=None,
+        help="DropMuon/Muon: refresh each layer's smoothness estimate every k of its steps "
+        "(default: the library's, 10)",
     )
     add(
         "--log-smoothness",
@@ -295,7 +296,7 @@ def check_args(parser, args) -> None:
         args.lr_grid = parse_lr_grid(args.lr_grid) if args.lr_grid else None
     except argparse.ArgumentTypeError as error:
         parser.error(str(error))
-    if args.smoothness_every < 1:
+    if args.smoothness_every is not None and args.smoothness_every < 1:
         parser.error(f"--smoothness-every must be >= 1, got {args.smoothness_every}")
     text = args.dataset in TEXT_DATASETS
     if text != (args.model in TEXT_MODELS):

@@ -116,9 +116,10 @@ def build_optimizer(spec: OptimizerSpec, model: nn.Module, args, seed: int, tota
             adamw_lr=args.adamw_lr,
             ns_precision=args.ns_precision,
             estimate_smoothness=True if getattr(args, "log_smoothness", False) else None,
-            smoothness_every=getattr(args, "smoothness_every", 1),
             layers=getattr(args, "layers", "modules"),
         )
+        if getattr(args, "smoothness_every", None) is not None:
+            options["smoothness_every"] = args.smoothness_every
         if spec.kind == "muon":
             return Muon(model, **options)
         extra = {"total_steps": total_steps} if spec.sampling == "epoch_shift" else {}

@@ -221,6 +221,13 @@ class LayerBook:
         estimates = self.smoothness.for_sampling(self.has_matrices())
         return draw(self.sampler, step, self.num_layers, estimates)
 
+    def distribution(self, step: int) -> list[float] | None:
+        """P(cutoff) of step ``step``'s draw (None for a user's sampler object)."""
+        if not isinstance(self.sampler, LayerSampler):
+            return None
+        estimates = self.smoothness.for_sampling(self.has_matrices())
+        return self.sampler.distribution(step, estimates).tolist()
+
     def has_matrices(self) -> list[bool]:
         """By position, whether a layer holds a matrix (the parameters the smoothness estimates
         measure)."""

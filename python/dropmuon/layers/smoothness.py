@@ -13,7 +13,8 @@ takes it as 0 (it is updated exactly as often as the layer below it).
 
 A layer's estimate is refreshed on every ``every``-th of its active steps: the step before is
 measured (its length, and its gradients kept as ``prev_grad``), the next active step takes the
-secant and frees ``prev_grad``.
+secant and frees ``prev_grad``. The EMA factor is ``beta ** every`` per estimate, so the
+estimates remember as many active steps whatever ``every``.
 """
 
 from __future__ import annotations
@@ -156,9 +157,8 @@ class SmoothnessEstimator:
         )
         estimate = numerator / step_norm
         old = self.smoothness[layer]
-        self.smoothness[layer] = (
-            estimate if old is None else self.beta * old + (1 - self.beta) * estimate
-        )
+        beta = self.beta**self.every  # per active step: the same memory whatever `every`
+        self.smoothness[layer] = estimate if old is None else beta * old + (1 - beta) * estimate
 
     def after_step(
         self, by_layer: dict, state, before: dict[int, Tensor], embeddings: Collection[int]
