@@ -109,6 +109,31 @@ def test_validation_split_is_disjoint_from_train_and_test():
         ImageTask.from_dataset(indexed_dataset(), val_size=300)
 
 
+def test_layers_and_smoothness_every_reach_dropmuon():
+    from dropmuon.compare.models import build_language_model
+
+    model = build_language_model("gpt", 20, 8)
+    args = cli.build_parser().parse_args(["--layers", "blocks", "--smoothness-every", "3"])
+    spec = train.OptimizerSpec.parse("dropmuon:cost_optimal")
+    opt = train.build_optimizer(spec, model, args, 0, 10, 0.05)
+    assert opt.layer_names() == ["token+position", "blocks.0", "blocks.1", "norm+head"]
+    tokens = torch.randint(0, 20, (4, 9))
+    for s in range(4):  # estimates armed at the 3rd active step, taken at the 4th
+        opt.zero_grad()
+        logits = model(tokens[:, :-1]).flatten(0, 1)
+        torch.nn.functional.cross_entropy(logits, tokens[:, 1:].flatten()).backward()
+        opt.step()
+        assert all(v is None for v in opt.smoothness) == (s < 3), s
+    default = train.build_optimizer(spec, model, cli.build_parser().parse_args([]), 0, 10, 0.05)
+    assert default.num_layers == 16  # per-module layers by default
+
+
+def test_smoothness_every_must_be_positive(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        run_compare(tmp_path, "--smoothness-every", "0")
+    assert "--smoothness-every must be >= 1, got 0" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("option", ["--train-size", "--test-size", "--eval-train-size"])
 def test_subset_sizes_must_be_positive(tmp_path, option, capsys):
     with pytest.raises(SystemExit):

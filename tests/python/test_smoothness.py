@@ -238,3 +238,13 @@ def test_estimates_of_a_checkpoint_written_on_the_old_scale_are_made_again():
     assert older.smoothness == [None] * older.num_layers
     assert older.cutoff_probabilities[0] == 1.0  # full updates until new estimates exist
     assert older.update_counts == opt.update_counts  # the rest of the checkpoint is loaded
+
+
+def test_cutoff_probabilities_are_the_samplers_and_none_for_a_user_sampler():
+    from dropin import FixedCutoff
+
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 2))
+    assert dropmuon.DropMuon(model).cutoff_probabilities == pytest.approx([0.25] * 4)
+    custom = dropmuon.DropMuon(model, sampling=[0.1, 0.2, 0.3, 0.4])
+    assert custom.cutoff_probabilities == pytest.approx([0.1, 0.2, 0.3, 0.4])
+    assert dropmuon.DropMuon(model, sampling=FixedCutoff(2)).cutoff_probabilities is None
