@@ -351,6 +351,40 @@ def test_the_sweep_end_to_end_chooses_by_its_validation_runs(tmp_path, monkeypat
     assert "- muon: lr 0.05, by best mean final val_acc — **at the grid's edge**" in summary
 
 
+def test_sweep_only_writes_the_choices_and_no_final_runs(tmp_path, capsys):
+    argv = ["--dataset", "synthetic", "--optimizers", "dropadamw", "adamw", "--lr-grid",
+            "adamw=1e-3,3e-3", "dropadamw:uniform=1e-3,3e-3", "0.01", "--sweep-seeds", "1",
+            "--epochs", "1", "--val-size", "128", "--no-progress", "--sweep-only",
+            "--output", str(tmp_path)]  # fmt: skip
+    assert cli.main(argv) == 0
+    rows = (tmp_path / "sweep.csv").read_text().strip().splitlines()
+    assert len(rows) == 1 + 2 * 2  # header, 2 optimizers x 2 values x 1 sweep seed
+    assert not (tmp_path / "runs").exists()
+    out = capsys.readouterr().out
+    assert "dropadamw:uniform: lr " in out and "adamw: lr " in out
+
+
+def test_drop_adamw_updates_every_role_with_adamw_and_truncates():
+    from dropmuon.compare.models import PaperCNN
+
+    model = PaperCNN(1, 10, 12, channels=(4, 8, 8))
+    args = cli.build_parser().parse_args([])
+    spec = train.OptimizerSpec.parse("dropadamw")
+    assert spec.name == "dropadamw:uniform"
+    opt = train.build_optimizer(spec, model, args, 0, 10, 3e-3)
+    assert {opt.norm_of(p) for p in model.parameters()} == {"adamw"}
+    assert all(g["lr"] * g["adamw_lr_ratio"] == 3e-3 for g in opt.param_groups)  # AdamW's lr
+    for _ in range(6):
+        cutoff = opt.cutoff
+        opt.zero_grad()
+        model(torch.randn(4, 1, 12, 12)).square().mean().backward()
+        for p in model.parameters():
+            assert (p.grad is None) == (opt.layer_of(p) < cutoff)
+        opt.step()
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args(["--optimizers", "adamw:uniform"])
+
+
 def test_a_sweep_needs_a_validation_split(tmp_path, capsys):
     with pytest.raises(SystemExit):
         cli.main(["--dataset", "synthetic", "--lr-grid", "0.01", "0.02", "--output", str(tmp_path)])

@@ -125,7 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=OptimizerSpec.parse,
         default=[OptimizerSpec.parse(n) for n in ("dropmuon", "muon", "torch-muon")],
         help="dropmuon[:<sampling>] (tau_nice: dropmuon:tau_nice:tau=<k>), muon, torch-muon, "
-        "adamw; baselines from other packages (pip install 'dropmuon[baselines]'): "
+        "adamw, dropadamw[:<sampling>] (Drop-AdamW: AdamW as every layer's update); "
+        "baselines from other packages (pip install 'dropmuon[baselines]'): "
         + ", ".join(f"{b.name} ({b.summary})" for b in BASELINES.values()),
     )
     add("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4], help="seeds of the final runs")
@@ -203,6 +204,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=2,
         help="--lr-grid: runs per grid value (seeds 1000, 1001, ...)",
+    )
+    add(
+        "--sweep-only",
+        action="store_true",
+        help="--lr-grid: run the sweep and write sweep.csv with each choice, no final runs "
+        "(to widen a grid whose choice sits at an edge, then run again with --resume)",
     )
     add(
         "--select-target",
@@ -296,6 +303,8 @@ def check_args(parser, args) -> None:
         args.lr_grid = parse_lr_grid(args.lr_grid) if args.lr_grid else None
     except argparse.ArgumentTypeError as error:
         parser.error(str(error))
+    if args.sweep_only and not args.lr_grid:
+        parser.error("--sweep-only needs --lr-grid")
     if args.smoothness_every is not None and args.smoothness_every < 1:
         parser.error(f"--smoothness-every must be >= 1, got {args.smoothness_every}")
     text = args.dataset in TEXT_DATASETS
@@ -394,6 +403,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.lr_grid:
             sweep, selections = experiment.sweep()
             report.write_sweep_csv(output / "sweep.csv", sweep, selections, meta)
+            if args.sweep_only:
+                for name, selection in selections.items():
+                    edge = " (at the grid's edge)" if selection.at_edge else ""
+                    print(f"{name}: lr {selection.lr:g} by {selection.criterion}{edge}")
+                return 0
             lrs = {name: selection.lr for name, selection in selections.items()}
         else:
             lrs = {spec.name: learning_rate(spec, args.lr) for spec in args.optimizers}

@@ -17,7 +17,8 @@ from .stats import (
     time_to,
 )
 
-BASELINES = ("muon", "torch-muon")  # what speedups are measured against, where present
+# What speedups are measured against, where present (adamw: for Drop-AdamW).
+BASELINES = ("muon", "torch-muon", "adamw")
 PHASES = ("forward", "backward", "optimizer")
 SPLITS = ("train", "val", "test")
 

@@ -3,6 +3,9 @@
 Optimizers (``--optimizers``):
   ``dropmuon[:sampling]``  DropMuon (``uniform`` by default; any sampling name of DropMuon),
   ``muon``                 dropmuon.Muon (DropMuon with full sampling),
+  ``dropadamw[:sampling]`` "Drop-AdamW": DropMuon's sampling and truncation with AdamW as every
+                           parameter's update (``norms`` adamw for every role; its lr is AdamW's,
+                           from the grid), the ablation that separates dropping from the geometry,
   ``torch-muon``           torch.optim.Muon on every 2-D weight, conv kernels included: each conv
                            weight is re-registered as a 2-D (out, in*kh*kw) parameter through
                            ``torch.nn.utils.parametrize`` (reshaped back to 4-D in forward); plus
@@ -34,7 +37,10 @@ from .baselines import BASELINES, build_baseline, flatten_conv_kernels
 from .data import batches
 from .models import build_language_model, build_model
 
-OPTIMIZER_KINDS = ("dropmuon", "muon", "torch-muon", "adamw", *BASELINES)
+OPTIMIZER_KINDS = ("dropmuon", "dropadamw", "muon", "torch-muon", "adamw", *BASELINES)
+SAMPLED_KINDS = ("dropmuon", "dropadamw")  # the kinds that take a sampling
+# Drop-AdamW: every role's norm is AdamW.
+ADAMW_EVERYWHERE = {"matrix": "adamw", "head": "adamw", "embedding": "adamw"}
 
 
 @dataclass(frozen=True)
@@ -64,8 +70,10 @@ class OptimizerSpec:
                 f"unknown optimizer {text!r}; choose from {', '.join(OPTIMIZER_KINDS)} "
                 "(dropmuon may take ':<sampling>', and tau_nice ':tau=<k>')"
             )
-        if sampling and kind != "dropmuon":
-            raise argparse.ArgumentTypeError(f"only dropmuon takes a sampling, not {kind!r}")
+        if sampling and kind not in SAMPLED_KINDS:
+            raise argparse.ArgumentTypeError(
+                f"only dropmuon and dropadamw take a sampling, not {kind!r}"
+            )
         if sampling and sampling not in SAMPLINGS:
             raise argparse.ArgumentTypeError(
                 f"unknown sampling {sampling!r}; choose from {', '.join(SAMPLINGS)}"
@@ -80,7 +88,7 @@ class OptimizerSpec:
             tau = int(value)
         elif option:
             raise argparse.ArgumentTypeError(f"{text!r}: only tau_nice takes an option")
-        default = DEFAULT_SAMPLING if kind == "dropmuon" else None
+        default = DEFAULT_SAMPLING if kind in SAMPLED_KINDS else None
         return OptimizerSpec(kind, sampling or default, tau)
 
 
@@ -109,11 +117,13 @@ def build_optimizer(spec: OptimizerSpec, model: nn.Module, args, seed: int, tota
     matrices; AdamW: for everything). ``args.log_smoothness`` turns DropMuon's smoothness
     estimates on."""
     common = dict(lr=lr, momentum=args.momentum, nesterov=True, weight_decay=args.weight_decay)
-    if spec.kind in ("dropmuon", "muon"):
+    if spec.kind in ("dropmuon", "dropadamw", "muon"):
+        drop_adamw = spec.kind == "dropadamw"
         options = dict(
             common,
             fallback="adamw",
-            adamw_lr=args.adamw_lr,
+            adamw_lr=lr if drop_adamw else args.adamw_lr,
+            **({"norms": ADAMW_EVERYWHERE} if drop_adamw else {}),
             ns_precision=args.ns_precision,
             estimate_smoothness=True if getattr(args, "log_smoothness", False) else None,
             layers=getattr(args, "layers", "modules"),
