@@ -1,0 +1,159 @@
+"""The third edition's tables (RESULTS.md section 3), from the folders benchmarks/run_study3.py
+writes: per setting, every optimizer of its jobs (depth-unit runs marked ``[blocks]``) with its
+lr grid and choice, time to the hardest and the middle validation target with 95% intervals,
+paired speedups over Muon (and Drop-AdamW over AdamW), final validation and test metrics; the
+A/A pair; the sweeps; and how often each layer was updated.
+
+    python3 benchmarks/study3_tables.py [benchmarks/results/study3] > tables.md
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+from pathlib import Path
+
+from study_tables import final, finished, load, mean_interval, metric_of, speedup, val_targets
+
+from dropmuon.compare.stats import records, time_to
+
+SETTINGS = ("vit", "paper-cnn", "gpt", "resnet18")
+SUFFIXES = {"": "", "-blocks": " [blocks]", "-adamw": "", "-baselines": ""}
+PAIRS = {"dropadamw:uniform": "adamw"}  # besides Muon, what an optimizer is paired with
+
+
+def gather(root: Path, setting: str):
+    """Runs by optimizer over the setting's jobs, each optimizer's lr grid, and the meta."""
+    groups, grids, sweeps, meta = {}, {}, {}, None
+    for suffix, mark in SUFFIXES.items():
+        folder = root / f"{setting}{suffix}"
+        if not finished(folder / "runs"):
+            continue
+        job_grids = json.loads((folder / "grids.json").read_text())
+        for name, runs in load(folder / "runs").items():
+            groups[name + mark] = runs
+            grids[name + mark] = job_grids.get(name, [])
+            meta = meta or runs[0]["meta"]
+        for name, runs in load(folder / "sweep").items():
+            sweeps[name + mark] = runs
+    return groups, grids, sweeps, meta
+
+
+def unpaired(groups: dict) -> list[str]:
+    """Optimizers whose seeds did not start from Muon's weights and batches."""
+    base = {r["seed"]: r for r in groups.get("muon", [])}
+    bad = []
+    for name, runs in groups.items():
+        for r in runs:
+            b = base.get(r["seed"])
+            if b and (r["init_fingerprint"], r["order_fingerprint"]) != (
+                b["init_fingerprint"], b["order_fingerprint"]
+            ):  # fmt: skip
+                bad.append(f"{name} seed {r['seed']}")
+    return bad
+
+
+def choice(runs: list[dict], grid: list[float]) -> str:
+    lr = runs[0]["lr"]
+    edge = " **edge**" if len(grid) > 1 and lr in (min(grid), max(grid)) else ""
+    span = f"{min(grid):g}..{max(grid):g} ({len(grid)})" if grid else "-"
+    return f"{lr:g}{edge} | {span}"
+
+
+def headline(setting: str, groups, grids, meta) -> list[str]:
+    metric = metric_of(meta)
+    targets = val_targets(meta)
+    hardest, middle = targets[-1], targets[len(targets) // 2]
+    test = metric.replace("val_", "test_")
+    sign = "≤" if metric.endswith("_loss") else "≥"
+    lines = [
+        f"### {setting}: {meta['model']} on {meta['dataset']}, {meta.get('max_steps')} steps",
+        "",
+        f"| optimizer | lr | grid (values) | {metric} {sign} {hardest}: s (k/n) | speedup over "
+        f"Muon | {metric} {sign} {middle}: s (k/n) | speedup over Muon | final {metric} | "
+        f"final {test} |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    base = groups.get("muon", [])
+    order = sorted(groups, key=lambda n: (n != "muon", n != "torch-muon", n))
+    for name in order:
+        runs = groups[name]
+        cells = [name, choice(runs, grids.get(name, []))]
+        for target in (hardest, middle):
+            times = [t for t in (time_to(r, metric, target) for r in runs) if t is not None]
+            cells.append(f"{mean_interval(times)} ({len(times)}/{len(runs)})")
+            cells.append("—" if name == "muon" else speedup(runs, base, metric, target))
+        cells += [final(runs, metric), final(runs, test)]
+        lines.append("| " + " | ".join(cells) + " |")
+    for name, partner in PAIRS.items():
+        if name in groups and partner in groups:
+            cells = [speedup(groups[name], groups[partner], metric, t) for t in (hardest, middle)]
+            lines.append(
+                f"\n{name} over {partner} (paired): {cells[0]} to {hardest}, {cells[1]} to "
+                f"{middle}."
+            )
+    bad = unpaired(groups)
+    lines.append(
+        "\nPairing: every run started from Muon's weights and batches of its seed."
+        if not bad
+        else f"\n**Not paired with Muon** (fingerprints differ): {', '.join(bad)}."
+    )
+    return lines + [""]
+
+
+def sweep_table(setting: str, sweeps, groups, meta) -> list[str]:
+    metric = metric_of(meta)
+    target = meta["select_target"]
+    lines = [
+        f"#### {setting}: sweep (2 seeds per value; mean final {metric}, median s to "
+        f"{target}; chosen value in bold)",
+        "",
+    ]
+    for name, runs in sorted(sweeps.items()):
+        by_lr: dict[float, list[dict]] = {}
+        for r in runs:
+            by_lr.setdefault(r["lr"], []).append(r)
+        chosen = groups[name][0]["lr"] if name in groups else None
+        cells = []
+        for lr in sorted(by_lr):
+            finals = statistics.mean(records(r)[-1][metric] for r in by_lr[lr])
+            times = [time_to(r, metric, target) for r in by_lr[lr]]
+            reached = [t for t in times if t is not None]
+            median = f"{statistics.median(reached):.0f} s" if len(reached) == len(times) else "-"
+            cell = f"{lr:g}: {finals:.3f}, {median}"
+            cells.append(f"**{cell}**" if lr == chosen else cell)
+        lines.append(f"- {name}: " + "; ".join(cells))
+    return lines + [""]
+
+
+def update_shares(setting: str, groups) -> list[str]:
+    lines = [f"#### {setting}: share of steps that updated each layer (final runs, mean)", ""]
+    for name, runs in sorted(groups.items()):
+        counts = [r.get("update_counts") for r in runs]
+        if not counts or counts[0] is None or not name.startswith(("dropmuon", "dropadamw")):
+            continue
+        steps = statistics.mean(records(r)[-1]["step"] for r in runs)
+        shares = [statistics.mean(c[i] for c in counts) / steps for i in range(len(counts[0]))]
+        names = runs[0].get("layer_names") or [str(i) for i in range(len(shares))]
+        lines.append(f"- {name}: " + ", ".join(f"{n} {s:.2f}" for n, s in zip(names, shares)))
+    return lines + [""]
+
+
+def main(root: Path) -> None:
+    lines = [f"# Study, third edition: tables (from {root})", ""]
+    for setting in SETTINGS:
+        groups, grids, sweeps, meta = gather(root, setting)
+        if meta is None:
+            continue
+        lines += headline(setting, groups, grids, meta)
+        lines += sweep_table(setting, sweeps, groups, meta)
+        lines += update_shares(setting, groups)
+    times = root / "times.txt"
+    if times.is_file():
+        lines += ["## Wall time per job", "", *times.read_text().splitlines(), ""]
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]) if len(sys.argv) > 1 else Path(__file__).parent / "results" / "study3")
