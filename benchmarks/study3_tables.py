@@ -63,12 +63,13 @@ def choice(runs: list[dict], grid: list[float]) -> str:
 
 def headline(setting: str, groups, grids, meta) -> list[str]:
     metric = metric_of(meta)
+    steps = records(next(iter(groups.values()))[0])[-1]["step"]
     targets = val_targets(meta)
     hardest, middle = targets[-1], targets[len(targets) // 2]
     test = metric.replace("val_", "test_")
     sign = "≤" if metric.endswith("_loss") else "≥"
     lines = [
-        f"### {setting}: {meta['model']} on {meta['dataset']}, {meta.get('max_steps')} steps",
+        f"### {setting}: {meta['model']} on {meta['dataset']}, {steps} steps",
         "",
         f"| optimizer | lr | grid (values) | {metric} {sign} {hardest}: s (k/n) | speedup over "
         f"Muon | {metric} {sign} {middle}: s (k/n) | speedup over Muon | final {metric} | "
