@@ -248,3 +248,14 @@ def test_cutoff_probabilities_are_the_samplers_and_none_for_a_user_sampler():
     custom = dropmuon.DropMuon(model, sampling=[0.1, 0.2, 0.3, 0.4])
     assert custom.cutoff_probabilities == pytest.approx([0.1, 0.2, 0.3, 0.4])
     assert dropmuon.DropMuon(model, sampling=FixedCutoff(2)).cutoff_probabilities is None
+
+
+def test_a_layer_the_user_froze_does_not_hold_cost_optimal_at_full_updates():
+    model = pre_ln_transformer()
+    model.embed.weight.requires_grad_(False)  # frozen embeddings: never estimated
+    opt = dropmuon.DropMuon(model, lr=0.02, sampling="cost_optimal", smoothness_every=1)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(4):
+        lm_step(model, opt, g)
+    assert opt.smoothness[0] is None
+    assert opt.cutoff_probabilities[0] < 1.0  # drawn from the other layers' estimates

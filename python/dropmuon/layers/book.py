@@ -229,11 +229,11 @@ class LayerBook:
         return self.sampler.distribution(step, estimates).tolist()
 
     def has_matrices(self) -> list[bool]:
-        """By position, whether a layer holds a matrix (the parameters the smoothness estimates
-        measure)."""
+        """By position, whether a layer holds a trainable matrix (what the smoothness estimates
+        measure: a layer the user froze never gets one, and must not hold the draw back)."""
         found = [False] * self.num_layers
         for layer in self.partition.layers:
-            found[layer.position] = any(measured(p) for _, p in layer.params)
+            found[layer.position] = any(measured(p) and p.requires_grad for _, p in layer.params)
         return found
 
     def embedding_ids(self) -> set[int]:

@@ -122,7 +122,7 @@ class SmoothnessEstimator:
             values.append(value if measurable else 0.0)
         return values
 
-    def _armed(self, layer: int, update_count: int) -> bool:
+    def _armed(self, update_count: int) -> bool:
         """Whether this active step (the layer's ``update_count``-th, from 0) is measured for
         the secant its next active step takes."""
         return (update_count + 1) % self.every == 0
@@ -138,7 +138,7 @@ class SmoothnessEstimator:
             matrices = [p for _, _, p in entries if measured(p)]
             if self.last_step_norm[layer] is not None:
                 self._secant(layer, matrices, state, embeddings)
-            if matrices and self._armed(layer, update_counts[layer]):
+            if matrices and self._armed(update_counts[layer]):
                 before.update({id(p): p.detach().clone() for p in matrices})
         return before
 
