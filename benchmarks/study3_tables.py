@@ -73,8 +73,8 @@ def headline(setting: str, groups, grids, meta) -> list[str]:
         "",
         f"| optimizer | lr | grid (values) | {metric} {sign} {hardest}: s (k/n) | speedup over "
         f"Muon | {metric} {sign} {middle}: s (k/n) | speedup over Muon | final {metric} | "
-        f"final {test} |",
-        "|---|---|---|---|---|---|---|---|---|",
+        f"final {test} | s per step |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     base = groups.get("muon", [])
     order = sorted(groups, key=lambda n: (n != "muon", n != "torch-muon", n))
@@ -85,15 +85,18 @@ def headline(setting: str, groups, grids, meta) -> list[str]:
             times = [t for t in (time_to(r, metric, target) for r in runs) if t is not None]
             cells.append(f"{mean_interval(times)} ({len(times)}/{len(runs)})")
             cells.append("—" if name == "muon" else speedup(runs, base, metric, target))
-        cells += [final(runs, metric), final(runs, test)]
+        per_step = statistics.mean(
+            records(r)[-1]["train_time"] / records(r)[-1]["step"] for r in runs
+        )
+        cells += [final(runs, metric), final(runs, test), f"{per_step:.3f}"]
         lines.append("| " + " | ".join(cells) + " |")
     for name, partner in PAIRS.items():
         if name in groups and partner in groups:
-            cells = [speedup(groups[name], groups[partner], metric, t) for t in (hardest, middle)]
-            lines.append(
-                f"\n{name} over {partner} (paired): {cells[0]} to {hardest}, {cells[1]} to "
-                f"{middle}."
-            )
+            cells = [
+                f"{speedup(groups[name], groups[partner], metric, t)} to {t}"
+                for t in reversed(targets)
+            ]
+            lines.append(f"\n{name} over {partner} (paired): {'; '.join(cells)}.")
     bad = unpaired(groups)
     lines.append(
         "\nPairing: every run started from Muon's weights and batches of its seed."
