@@ -98,11 +98,12 @@ def headline(setting: str, groups, grids, meta) -> list[str]:
             ]
             lines.append(f"\n{name} over {partner} (paired): {'; '.join(cells)}.")
     bad = unpaired(groups)
-    lines.append(
-        "\nPairing: every run started from Muon's weights and batches of its seed."
-        if not bad
-        else f"\n**Not paired with Muon** (fingerprints differ): {', '.join(bad)}."
-    )
+    if "muon" not in groups:
+        lines.append("\nPairing with Muon: no Muon runs in this setting yet.")
+    elif bad:
+        lines.append(f"\n**Not paired with Muon** (fingerprints differ): {', '.join(bad)}.")
+    else:
+        lines.append("\nPairing: every run started from Muon's weights and batches of its seed.")
     return lines + [""]
 
 
