@@ -218,23 +218,24 @@ class LayerBook:
         """The layers step ``step`` updates (the coming step's ``mask``)."""
         if self.pending:  # one provisional layer: the real draw comes with the layers
             return [True] * self.num_layers
-        estimates = self.smoothness.for_sampling(self.has_matrices())
-        return draw(self.sampler, step, self.num_layers, estimates)
+        return draw(self.sampler, step, self.num_layers, self.sampling_estimates())
 
     def distribution(self, step: int) -> list[float] | None:
         """P(cutoff) of step ``step``'s draw (None for a user's sampler object)."""
         if not isinstance(self.sampler, LayerSampler):
             return None
-        estimates = self.smoothness.for_sampling(self.has_matrices())
-        return self.sampler.distribution(step, estimates).tolist()
+        return self.sampler.distribution(step, self.sampling_estimates()).tolist()
 
-    def has_matrices(self) -> list[bool]:
-        """By position, whether a layer holds a trainable matrix (what the smoothness estimates
-        measure: a layer the user froze never gets one, and must not hold the draw back)."""
-        found = [False] * self.num_layers
+    def sampling_estimates(self) -> list[float] | None:
+        """The smoothness estimates cost_optimal draws from (``SmoothnessEstimator.
+        for_sampling``), told which layers hold a trainable matrix (what the estimates measure:
+        a layer the user froze never gets one, and must not hold the draw back)."""
+        has_matrices = [False] * self.num_layers
         for layer in self.partition.layers:
-            found[layer.position] = any(measured(p) and p.requires_grad for _, p in layer.params)
-        return found
+            has_matrices[layer.position] = any(
+                measured(p) and p.requires_grad for _, p in layer.params
+            )
+        return self.smoothness.for_sampling(has_matrices)
 
     def embedding_ids(self) -> set[int]:
         """The ids of the embedding tables (the smoothness estimates measure them as lookups)."""
