@@ -35,7 +35,7 @@ settings() { # variant, then extra arguments
         --max-steps 300 --test-size 400 --eval-train-size 400 --eval-every-steps 30 \
         --loss-targets 2.3 "$@"
     run "$variant" fashion-mnist-vit --dataset fashion-mnist --model vit --batch-size 256 \
-        --train-size 20480 --epochs 1 --max-steps 120 --test-size 1000 --eval-train-size 500 \
+        --train-size 20480 --epochs 1 --max-steps 80 --test-size 1000 --eval-train-size 500 \
         --eval-every-steps 20 "$@"
     run "$variant" fashion-mnist-resnet18 --dataset fashion-mnist --model resnet18 --width 16 \
         --batch-size 256 --train-size 20480 --epochs 1 --max-steps 80 --test-size 1000 \

@@ -68,6 +68,16 @@ def test_dropmuon_runs_record_their_cutoffs(tmp_path):
     assert sum(run["update_counts"]) > 16
 
 
+def test_max_steps_beyond_the_epochs_is_an_error(tmp_path, capsys):
+    # 384 images at batch 128: 3 steps an epoch, 6 in --epochs 2; 7 would be cut short silently.
+    argv = ["--optimizers", "muon", "--train-size", "384", "--max-steps", "7"]
+    assert run_compare(tmp_path, *argv) == 2
+    err = capsys.readouterr().err
+    assert "--max-steps 7 is more than --epochs 2 holds (3 steps an epoch)" in err
+    assert "give --epochs 3 or more" in err and not (tmp_path / "runs").exists()
+    assert run_compare(tmp_path, "--optimizers", "muon", "--train-size", "384", "--max-steps", "6") == 0
+
+
 def test_train_and_test_subsets_are_fixed_and_recorded(tmp_path):
     assert (
         run_compare(tmp_path, "--optimizers", "muon", "--train-size", "384", "--test-size", "100")

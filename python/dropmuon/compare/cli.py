@@ -19,7 +19,7 @@ import torch
 
 from .. import __version__
 from .baselines import BASELINES
-from .data import DATASETS, DatasetError, load_dataset
+from .data import DATASETS, DatasetError, load_dataset, steps_per_epoch
 from .experiment import Experiment
 from .models import IMAGE_MODELS, MODELS, TEXT_MODELS
 from .tasks import ImageTask, TextTask
@@ -372,6 +372,16 @@ def main(argv: list[str] | None = None) -> int:
         task = build_task(args)
     except (DatasetError, ValueError) as error:
         print(f"dropmuon-compare: {error}", file=sys.stderr)
+        return 2
+    epoch_steps = steps_per_epoch(task.num_train, args.batch_size)
+    if args.max_steps and args.max_steps > epoch_steps * args.epochs:
+        # Else the run would stop at the last epoch's end, short of the steps asked for.
+        print(
+            f"dropmuon-compare: --max-steps {args.max_steps} is more than --epochs "
+            f"{args.epochs} holds ({epoch_steps} steps an epoch): give --epochs "
+            f"{-(-args.max_steps // epoch_steps)} or more",
+            file=sys.stderr,
+        )
         return 2
     task = task.to(args.device)
     output = Path(args.output)

@@ -186,6 +186,11 @@ def synthetic_dataset(
     return _standardise("synthetic", train_x, train_y, test_x, test_y, 10)
 
 
+def steps_per_epoch(n: int, batch_size: int) -> int:
+    """How many batches ``batches`` gives for ``n`` examples (the last partial one dropped)."""
+    return max(1, n // batch_size)
+
+
 def batches(n: int, batch_size: int, generator: torch.Generator, drop_last: bool = True):
     """Index tensors of one shuffled epoch (no per-sample Python work)."""
     order = torch.randperm(n, generator=generator)

@@ -14,6 +14,7 @@ import json
 from pathlib import Path
 
 from . import stats
+from .data import steps_per_epoch
 from .train import OptimizerSpec, learning_rate, train_run
 
 SWEEP_SEED_BASE = 1000  # sweep seeds 1000, 1001, ...: never the final runs' seeds
@@ -44,7 +45,7 @@ class Experiment:
         if not self.args.no_progress:
             from tqdm import tqdm
 
-            steps = self.args.epochs * max(1, self.task.num_train // self.args.batch_size)
+            steps = self.args.epochs * steps_per_epoch(self.task.num_train, self.args.batch_size)
             steps = min(steps, self.args.max_steps or steps)
             progress = tqdm(total=steps, desc=label, unit="step", leave=False)
         run = train_run(spec, seed, self.task, self.args, lr, progress)

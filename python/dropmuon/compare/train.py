@@ -34,7 +34,7 @@ from torch import nn
 from .. import DropMuon, Muon
 from ..defaults import DEFAULT_SAMPLING, SAMPLINGS
 from .baselines import BASELINES, build_baseline, flatten_conv_kernels
-from .data import batches
+from .data import batches, steps_per_epoch
 from .models import build_language_model, build_model
 
 OPTIMIZER_KINDS = ("dropmuon", "dropadamw", "muon", "torch-muon", "adamw", *BASELINES)
@@ -196,9 +196,9 @@ def train_run(spec: OptimizerSpec, seed: int, task, args, lr: float, progress=No
     torch.manual_seed(seed)
     model = build_task_model(args, task).to(device)
     init_fingerprint = fingerprint(p for _, p in sorted(model.named_parameters()))
-    steps_per_epoch = len(batches(task.num_train, args.batch_size, torch.Generator()))
+    epoch_steps = steps_per_epoch(task.num_train, args.batch_size)
     max_steps = getattr(args, "max_steps", None)
-    total_steps = min(steps_per_epoch * args.epochs, max_steps or math.inf)
+    total_steps = min(epoch_steps * args.epochs, max_steps or math.inf)
     optimizer = build_optimizer(spec, model, args, seed, total_steps, lr)
     shuffle = torch.Generator().manual_seed(seed)
     every = getattr(args, "eval_every_steps", None)
@@ -252,7 +252,7 @@ def train_run(spec: OptimizerSpec, seed: int, task, args, lr: float, progress=No
                 progress.update(1)
                 progress.set_postfix(loss=f"{losses[-1]:.3f}", t=f"{train_time:.0f}s")
             if every and step % every == 0:
-                evaluate(step / steps_per_epoch)
+                evaluate(step / epoch_steps)
             out_of_time = bool(args.time_budget and train_time >= args.time_budget)
             out_of_time = out_of_time or step == max_steps
             if out_of_time:
@@ -262,7 +262,7 @@ def train_run(spec: OptimizerSpec, seed: int, task, args, lr: float, progress=No
         if not every:
             evaluate(float(epoch))
     if not evals or evals[-1]["step"] != step:  # the end, if not just evaluated
-        evaluate(step / steps_per_epoch)
+        evaluate(step / epoch_steps)
     return dict(
         optimizer=spec.name,
         seed=seed,
@@ -271,7 +271,7 @@ def train_run(spec: OptimizerSpec, seed: int, task, args, lr: float, progress=No
         cutoffs=cutoffs,
         update_counts=getattr(optimizer, "update_counts", None),
         layer_names=optimizer.layer_names() if isinstance(optimizer, DropMuon) else None,
-        steps_per_epoch=steps_per_epoch,
+        steps_per_epoch=epoch_steps,
         init_fingerprint=init_fingerprint,
         order_fingerprint=order_fingerprint,
     )
