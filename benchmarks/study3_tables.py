@@ -2,16 +2,18 @@
 writes: per setting, every optimizer of its jobs (depth-unit runs marked ``[blocks]``) with its
 lr grid and choice, time to the hardest and the middle validation target with 95% intervals,
 paired speedups over Muon (and Drop-AdamW over AdamW), final validation and test metrics; the
-A/A pair; the sweeps; and how often each layer was updated.
+A/A pair; the sweeps; and how often each layer was updated. ``--results`` prints only the
+headline tables as RESULTS.md section 3 shows them (readable names, the lr with its grid).
 
     python3 benchmarks/study3_tables.py [benchmarks/results/study3] > tables.md
+    python3 benchmarks/study3_tables.py --results      # the tables to paste into RESULTS.md
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import statistics
-import sys
 from pathlib import Path
 
 from study_tables import final, finished, load, mean_interval, metric_of, speedup, val_targets
@@ -21,6 +23,24 @@ from dropmuon.compare.stats import records, time_to
 SETTINGS = ("vit", "paper-cnn", "gpt", "resnet18")
 SUFFIXES = {"": "", "-blocks": " [blocks]", "-adamw": "", "-baselines": ""}
 PAIRS = {"dropadamw:uniform": "adamw"}  # besides Muon, what an optimizer is paired with
+TITLES = {"vit": "ViT", "paper-cnn": "Paper CNN", "gpt": "Char GPT", "resnet18": "ResNet-18"}
+# RESULTS.md's names and row order; an optimizer not listed keeps its harness name, last.
+READABLE = {
+    "muon": "Muon",
+    "torch-muon": "torch.optim.Muon (A/A)",
+    "dropmuon:cost_optimal": "Drop-Muon cost_optimal",
+    "dropmuon:cost_optimal [blocks]": "Drop-Muon cost_optimal [blocks]",
+    "dropmuon:epoch_shift": "Drop-Muon epoch_shift",
+    "dropmuon:epoch_shift [blocks]": "Drop-Muon epoch_shift [blocks]",
+    "dropmuon:uniform": "Drop-Muon uniform",
+    "dropmuon:uniform [blocks]": "Drop-Muon uniform [blocks]",
+    "kj-muon": "Keller Jordan's Muon",
+    "po-muon": "pytorch-optimizer Muon",
+    "po-adamuon": "pytorch-optimizer AdaMuon",
+    "po-normuon": "pytorch-optimizer NorMuon",
+    "adamw": "AdamW",
+    "dropadamw:uniform": "Drop-AdamW uniform",
+}
 
 
 def gather(root: Path, setting: str):
@@ -54,33 +74,46 @@ def unpaired(groups: dict) -> list[str]:
     return bad
 
 
-def choice(runs: list[dict], grid: list[float]) -> str:
+def choice(runs: list[dict], grid: list[float], readable: bool) -> str:
     lr = runs[0]["lr"]
     edge = " **edge**" if len(grid) > 1 and lr in (min(grid), max(grid)) else ""
+    if readable:
+        return f"{lr:g}{edge} ({min(grid):g}-{max(grid):g})" if grid else f"{lr:g}"
     span = f"{min(grid):g}..{max(grid):g} ({len(grid)})" if grid else "-"
     return f"{lr:g}{edge} | {span}"
 
 
-def headline(setting: str, groups, grids, meta) -> list[str]:
+def row_order(groups: dict, readable: bool) -> list[str]:
+    if readable:
+        rank = {name: i for i, name in enumerate(READABLE)}
+        return sorted(groups, key=lambda n: (rank.get(n, len(rank)), n))
+    return sorted(groups, key=lambda n: (n != "muon", n != "torch-muon", n))
+
+
+def headline(setting: str, groups, grids, meta, readable: bool = False) -> list[str]:
     metric = metric_of(meta)
     steps = records(next(iter(groups.values()))[0])[-1]["step"]
     targets = val_targets(meta)
     hardest, middle = targets[-1], targets[len(targets) // 2]
     test = metric.replace("val_", "test_")
     sign = "≤" if metric.endswith("_loss") else "≥"
+    lr_columns = "lr (grid)" if readable else "lr | grid (values)"
+    title = f"#### {TITLES.get(setting, setting)}" if readable else (
+        f"### {setting}: {meta['model']} on {meta['dataset']}, {steps} steps"
+    )  # fmt: skip
     lines = [
-        f"### {setting}: {meta['model']} on {meta['dataset']}, {steps} steps",
+        title,
         "",
-        f"| optimizer | lr | grid (values) | {metric} {sign} {hardest}: s (k/n) | speedup over "
+        f"| optimizer | {lr_columns} | {metric} {sign} {hardest}: s (k/n) | speedup over "
         f"Muon | {metric} {sign} {middle}: s (k/n) | speedup over Muon | final {metric} | "
         f"final {test} | s per step |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|" + ("" if readable else "---|"),
     ]
     base = groups.get("muon", [])
-    order = sorted(groups, key=lambda n: (n != "muon", n != "torch-muon", n))
-    for name in order:
+    for name in row_order(groups, readable):
         runs = groups[name]
-        cells = [name, choice(runs, grids.get(name, []))]
+        label = READABLE.get(name, name) if readable else name
+        cells = [label, choice(runs, grids.get(name, []), readable)]
         for target in (hardest, middle):
             times = [t for t in (time_to(r, metric, target) for r in runs) if t is not None]
             cells.append(f"{mean_interval(times)} ({len(times)}/{len(runs)})")
@@ -91,7 +124,7 @@ def headline(setting: str, groups, grids, meta) -> list[str]:
         cells += [final(runs, metric), final(runs, test), f"{per_step:.3f}"]
         lines.append("| " + " | ".join(cells) + " |")
     for name, partner in PAIRS.items():
-        if name in groups and partner in groups:
+        if name in groups and partner in groups and not readable:
             cells = [
                 f"{speedup(groups[name], groups[partner], metric, t)} to {t}"
                 for t in reversed(targets)
@@ -102,7 +135,7 @@ def headline(setting: str, groups, grids, meta) -> list[str]:
         lines.append("\nPairing with Muon: no Muon runs in this setting yet.")
     elif bad:
         lines.append(f"\n**Not paired with Muon** (fingerprints differ): {', '.join(bad)}.")
-    else:
+    elif not readable:
         lines.append("\nPairing: every run started from Muon's weights and batches of its seed.")
     return lines + [""]
 
@@ -145,20 +178,28 @@ def update_shares(setting: str, groups) -> list[str]:
     return lines + [""]
 
 
-def main(root: Path) -> None:
-    lines = [f"# Study, third edition: tables (from {root})", ""]
+def main(root: Path, results: bool) -> None:
+    lines = [] if results else [f"# Study, third edition: tables (from {root})", ""]
     for setting in SETTINGS:
         groups, grids, sweeps, meta = gather(root, setting)
         if meta is None:
             continue
-        lines += headline(setting, groups, grids, meta)
+        lines += headline(setting, groups, grids, meta, readable=results)
+        if results:
+            continue
         lines += sweep_table(setting, sweeps, groups, meta)
         lines += update_shares(setting, groups)
     times = root / "times.txt"
-    if times.is_file():
+    if times.is_file() and not results:
         lines += ["## Wall time per job", "", *times.read_text().splitlines(), ""]
     print("\n".join(lines))
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]) if len(sys.argv) > 1 else Path(__file__).parent / "results" / "study3")
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "root", nargs="?", type=Path, default=Path(__file__).parent / "results" / "study3"
+    )
+    parser.add_argument("--results", action="store_true", help="only RESULTS.md's headline tables")
+    arguments = parser.parse_args()
+    main(arguments.root, arguments.results)
