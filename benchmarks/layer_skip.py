@@ -37,6 +37,14 @@ class SkipUnit:
         return [i != self.unit or step % self.every == 0 for i in range(num_layers)]
 
 
+def harness_batches(task, batch_size: int, seed: int):
+    """The batches dropmuon-compare trains ``seed`` on: a new shuffled order every epoch, for as
+    many steps as asked (so runs longer than an epoch match the harness's too)."""
+    shuffle = torch.Generator().manual_seed(seed)
+    while True:
+        yield from batches(task.num_train, batch_size, shuffle)
+
+
 def train(task, task_args, seed: int, lr: float, steps: int, sampler) -> tuple[dict, list[str]]:
     torch.manual_seed(seed)
     model = build_task_model(task_args, task)
@@ -44,9 +52,8 @@ def train(task, task_args, seed: int, lr: float, steps: int, sampler) -> tuple[d
         model, lr=lr, momentum=0.95, nesterov=True, fallback="adamw", adamw_lr=1e-3,
         sampling=sampler, layers="blocks",
     )  # fmt: skip
-    order = batches(task.num_train, task_args.batch_size, torch.Generator().manual_seed(seed))
-    for step in range(steps):
-        x, y = task.batch(order[step % len(order)])
+    for _, indices in zip(range(steps), harness_batches(task, task_args.batch_size, seed)):
+        x, y = task.batch(indices)
         opt.zero_grad()
         task.loss(model, x, y).backward()
         opt.step()

@@ -10,6 +10,11 @@ family: 0.0025 .. 0.32; AdamW and Drop-AdamW: 1e-4 .. 2e-2), starting from 4 mid
 its grid widens the grid by the next ladder value on that side and sweeps again, until every
 choice is interior (or the ladder ends: flagged). Then 5 paired final seeds at the choice.
 
+Every job but a setting's first (which tunes Muon) also reruns Muon's 5 final seeds at that
+job's choice, in its own session (``--lr-grid muon=<choice>``: the harness sweeps the one
+value on its 2 sweep seeds first): its rows are timed against this rerun, so a machine that got
+faster or slower between sessions cannot pass for a speedup.
+
 Resumable: interrupted, run it again (``--resume`` keeps every finished run, sweep runs too).
 ``--only JOB ...`` runs some jobs; ``--list`` prints them. Run it on an otherwise idle machine:
 the times are wall-clock.
@@ -109,6 +114,19 @@ JOBS = {
 }  # fmt: skip
 
 
+def base_job(setting: str) -> str:
+    """The setting's first job: the one that tunes Muon."""
+    return next(job for job, (job_setting, _, _) in JOBS.items() if job_setting == setting)
+
+
+def muon_choice(setting: str) -> float:
+    """The lr the setting's first job chose for Muon (its final runs')."""
+    runs = sorted((OUT / base_job(setting) / "runs").glob("muon_seed*.json"))
+    if not runs:
+        raise SystemExit(f"job {base_job(setting)} first: it chooses Muon's lr for {setting}")
+    return json.loads(runs[0].read_text())["lr"]
+
+
 def ladder(name: str) -> list[float]:
     return ADAMW_LADDER if OptimizerSpec.parse(name).kind in ADAMW_KINDS else MUON_LADDER
 
@@ -184,6 +202,8 @@ def run_job(name: str) -> None:
         grids_file.write_text(json.dumps(grids, indent=1))
     grids_file.write_text(json.dumps(grids, indent=1))
     swept = time.time()
+    if name != base_job(setting_name):  # Muon again, in this session (see the docstring)
+        optimizers, grids = [*optimizers, "muon"], {**grids, "muon": [muon_choice(setting_name)]}
     compare(folder, setting, optimizers, extra, grids, sweep_only=False)
     with open(OUT / "times.txt", "a") as f:
         f.write(f"{name}: sweep {swept - start:.0f} s, final {time.time() - swept:.0f} s\n")

@@ -34,30 +34,43 @@ READABLE = {
     "dropmuon:epoch_shift [blocks]": "Drop-Muon epoch_shift [blocks]",
     "dropmuon:uniform": "Drop-Muon uniform",
     "dropmuon:uniform [blocks]": "Drop-Muon uniform [blocks]",
+    "muon [rerun with blocks]": "Muon, rerun with the [blocks] runs",
+    "muon [rerun with baselines]": "Muon, rerun with the baseline Muons",
     "kj-muon": "Keller Jordan's Muon",
     "po-muon": "pytorch-optimizer Muon",
     "po-adamuon": "pytorch-optimizer AdaMuon",
     "po-normuon": "pytorch-optimizer NorMuon",
+    "muon [rerun with adamw]": "Muon, rerun with AdamW",
     "adamw": "AdamW",
     "dropadamw:uniform": "Drop-AdamW uniform",
 }
 
 
 def gather(root: Path, setting: str):
-    """Runs by optimizer over the setting's jobs, each optimizer's lr grid, and the meta."""
-    groups, grids, sweeps, meta = {}, {}, {}, None
+    """Runs by optimizer over the setting's jobs, each optimizer's lr grid, its sweep runs, the
+    Muon runs each optimizer is timed against where not the first job's (``against``: a job's
+    own rerun of Muon, in its session), and the meta."""
+    groups, grids, sweeps, against, meta = {}, {}, {}, {}, None
     for suffix, mark in SUFFIXES.items():
         folder = root / f"{setting}{suffix}"
         if not finished(folder / "runs"):
             continue
         job_grids = json.loads((folder / "grids.json").read_text())
-        for name, runs in load(folder / "runs").items():
+        runs_by_name, sweep_by_name = load(folder / "runs"), load(folder / "sweep")
+        rerun = None
+        if suffix and "muon" in runs_by_name:
+            rerun = f"muon [rerun with {suffix[1:]}]"
+            groups[rerun] = runs_by_name.pop("muon")
+            sweeps[rerun] = sweep_by_name.pop("muon", [])
+        for name, runs in runs_by_name.items():
             groups[name + mark] = runs
             grids[name + mark] = job_grids.get(name, [])
             meta = meta or runs[0]["meta"]
-        for name, runs in load(folder / "sweep").items():
+            if rerun:
+                against[name + mark] = rerun
+        for name, runs in sweep_by_name.items():
             sweeps[name + mark] = runs
-    return groups, grids, sweeps, meta
+    return groups, grids, sweeps, against, meta
 
 
 def unpaired(groups: dict) -> list[str]:
@@ -90,7 +103,7 @@ def row_order(groups: dict, readable: bool) -> list[str]:
     return sorted(groups, key=lambda n: (n != "muon", n != "torch-muon", n))
 
 
-def headline(setting: str, groups, grids, meta, readable: bool = False) -> list[str]:
+def headline(setting: str, groups, grids, against, meta, readable: bool = False) -> list[str]:
     metric = metric_of(meta)
     steps = records(next(iter(groups.values()))[0])[-1]["step"]
     targets = val_targets(meta)
@@ -117,7 +130,8 @@ def headline(setting: str, groups, grids, meta, readable: bool = False) -> list[
         for target in (hardest, middle):
             times = [t for t in (time_to(r, metric, target) for r in runs) if t is not None]
             cells.append(f"{mean_interval(times)} ({len(times)}/{len(runs)})")
-            cells.append("—" if name == "muon" else speedup(runs, base, metric, target))
+            reference = groups[against[name]] if name in against else base
+            cells.append("—" if name == "muon" else speedup(runs, reference, metric, target))
         per_step = statistics.mean(
             records(r)[-1]["train_time"] / records(r)[-1]["step"] for r in runs
         )
@@ -130,6 +144,14 @@ def headline(setting: str, groups, grids, meta, readable: bool = False) -> list[
                 for t in reversed(targets)
             ]
             lines.append(f"\n{name} over {partner} (paired): {'; '.join(cells)}.")
+    for rerun in sorted(set(against.values())):
+        timed = ", ".join(
+            READABLE.get(n, n) if readable else n for n in against if against[n] == rerun
+        )
+        lines.append(
+            f"\nSpeedups of {timed}: over {READABLE.get(rerun, rerun) if readable else rerun} "
+            "(Muon at its choice, rerun in their session); that row's: over Muon."
+        )
     bad = unpaired(groups)
     if "muon" not in groups:
         lines.append("\nPairing with Muon: no Muon runs in this setting yet.")
@@ -181,10 +203,10 @@ def update_shares(setting: str, groups) -> list[str]:
 def main(root: Path, results: bool) -> None:
     lines = [] if results else [f"# Study, third edition: tables (from {root})", ""]
     for setting in SETTINGS:
-        groups, grids, sweeps, meta = gather(root, setting)
+        groups, grids, sweeps, against, meta = gather(root, setting)
         if meta is None:
             continue
-        lines += headline(setting, groups, grids, meta, readable=results)
+        lines += headline(setting, groups, grids, against, meta, readable=results)
         if results:
             continue
         lines += sweep_table(setting, sweeps, groups, meta)

@@ -1,14 +1,28 @@
-"""benchmarks/run_study3.py's grid rule: a choice at either end of its grid widens the grid by
-the next ladder value on that side; an interior choice, or the ladder's end, stops."""
+"""The third edition's scripts: benchmarks/run_study3.py's grid rule (a choice at either end of
+its grid widens the grid by the next ladder value on that side; an interior choice, or the
+ladder's end, stops) and benchmarks/layer_skip.py's batches (the harness's, epoch after epoch)."""
 
 import importlib.util
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "run_study3.py"
-spec = importlib.util.spec_from_file_location("run_study3", SCRIPT)
-study3 = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(study3)
+import torch
+
+from dropmuon.compare.data import batches
+
+BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
+
+
+def load_script(name: str):
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+study3 = load_script("run_study3")
+layer_skip = load_script("layer_skip")
 
 
 def write_sweep(folder, optimizer, times):
@@ -42,3 +56,50 @@ def test_the_bottom_edge_widens_downwards_until_the_ladder_ends(tmp_path):
     write_sweep(tmp_path, "muon", {0.01: 3.0, 0.02: 6.0})
     assert study3.widened(grids, tmp_path, "val_acc", 0.8)
     assert grids == {"muon": [0.005, 0.01, 0.02]}
+
+
+def test_layer_skip_trains_on_a_new_order_every_epoch_as_the_harness_does():
+    task = SimpleNamespace(num_train=12)
+    drawn = layer_skip.harness_batches(task, batch_size=4, seed=3)
+    seen = [next(drawn) for _ in range(7)]  # two epochs of 3 batches, and one more
+    shuffle = torch.Generator().manual_seed(3)  # dropmuon-compare's, for seed 3
+    harness = [b for _ in range(3) for b in batches(12, 4, shuffle)][:7]
+    assert all(torch.equal(a, b) for a, b in zip(seen, harness))
+    first, second = torch.cat(seen[:3]), torch.cat(seen[3:6])
+    assert sorted(first.tolist()) == sorted(second.tolist()) == list(range(12))
+    assert not torch.equal(first, second)  # not the first epoch's order again
+
+
+def test_every_job_but_the_first_of_its_setting_reruns_muon_in_its_final_call(
+    tmp_path, monkeypatch
+):
+    monkeypatch.setattr(study3, "OUT", tmp_path)
+    calls = []
+    monkeypatch.setattr(
+        study3, "compare", lambda folder, s, optimizers, e, grids, sweep_only: calls.append(
+            (folder.name, list(optimizers), dict(grids), sweep_only)
+        )
+    )  # fmt: skip
+    monkeypatch.setattr(study3, "widened", lambda *a: False)
+    assert study3.base_job("paper-cnn") == "paper-cnn"
+    try:
+        study3.run_job("paper-cnn-baselines")
+    except SystemExit as stop:  # the base job has not chosen Muon's lr yet
+        assert "job paper-cnn first" in str(stop)
+    else:
+        raise AssertionError("ran without the base job's choice")
+
+    (tmp_path / "paper-cnn" / "runs").mkdir(parents=True)
+    run = dict(optimizer="muon", lr=0.04, seed=0)
+    (tmp_path / "paper-cnn" / "runs" / "muon_seed0.json").write_text(json.dumps(run))
+    calls.clear()
+    study3.run_job("paper-cnn-baselines")
+    (sweep, *_), final = calls[:-1], calls[-1]
+    assert sweep[3] and "muon" not in sweep[1] and "muon" not in sweep[2]  # not tuned again
+    assert not final[3] and final[1][-1] == "muon" and final[2]["muon"] == [0.04]
+    grids = json.loads((tmp_path / "paper-cnn-baselines" / "grids.json").read_text())
+    assert "muon" not in grids
+
+    calls.clear()
+    study3.run_job("paper-cnn")  # the base job tunes Muon itself: no rerun added
+    assert calls[-1][1].count("muon") == 1 and calls[-1][2]["muon"] == [0.01, 0.02, 0.04, 0.08]
