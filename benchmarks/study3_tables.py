@@ -4,9 +4,12 @@ lr grid and choice, time to the hardest and the middle validation target with 95
 paired speedups over Muon (and Drop-AdamW over AdamW), final validation and test metrics; the
 A/A pair; the sweeps; and how often each layer was updated. ``--results`` prints only the
 headline tables as RESULTS.md section 3 shows them (readable names, the lr with its grid).
+``--check-target SETTING VALUE`` prints one setting's times to a validation target chosen
+after the runs (a check, never a headline: the lrs were chosen for the setting's own targets).
 
     python3 benchmarks/study3_tables.py [benchmarks/results/study3] > tables.md
     python3 benchmarks/study3_tables.py --results      # the tables to paste into RESULTS.md
+    python3 benchmarks/study3_tables.py --check-target resnet18 0.85
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from pathlib import Path
 
 from study_tables import final, finished, load, mean_interval, metric_of, speedup, val_targets
 
-from dropmuon.compare.stats import records, time_to
+from dropmuon.compare.stats import records, steps_to, time_to
 
 SETTINGS = ("vit", "paper-cnn", "gpt", "resnet18")
 SUFFIXES = {"": "", "-blocks": " [blocks]", "-adamw": "", "-baselines": ""}
@@ -200,6 +203,54 @@ def update_shares(setting: str, groups) -> list[str]:
     return lines + [""]
 
 
+def best_sweep_time(runs: list[dict], metric: str, target: float) -> str:
+    """The shortest median time to ``target`` over the sweep's lrs whose every seed reached it:
+    the optimizer at its best lr for this target."""
+    by_lr: dict[float, list[dict]] = {}
+    for r in runs:
+        by_lr.setdefault(r["lr"], []).append(r)
+    medians = {}
+    for lr, lr_runs in by_lr.items():
+        times = [time_to(r, metric, target) for r in lr_runs]
+        if all(t is not None for t in times):
+            medians[lr] = statistics.median(times)
+    if not medians:
+        return "- (no lr reached it in every sweep seed)"
+    lr = min(medians, key=medians.get)
+    return f"{medians[lr]:.1f} s (lr {lr:g})"
+
+
+def check_target(root: Path, setting: str, target: float) -> list[str]:
+    """One setting's final runs and sweep timed to a validation target chosen after the runs."""
+    groups, _, sweeps, against, meta = gather(root, setting)
+    if meta is None:
+        raise SystemExit(f"no finished runs of {setting} under {root}")
+    metric = metric_of(meta)
+    sign = "≤" if metric.endswith("_loss") else "≥"
+    lines = [
+        f"#### {setting}: {metric} {sign} {target:g}, a target chosen after the runs (the lrs "
+        "were chosen for the setting's own targets)",
+        "",
+        "| optimizer | steps to it per final seed | s (k/n) | speedup over Muon | sweep: best "
+        "median s (at lr) |",
+        "|---|---|---|---|---|",
+    ]
+    for name in row_order(groups, readable=False):
+        runs = groups[name]
+        steps = ", ".join(str(s) if s else "-" for s in (steps_to(r, metric, target) for r in runs))
+        times = [t for t in (time_to(r, metric, target) for r in runs) if t is not None]
+        reference = groups[against[name]] if name in against else groups.get("muon", [])
+        cells = [
+            name,
+            steps,
+            f"{mean_interval(times)} ({len(times)}/{len(runs)})",
+            "—" if name == "muon" else speedup(runs, reference, metric, target),
+            best_sweep_time(sweeps.get(name, []), metric, target),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
 def main(root: Path, results: bool) -> None:
     lines = [] if results else [f"# Study, third edition: tables (from {root})", ""]
     for setting in SETTINGS:
@@ -223,5 +274,21 @@ if __name__ == "__main__":
         "root", nargs="?", type=Path, default=Path(__file__).parent / "results" / "study3"
     )
     parser.add_argument("--results", action="store_true", help="only RESULTS.md's headline tables")
+    parser.add_argument(
+        "--check-target",
+        nargs=2,
+        metavar=("SETTING", "VALUE"),
+        help="one setting's times to a validation target chosen after the runs",
+    )
     arguments = parser.parse_args()
-    main(arguments.root, arguments.results)
+    if arguments.check_target:
+        setting, value = arguments.check_target
+        if setting not in SETTINGS:
+            parser.error(f"--check-target: unknown setting {setting!r}; one of {SETTINGS}")
+        try:
+            target = float(value)
+        except ValueError:
+            parser.error(f"--check-target: the target must be a number, not {value!r}")
+        print("\n".join(check_target(arguments.root, setting, target)))
+    else:
+        main(arguments.root, arguments.results)

@@ -1,6 +1,7 @@
 """The third edition's scripts: benchmarks/run_study3.py's grid rule (a choice at either end of
 its grid widens the grid by the next ladder value on that side; an interior choice, or the
-ladder's end, stops) and benchmarks/layer_skip.py's batches (the harness's, epoch after epoch)."""
+ladder's end, stops), benchmarks/layer_skip.py's batches (the harness's, epoch after epoch) and
+benchmarks/study3_tables.py's check against a target chosen after the runs."""
 
 import importlib.util
 import json
@@ -103,3 +104,50 @@ def test_every_job_but_the_first_of_its_setting_reruns_muon_in_its_final_call(
     calls.clear()
     study3.run_job("paper-cnn")  # the base job tunes Muon itself: no rerun added
     assert calls[-1][1].count("muon") == 1 and calls[-1][2]["muon"] == [0.01, 0.02, 0.04, 0.08]
+
+
+def write_run(folder, optimizer, seed, lr, reached):
+    """A run whose validation accuracy is 0.5 at step 20 and 0.9 from ``reached`` = (step,
+    seconds) on (never, for None)."""
+    evals = [dict(step=20, train_time=5.0, val_acc=0.5)]
+    if reached:
+        evals.append(dict(step=reached[0], train_time=reached[1], val_acc=0.9))
+    meta = dict(task="classification", targets=[["val_acc", 0.75]], select_target=0.75)
+    run = dict(optimizer=optimizer, seed=seed, lr=lr, evals=evals, meta=meta,
+               init_fingerprint="w", order_fingerprint="b")  # fmt: skip
+    folder.mkdir(parents=True, exist_ok=True)
+    name = optimizer.replace(":", "-")
+    (folder / f"{name}_lr{lr:g}_seed{seed}.json").write_text(json.dumps(run))
+
+
+def test_check_target_times_each_optimizer_against_the_muon_it_ran_beside(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))  # study3_tables imports study_tables beside it
+    tables = load_script("study3_tables")
+    first, blocks = tmp_path / "resnet18", tmp_path / "resnet18-blocks"
+    for job in (first, blocks):
+        job.mkdir()
+        (job / "grids.json").write_text(json.dumps({"muon": [0.01], "dropmuon:uniform": [0.01]}))
+    for seed, muon, uniform in ((0, (100, 50.0), (80, 25.0)), (1, (120, 60.0), (100, 30.0))):
+        write_run(first / "runs", "muon", seed, 0.01, muon)
+        write_run(first / "runs", "dropmuon:uniform", seed, 0.01, uniform)
+        write_run(blocks / "runs", "muon", seed, 0.01, (100, 40.0))  # the rerun: a faster machine
+        write_run(blocks / "runs", "dropmuon:uniform", seed, 0.01, (60, 20.0))
+    for seed, lr, reached in ((1000, 0.01, (100, 50.0)), (1001, 0.01, (120, 70.0)),
+                              (1000, 0.02, (80, 40.0)), (1001, 0.02, (80, 44.0))):  # fmt: skip
+        write_run(first / "sweep", "muon", seed, lr, reached)
+    for seed, lr, reached in ((1000, 0.01, (80, 30.0)), (1001, 0.01, (80, 40.0)),
+                              (1000, 0.02, (60, 10.0)), (1001, 0.02, None)):  # fmt: skip
+        write_run(first / "sweep", "dropmuon:uniform", seed, lr, reached)
+
+    lines = tables.check_target(tmp_path, "resnet18", 0.85)
+    rows = {cells[0]: cells[1:] for cells in (
+        [c.strip() for c in line.strip("|").split("|")] for line in lines if line.startswith("| ")
+    )}  # fmt: skip
+    assert rows["muon"][:3] == ["100, 120", "54.8 [50.0, 60.0] (2/2)", "—"]
+    assert rows["muon"][3] == "42.0 s (lr 0.02)"  # the best median over lrs every seed reached
+    assert rows["dropmuon:uniform"][0] == "80, 100"
+    assert rows["dropmuon:uniform"][2] == "2.00x [2.00, 2.00]"  # 50/25 and 60/30
+    assert rows["dropmuon:uniform"][3] == "35.0 s (lr 0.01)"  # lr 0.02: one seed never got there
+    assert rows["dropmuon:uniform [blocks]"][2] == "2.00x [2.00, 2.00]"  # over its rerun, 40/20
+    assert rows["muon [rerun with blocks]"][0] == "100, 100"
+    assert rows["dropmuon:uniform [blocks]"][3].startswith("-")  # no sweep of its own here
