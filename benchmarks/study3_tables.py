@@ -21,7 +21,7 @@ from pathlib import Path
 
 from study_tables import final, finished, load, mean_interval, metric_of, speedup, val_targets
 
-from dropmuon.compare.stats import records, steps_to, time_to
+from dropmuon.compare.stats import records, select_lr, steps_to, time_to
 
 SETTINGS = ("vit", "paper-cnn", "gpt", "resnet18")
 SUFFIXES = {"": "", "-blocks": " [blocks]", "-adamw": "", "-baselines": ""}
@@ -174,9 +174,7 @@ def sweep_table(setting: str, sweeps, groups, meta) -> list[str]:
         "",
     ]
     for name, runs in sorted(sweeps.items()):
-        by_lr: dict[float, list[dict]] = {}
-        for r in runs:
-            by_lr.setdefault(r["lr"], []).append(r)
+        by_lr = runs_by_lr(runs)
         chosen = groups[name][0]["lr"] if name in groups else None
         cells = []
         for lr in sorted(by_lr):
@@ -203,21 +201,24 @@ def update_shares(setting: str, groups) -> list[str]:
     return lines + [""]
 
 
-def best_sweep_time(runs: list[dict], metric: str, target: float) -> str:
-    """The shortest median time to ``target`` over the sweep's lrs whose every seed reached it:
-    the optimizer at its best lr for this target."""
+def runs_by_lr(runs: list[dict]) -> dict[float, list[dict]]:
     by_lr: dict[float, list[dict]] = {}
     for r in runs:
         by_lr.setdefault(r["lr"], []).append(r)
-    medians = {}
-    for lr, lr_runs in by_lr.items():
-        times = [time_to(r, metric, target) for r in lr_runs]
-        if all(t is not None for t in times):
-            medians[lr] = statistics.median(times)
-    if not medians:
-        return "- (no lr reached it in every sweep seed)"
-    lr = min(medians, key=medians.get)
-    return f"{medians[lr]:.1f} s (lr {lr:g})"
+    return by_lr
+
+
+def best_sweep_time(runs: list[dict], metric: str, target: float) -> str:
+    """The sweep's median time to ``target`` at the lr the harness's own rule (``select_lr``)
+    would choose for it: the optimizer at its best lr for this target."""
+    by_lr = runs_by_lr(runs)
+    if not by_lr:
+        return "- (no sweep)"
+    choice = select_lr(by_lr, metric, target)
+    times = [time_to(r, metric, target) for r in by_lr[choice.lr]]
+    if None in times:  # select_lr fell back to the final metric: no lr got there in its seeds
+        return "- (no lr reached it in its sweep seeds)"
+    return f"{statistics.median(times):.1f} s (lr {choice.lr:g})"
 
 
 def check_target(root: Path, setting: str, target: float) -> list[str]:
