@@ -345,11 +345,15 @@ def markdown(results):
     return "\n".join(lines) + "\n"
 
 
-def main(argv=None):
+def build_parser():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default="benchmarks/gpu/results")
     parser.add_argument("--quick", action="store_true", help="skip the largest shape")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("bench_gpu.py needs a CUDA device")
     if not ops.has_kernel("cuda"):
