@@ -106,6 +106,17 @@ def row_order(groups: dict, readable: bool) -> list[str]:
     return sorted(groups, key=lambda n: (n != "muon", n != "torch-muon", n))
 
 
+def muon_for(name: str, groups: dict, against: dict) -> list[dict]:
+    """The Muon runs ``name`` is timed against: its job's rerun, else the first job's."""
+    return groups[against[name]] if name in against else groups.get("muon", [])
+
+
+def time_cell(runs: list[dict], metric: str, target: float) -> str:
+    """Seconds to the target over the seeds that reached it, and how many did (k/n)."""
+    times = [t for t in (time_to(r, metric, target) for r in runs) if t is not None]
+    return f"{mean_interval(times)} ({len(times)}/{len(runs)})"
+
+
 def headline(setting: str, groups, grids, against, meta, readable: bool = False) -> list[str]:
     metric = metric_of(meta)
     steps = records(next(iter(groups.values()))[0])[-1]["step"]
@@ -125,15 +136,13 @@ def headline(setting: str, groups, grids, against, meta, readable: bool = False)
         f"final {test} | s per step |",
         "|---|---|---|---|---|---|---|---|---|" + ("" if readable else "---|"),
     ]
-    base = groups.get("muon", [])
     for name in row_order(groups, readable):
         runs = groups[name]
         label = READABLE.get(name, name) if readable else name
         cells = [label, choice(runs, grids.get(name, []), readable)]
         for target in (hardest, middle):
-            times = [t for t in (time_to(r, metric, target) for r in runs) if t is not None]
-            cells.append(f"{mean_interval(times)} ({len(times)}/{len(runs)})")
-            reference = groups[against[name]] if name in against else base
+            cells.append(time_cell(runs, metric, target))
+            reference = muon_for(name, groups, against)
             cells.append("—" if name == "muon" else speedup(runs, reference, metric, target))
         per_step = statistics.mean(
             records(r)[-1]["train_time"] / records(r)[-1]["step"] for r in runs
@@ -239,12 +248,11 @@ def check_target(root: Path, setting: str, target: float) -> list[str]:
     for name in row_order(groups, readable=False):
         runs = groups[name]
         steps = ", ".join(str(s) if s else "-" for s in (steps_to(r, metric, target) for r in runs))
-        times = [t for t in (time_to(r, metric, target) for r in runs) if t is not None]
-        reference = groups[against[name]] if name in against else groups.get("muon", [])
+        reference = muon_for(name, groups, against)
         cells = [
             name,
             steps,
-            f"{mean_interval(times)} ({len(times)}/{len(runs)})",
+            time_cell(runs, metric, target),
             "—" if name == "muon" else speedup(runs, reference, metric, target),
             best_sweep_time(sweeps.get(name, []), metric, target),
         ]
