@@ -114,6 +114,11 @@ JOBS = {
     # Only Keller Jordan's, the one baseline faster than our Muon elsewhere (the paper CNN): the
     # setting where Drop-Muon wins is timed against it too, in a third of the four's time.
     "resnet18-baselines": ("resnet18", ["kj-muon"], []),
+    # Epoch_shift over depth units, the one pairing of question 1 the jobs above leave out (added
+    # after them, so each reruns Muon in its own session like every other job).
+    "resnet18-blocks-epoch-shift": ("resnet18", ["dropmuon:epoch_shift"], ["--layers", "blocks"]),
+    "vit-blocks-epoch-shift": ("vit", ["dropmuon:epoch_shift"], ["--layers", "blocks"]),
+    "gpt-blocks-epoch-shift": ("gpt", ["dropmuon:epoch_shift"], ["--layers", "blocks"]),
 }  # fmt: skip
 
 
