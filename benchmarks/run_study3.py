@@ -119,6 +119,8 @@ JOBS = {
     "resnet18-blocks-epoch-shift": ("resnet18", ["dropmuon:epoch_shift"], ["--layers", "blocks"]),
     "vit-blocks-epoch-shift": ("vit", ["dropmuon:epoch_shift"], ["--layers", "blocks"]),
     "gpt-blocks-epoch-shift": ("gpt", ["dropmuon:epoch_shift"], ["--layers", "blocks"]),
+    # pytorch-optimizer's three on ResNet-18, after Keller Jordan's there (its own Muon rerun).
+    "resnet18-po-baselines": ("resnet18", ["po-muon", "po-adamuon", "po-normuon"], []),
 }  # fmt: skip
 
 

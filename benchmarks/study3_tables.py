@@ -25,7 +25,7 @@ from dropmuon.compare.stats import records, select_lr, steps_to, time_to
 
 SETTINGS = ("vit", "paper-cnn", "gpt", "resnet18")
 SUFFIXES = {"": "", "-blocks": " [blocks]", "-blocks-epoch-shift": " [blocks]", "-adamw": "",
-            "-baselines": ""}  # fmt: skip
+            "-baselines": "", "-po-baselines": ""}  # fmt: skip
 PAIRS = {"dropadamw:uniform": "adamw"}  # besides Muon, what an optimizer is paired with
 TITLES = {"vit": "ViT", "paper-cnn": "Paper CNN", "gpt": "Char GPT", "resnet18": "ResNet-18"}
 # RESULTS.md's names and row order; an optimizer not listed keeps its harness name, last.
@@ -41,6 +41,7 @@ READABLE = {
     "muon [rerun with blocks]": "Muon, rerun with the [blocks] runs",
     "muon [rerun with blocks-epoch-shift]": "Muon, rerun with epoch_shift [blocks]",
     "muon [rerun with baselines]": "Muon, rerun with the baseline Muons",
+    "muon [rerun with po-baselines]": "Muon, rerun with pytorch-optimizer's Muons",
     "kj-muon": "Keller Jordan's Muon",
     "po-muon": "pytorch-optimizer Muon",
     "po-adamuon": "pytorch-optimizer AdaMuon",
