@@ -19,7 +19,7 @@ Resumable: interrupted, run it again (``--resume`` keeps every finished run, swe
 ``--only JOB ...`` runs some jobs; ``--list`` prints them. Run it on an otherwise idle machine:
 the times are wall-clock.
 
-    python3 benchmarks/run_study3.py            # everything, about 5 hours on 2 cores
+    python3 benchmarks/run_study3.py            # everything, about 10 hours on 2 cores
     python3 benchmarks/study3_tables.py > benchmarks/results/study3/tables.md
 """
 
